@@ -1,0 +1,230 @@
+import { Controller, type ControllerOptions } from "./controller.js";
+import type {
+  BranchMode,
+  EvalResult,
+  ExecResult,
+  FileEntry,
+  FileWriteResult,
+  PingResult,
+  SandboxInfo,
+  SnapshotInfo,
+} from "./types.js";
+
+/** How to reach the daemon: an existing {@link Controller}, or options to build one. */
+export interface SandboxConnectionOptions extends ControllerOptions {
+  /** Reuse this controller; the other connection options are then ignored. */
+  controller?: Controller;
+}
+
+export interface SandboxCreateOptions extends SandboxConnectionOptions {
+  /** Snapshot tag to fork the sandbox from. */
+  template: string;
+  perChildNetns?: boolean;
+  memoryLimitMib?: number;
+  prewarm?: boolean;
+  liveFork?: boolean;
+  hugepages?: boolean;
+}
+
+export interface RunOptions {
+  /** Command timeout inside the guest in seconds (default 30). */
+  timeoutSecs?: number;
+  /** Extra environment variables. */
+  envs?: Record<string, string>;
+  cwd?: string;
+  /** Text fed to standard input. */
+  stdin?: string;
+}
+
+export interface SandboxBranchOptions {
+  tag?: string;
+  mode?: BranchMode;
+  /** Default true; `false` only with `mode: "live"`. */
+  wait?: boolean;
+  measureDiff?: boolean;
+}
+
+export interface SandboxForkOptions {
+  /** Tag of the intermediate snapshot; the daemon picks one when omitted. */
+  tag?: string;
+  mode?: BranchMode;
+  perChildNetns?: boolean;
+  memoryLimitMib?: number;
+  prewarm?: boolean;
+  liveFork?: boolean;
+  hugepages?: boolean;
+}
+
+function controllerFrom(options: SandboxConnectionOptions): Controller {
+  if (options.controller) return options.controller;
+  const { controller: _ignored, ...rest } = options;
+  return new Controller(rest);
+}
+
+function pickControllerOptions(options: SandboxConnectionOptions): SandboxConnectionOptions {
+  const { controller, baseUrl, token, timeoutMs, fetch } = options;
+  return { controller, baseUrl, token, timeoutMs, fetch };
+}
+
+const textDecoder = new TextDecoder();
+
+/** Commands of one sandbox (`sandbox.commands`). */
+export class Commands {
+  constructor(
+    private readonly controller: Controller,
+    private readonly sandboxId: string,
+  ) {}
+
+  /**
+   * Run a command. A string runs through `/bin/sh -c`; an array runs as is (no shell).
+   * A non-zero exit code is reported in the result, not thrown.
+   */
+  run(cmd: string | string[], options: RunOptions = {}): Promise<ExecResult> {
+    const args = typeof cmd === "string" ? ["/bin/sh", "-c", cmd] : cmd;
+    return this.controller.execCommand(this.sandboxId, args, {
+      timeoutSecs: options.timeoutSecs,
+      env: options.envs,
+      cwd: options.cwd,
+      stdin: options.stdin,
+    });
+  }
+}
+
+/** Files of one sandbox (`sandbox.files`). */
+export class Files {
+  constructor(
+    private readonly controller: Controller,
+    private readonly sandboxId: string,
+  ) {}
+
+  /** Read a file, as UTF-8 text (default) or as bytes. */
+  read(path: string, options?: { format?: "text" }): Promise<string>;
+  read(path: string, options: { format: "bytes" }): Promise<Uint8Array>;
+  read(path: string, options: { format?: "text" | "bytes" }): Promise<string | Uint8Array>;
+  async read(path: string, options: { format?: "text" | "bytes" } = {}): Promise<string | Uint8Array> {
+    const data = await this.controller.readFile(this.sandboxId, path);
+    return options.format === "bytes" ? data : textDecoder.decode(data);
+  }
+
+  /** Write a file (strings as UTF-8); parent directories are created by the guest. */
+  write(path: string, data: string | Uint8Array): Promise<FileWriteResult> {
+    return this.controller.writeFile(this.sandboxId, path, data);
+  }
+
+  /** List a directory. */
+  list(path: string): Promise<FileEntry[]> {
+    return this.controller.listFiles(this.sandboxId, path);
+  }
+
+  /** Remove a file, or a directory with `recursive: true`. */
+  remove(path: string, options: { recursive?: boolean } = {}): Promise<void> {
+    return this.controller.removeFile(this.sandboxId, path, options);
+  }
+}
+
+/**
+ * One sandbox, E2B style.
+ *
+ * @example
+ * ```ts
+ * const sb = await Sandbox.create({ template: "py" });
+ * const r = await sb.commands.run("echo hi");
+ * const kids = await sb.fork(3);
+ * ```
+ */
+export class Sandbox {
+  readonly id: string;
+  readonly controller: Controller;
+  readonly commands: Commands;
+  readonly files: Files;
+  /** The daemon's record of this sandbox when it was created or connected. */
+  info: SandboxInfo | undefined;
+
+  constructor(controller: Controller, idOrInfo: string | SandboxInfo) {
+    this.controller = controller;
+    if (typeof idOrInfo === "string") {
+      this.id = idOrInfo;
+    } else {
+      this.id = idOrInfo.id;
+      this.info = idOrInfo;
+    }
+    this.commands = new Commands(controller, this.id);
+    this.files = new Files(controller, this.id);
+  }
+
+  /** Fork one new sandbox from the snapshot `template`. */
+  static async create(options: SandboxCreateOptions): Promise<Sandbox> {
+    if (!options || !options.template) {
+      throw new TypeError("Sandbox.create: `template` (a snapshot tag) is required");
+    }
+    const controller = controllerFrom(pickControllerOptions(options));
+    const [info] = await controller.spawnSandboxes({
+      snapshotTag: options.template,
+      n: 1,
+      perChildNetns: options.perChildNetns,
+      memoryLimitMib: options.memoryLimitMib,
+      prewarm: options.prewarm,
+      liveFork: options.liveFork,
+      hugepages: options.hugepages,
+    });
+    if (!info) throw new Error(`Sandbox.create: the daemon spawned no sandbox from ${options.template}`);
+    return new Sandbox(controller, info);
+  }
+
+  /** Attach to an existing sandbox (checks that the daemon knows it). */
+  static async connect(id: string, options: SandboxConnectionOptions = {}): Promise<Sandbox> {
+    const controller = controllerFrom(pickControllerOptions(options));
+    const info = await controller.getSandbox(id);
+    return new Sandbox(controller, info);
+  }
+
+  /** Fetch the daemon's current record of this sandbox. */
+  async getInfo(): Promise<SandboxInfo> {
+    this.info = await this.controller.getSandbox(this.id);
+    return this.info;
+  }
+
+  /** Evaluate code in the guest's persistent namespace. */
+  eval(code: string): Promise<EvalResult> {
+    return this.controller.evalCode(this.id, code);
+  }
+
+  /** Round trip to the guest agent. */
+  ping(): Promise<PingResult> {
+    return this.controller.pingSandbox(this.id);
+  }
+
+  /** Snapshot this sandbox; the answer's `tag` can be spawned from. */
+  branch(options: SandboxBranchOptions = {}): Promise<SnapshotInfo> {
+    return this.controller.branchSandbox(this.id, {
+      tag: options.tag,
+      mode: options.mode,
+      wait: options.wait,
+      measureDiff: options.measureDiff,
+    });
+  }
+
+  /**
+   * Branch this sandbox, then spawn `n` children from the new snapshot. The snapshot stays
+   * registered (its tag is in each child's `info.snapshot_tag`); delete it when done.
+   */
+  async fork(n = 1, options: SandboxForkOptions = {}): Promise<Sandbox[]> {
+    let snap = await this.controller.branchSandbox(this.id, { tag: options.tag, mode: options.mode });
+    if (snap.status === "writing") snap = await this.controller.waitForSnapshot(snap.tag);
+    const infos = await this.controller.spawnSandboxes({
+      snapshotTag: snap.tag,
+      n,
+      perChildNetns: options.perChildNetns,
+      memoryLimitMib: options.memoryLimitMib,
+      prewarm: options.prewarm,
+      liveFork: options.liveFork,
+      hugepages: options.hugepages,
+    });
+    return infos.map((info) => new Sandbox(this.controller, info));
+  }
+
+  /** Terminate this sandbox. */
+  kill(): Promise<void> {
+    return this.controller.killSandbox(this.id);
+  }
+}

@@ -1,0 +1,5 @@
+import sys
+
+from forkd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,510 @@
+"""Argument parsing and the command implementations of ``forkd``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from forkd import __version__
+from forkd.cli import render
+from forkd.cli.backend import Backend, choose_backend
+from forkd.config import DEFAULT_IMAGE, DEFAULT_MEM_MIB, Settings
+from forkd.errors import ForkdError, InvalidInput
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class Usage(InvalidInput):
+    """A flag combination the command refuses (exit 2)."""
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="forkd",
+        description="Copy-on-write microVM sandboxes: boot once, warm, fork hundreds.",
+    )
+    p.add_argument("--version", action="version", version=f"forkd {__version__}")
+    p.add_argument("--home", help="data dir (env FORKD_HOME)")
+    p.add_argument("--daemon-url", help="talk to this daemon (env FORKD_URL)")
+    p.add_argument("--daemon-token", help="bearer token for the daemon (env FORKD_TOKEN)")
+    p.add_argument("--local", action="store_true", help="never use a daemon; run in this process")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    img = sub.add_parser("image", help="build, list and remove guest images")
+    isub = img.add_subparsers(dest="image_command", required=True, metavar="ACTION")
+    b = isub.add_parser("build", help="build a guest image (cached by content)")
+    b.add_argument("name", nargs="?", default=DEFAULT_IMAGE)
+    b.add_argument(
+        "--packages", help="comma-separated Debian packages (default for 'python': python3-numpy)"
+    )
+    b.add_argument("--kernel", type=Path, help="use this kernel file instead of the distribution's")
+    il = isub.add_parser("ls", help="list built images")
+    il.add_argument("--json", action="store_true")
+    ir = isub.add_parser("rm", help="remove an image")
+    ir.add_argument("name")
+
+    s = sub.add_parser(
+        "snapshot", help="make a template from an image, or BRANCH a running sandbox"
+    )
+    s.add_argument("--tag", help="snapshot tag (required for templates; generated for branches)")
+    s.add_argument("--image", default=None, help=f"image to boot (default {DEFAULT_IMAGE})")
+    s.add_argument(
+        "--mem-mib", type=int, default=None, help=f"guest memory (default {DEFAULT_MEM_MIB})"
+    )
+    s.add_argument("--warmup", help="Python code run in the guest's interpreter before the pause")
+    s.add_argument("--from-sandbox", metavar="ID", help="BRANCH this running sandbox")
+    s.add_argument(
+        "--diff", action="store_true", help="branch writing only memory changed since the fork"
+    )
+    s.add_argument(
+        "--live", action="store_true", help="live branch: pause only to arm write-protect"
+    )
+    s.add_argument(
+        "--no-wait", action="store_true", help="with --live: return while memory is copied"
+    )
+    s.add_argument("--json", action="store_true")
+
+    for name, helptext in (("fork", "fork N children from a template"), ("spawn", "same as fork")):
+        f = sub.add_parser(name, help=helptext)
+        f.add_argument("--tag", required=True)
+        f.add_argument("-n", type=int, default=1)
+        f.add_argument("--memory-limit-mib", type=int)
+        f.add_argument("--json", action="store_true")
+
+    ls = sub.add_parser("ls", help="list sandboxes")
+    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--all", action="store_true", help="include dead sandboxes")
+
+    ims = sub.add_parser("images", help="list templates (snapshots)")
+    ims.add_argument("--json", action="store_true")
+
+    si = sub.add_parser("snapshot-info", help="one snapshot's lineage and sizes")
+    si.add_argument("tag")
+    si.add_argument("--json", action="store_true")
+
+    rmi = sub.add_parser("rmi", help="delete a snapshot")
+    rmi.add_argument("tag")
+    g = rmi.add_mutually_exclusive_group()
+    g.add_argument("--cascade", action="store_true", help="also delete dependent snapshots")
+    g.add_argument("--force", action="store_true", help="delete even with dependents")
+
+    e = sub.add_parser("exec", help="run a command in a sandbox")
+    e.add_argument("id")
+    e.add_argument("--timeout", type=float, default=30.0)
+    e.add_argument("--cwd")
+    e.add_argument("--env", action="append", default=[], metavar="K=V")
+    e.add_argument("--json", action="store_true")
+    e.add_argument("cmd", nargs="*", help="the command, after -- (forkd exec ID -- CMD ARGS...)")
+
+    ev = sub.add_parser("eval", help="evaluate Python in a sandbox's warm interpreter")
+    ev.add_argument("id")
+    ev.add_argument("code")
+    ev.add_argument("--json", action="store_true")
+
+    pg = sub.add_parser("ping", help="round trip to a sandbox's agent")
+    pg.add_argument("id")
+
+    k = sub.add_parser("kill", help="stop sandboxes")
+    k.add_argument("ids", nargs="*")
+    k.add_argument("--all", action="store_true")
+    k.add_argument("--tag", help="kill every sandbox forked from this snapshot")
+
+    d = sub.add_parser("doctor", help="check this host")
+    d.add_argument("--json", action="store_true")
+
+    for name in ("daemon", "serve"):
+        dm = sub.add_parser(
+            name, help="run the REST daemon" + (" (alias)" if name == "serve" else "")
+        )
+        dm.add_argument(
+            "--bind", default=None, help="HOST:PORT (env FORKD_BIND, default 127.0.0.1:8889)"
+        )
+        dm.add_argument("--unix-socket", type=Path, help="also listen on this unix socket")
+        dm.add_argument(
+            "--token-file", type=Path, help="file holding the bearer token (>= 16 bytes)"
+        )
+        dm.add_argument("--kill-on-exit", action="store_true", help="kill sandboxes on shutdown")
+        dm.add_argument("--max-sandboxes", type=int)
+        dm.add_argument("--branch-concurrency", type=int)
+
+    m = sub.add_parser("mcp", help="run the MCP server (stdio by default)")
+    m.add_argument("--http", action="store_true", help="serve streamable HTTP instead of stdio")
+    m.add_argument("--host", default="127.0.0.1")
+    m.add_argument("--port", type=int, default=8890)
+
+    demo = sub.add_parser("demo", help="build the image, make a warm template, fork, run code")
+    demo.add_argument("-n", type=int, default=3)
+    demo.add_argument("--tag", default="demo")
+    return p
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(home=Path(args.home) if args.home else None)
+
+
+def _backend(args: argparse.Namespace) -> Backend:
+    return choose_backend(
+        _settings(args), daemon_url=args.daemon_url, token=args.daemon_token, local=args.local
+    )
+
+
+def _step_printer() -> Callable[[str], None]:
+    start = time.monotonic()
+
+    def step(msg: str) -> None:
+        render.err.print(f"[dim]{time.monotonic() - start:7.1f}s[/dim] {msg}")
+
+    return step
+
+
+SANDBOX_COLUMNS = (("id", "ID"), ("snapshot_tag", "SNAPSHOT"), ("pid", "PID"),
+                   ("state", "STATE"), ("created_at_unix", "CREATED"))  # fmt: skip
+SNAPSHOT_COLUMNS = (("tag", "TAG"), ("status", "STATUS"), ("bootable", "BOOTABLE"),
+                    ("mode", "MODE"), ("branched_from", "FROM"), ("image", "IMAGE"),
+                    ("mem_mib", "MEM MiB"))  # fmt: skip
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def cmd_image(args: argparse.Namespace) -> int:
+    from forkd.images.builder import ImageRequest, build_image
+    from forkd.images.store import ImageStore
+
+    settings = _settings(args)
+    store = ImageStore(settings)
+    if args.image_command == "build":
+        packages = (
+            tuple(p.strip() for p in args.packages.split(",") if p.strip())
+            if args.packages is not None
+            else None
+        )
+        req = ImageRequest.default(args.name, packages, args.kernel)
+        with render.err.status(f"building image {req.name}") as status:
+            step = _step_printer()
+
+            def progress(msg: str) -> None:
+                status.update(f"building image {req.name}: {msg}")
+                step(msg)
+
+            image = build_image(settings, req, progress)
+        render.out.print(f"image {req.name} ready: {image.dir}")
+        return 0
+    if args.image_command == "ls":
+        rows = [
+            {"name": name, "digest": img.digest, "packages": ",".join(img.manifest.packages),
+             "kernel": img.manifest.kernel_identity, "dir": str(img.dir)}
+            for name, img in store.list()
+        ]  # fmt: skip
+        if args.json:
+            render.print_json(rows)
+        else:
+            columns = (("name", "NAME"), ("digest", "DIGEST"), ("packages", "PACKAGES"),
+                       ("kernel", "KERNEL"))  # fmt: skip
+            render.table(rows, columns, empty="no images: run 'forkd image build'")
+        return 0
+    # rm
+    from forkd.runtime.registry import Registry
+    from forkd.snapshots.store import SnapshotStore
+
+    image = store.get(args.name)
+    snaps = SnapshotStore(settings)
+    users = [t for t in snaps.tags_on_disk() if snaps.load(t).image_digest == image.digest]
+    Registry(settings.db_path).close()
+    store.remove(args.name, in_use_by=users)
+    render.out.print(f"removed image {args.name}")
+    return 0
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    branch_flags = [f for f, on in (("--diff", args.diff), ("--live", args.live),
+                                    ("--no-wait", args.no_wait)) if on]  # fmt: skip
+    if args.from_sandbox is None:
+        if branch_flags:
+            raise Usage(f"{', '.join(branch_flags)} only apply with --from-sandbox ID")
+        if not args.tag:
+            raise Usage("--tag is required to make a template (e.g. forkd snapshot --tag py)")
+    else:
+        if args.diff and args.live:
+            raise Usage("--live conflicts with --diff: choose one branch mode")
+        if args.no_wait and not args.live:
+            raise Usage(
+                "--no-wait requires --live (only a live branch can finish in the background)"
+            )
+        if args.image or args.mem_mib or args.warmup:
+            raise Usage("--image, --mem-mib and --warmup apply to templates, not to --from-sandbox")
+    backend = _backend(args)
+    try:
+        if args.from_sandbox is None:
+            step = _step_printer()
+            info = backend.create_snapshot(
+                args.tag, args.image or DEFAULT_IMAGE, args.mem_mib or DEFAULT_MEM_MIB,
+                args.warmup, step,
+            )  # fmt: skip
+        else:
+            info = backend.branch(
+                args.from_sandbox, args.tag, "live" if args.live else None, args.diff,
+                not args.no_wait,
+            )  # fmt: skip
+    finally:
+        backend.close()
+    if args.json:
+        render.print_json(info)
+    else:
+        extra = f" (pause {info['pause_ms']:.1f} ms)" if info.get("pause_ms") is not None else ""
+        render.out.print(f"snapshot {info['tag']} {info['status']}{extra}: {info['dir']}")
+    return 0
+
+
+def cmd_fork(args: argparse.Namespace) -> int:
+    backend = _backend(args)
+    try:
+        t0 = time.monotonic()
+        children = backend.spawn(args.tag, args.n, args.memory_limit_mib)
+        wall_ms = (time.monotonic() - t0) * 1000
+    finally:
+        backend.close()
+    if args.json:
+        render.print_json(children)
+        return 0
+    for c in children:
+        t = c.get("fork_timing_ms")
+        phases = (
+            f"  qemu up {t['qemu_up_ms']:.0f} ms, restored {t['restore_ms']:.0f} ms, "
+            f"agent {t['agent_ms']:.0f} ms, total {t['total_ms']:.0f} ms"
+            if t
+            else ""
+        )
+        render.out.print(f"{c['id']}{phases}")
+    render.out.print(f"forked {len(children)} from {args.tag} in {wall_ms:.0f} ms wall")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    backend = _backend(args)
+    try:
+        rows = backend.list_sandboxes(args.all)
+    finally:
+        backend.close()
+    if args.json:
+        render.print_json(rows)
+    else:
+        render.table(rows, SANDBOX_COLUMNS, empty="no sandboxes")
+    return 0
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    backend = _backend(args)
+    try:
+        rows = backend.list_snapshots()
+    finally:
+        backend.close()
+    if args.json:
+        render.print_json(rows)
+    else:
+        render.table(rows, SNAPSHOT_COLUMNS, empty="no snapshots: run 'forkd snapshot --tag T'")
+    return 0
+
+
+def cmd_snapshot_info(args: argparse.Namespace) -> int:
+    backend = _backend(args)
+    try:
+        info = backend.snapshot_info(args.tag)
+    finally:
+        backend.close()
+    if args.json:
+        render.print_json(info)
+    else:
+        for key, value in info.items():
+            if value not in (None, [], {}):
+                render.out.print(f"{key:22} {value}")
+    return 0
+
+
+def cmd_rmi(args: argparse.Namespace) -> int:
+    backend = _backend(args)
+    try:
+        backend.delete_snapshot(args.tag, args.cascade, args.force)
+    finally:
+        backend.close()
+    render.out.print(f"deleted snapshot {args.tag}")
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    cmd = list(args.cmd)
+    if not cmd:
+        raise Usage("no command given: forkd exec ID -- CMD [ARGS...]")
+    env: dict[str, str] = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise Usage(f"--env takes K=V, got {item!r}")
+        env[key] = value
+    backend = _backend(args)
+    try:
+        r = backend.exec(args.id, cmd, args.timeout, env or None, args.cwd)
+    finally:
+        backend.close()
+    if args.json:
+        render.print_json(r)
+        return 0
+    sys.stdout.write(r["stdout"])
+    sys.stderr.write(r["stderr"])
+    if r.get("timed_out"):
+        render.err.print(f"forkd: command timed out after {args.timeout:g} s and was killed")
+    code = int(r["exit_code"])
+    return code if 0 <= code < 256 else 128 + (-code % 128)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    backend = _backend(args)
+    try:
+        r = backend.eval(args.id, args.code)
+    finally:
+        backend.close()
+    if args.json:
+        render.print_json(r)
+        return 0
+    if r.get("stdout"):
+        sys.stdout.write(r["stdout"])
+    if r.get("error"):
+        sys.stderr.write((r.get("traceback") or r["error"]).rstrip() + "\n")
+        return 1
+    if r.get("result") is not None:
+        sys.stdout.write(str(r["result"]) + "\n")
+    return 0
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    backend = _backend(args)
+    try:
+        t0 = time.perf_counter()
+        r = backend.ping(args.id)
+        ms = (time.perf_counter() - t0) * 1000
+    finally:
+        backend.close()
+    render.out.print(f"pong from {args.id} in {ms:.1f} ms: {r}")
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    if not (args.ids or args.all or args.tag):
+        raise Usage("name sandbox ids, or --all, or --tag T")
+    if args.all and (args.ids or args.tag):
+        raise Usage("--all takes no ids and no --tag")
+    backend = _backend(args)
+    try:
+        ids = list(args.ids)
+        if args.all or args.tag:
+            ids += [
+                s["id"] for s in backend.list_sandboxes(True)
+                if args.all or s["snapshot_tag"] == args.tag
+            ]  # fmt: skip
+        for sandbox_id in ids:
+            backend.kill(sandbox_id)
+            render.out.print(f"killed {sandbox_id}")
+    finally:
+        backend.close()
+    if not ids:
+        render.err.print("no sandboxes to kill")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from forkd.doctor import run_checks
+
+    checks = run_checks(_settings(args))
+    if args.json:
+        render.print_json([c.__dict__ for c in checks])
+    else:
+        colors = {"PASS": "green", "WARN": "yellow", "FAIL": "red"}
+        for c in checks:
+            hint = f"  [dim]({c.hint})[/dim]" if c.hint else ""
+            render.out.print(f"[{colors[c.status]}]{c.status}[/] {c.name}: {c.detail}{hint}")
+    return 1 if any(c.status == "FAIL" for c in checks) else 0
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from forkd.api.server import DaemonOptions, serve
+
+    bind = args.bind or os.environ.get("FORKD_BIND") or "127.0.0.1:8889"
+    overrides: dict[str, Any] = {
+        "home": Path(args.home) if args.home else None,
+        "max_sandboxes": args.max_sandboxes,
+        "branch_concurrency": args.branch_concurrency,
+    }
+    settings = Settings.from_env(**overrides)
+    opts = DaemonOptions(
+        bind=bind, unix_socket=args.unix_socket, token_file=args.token_file,
+        kill_on_exit=args.kill_on_exit,
+    )  # fmt: skip
+    serve(settings, opts)
+    return 0
+
+
+def cmd_mcp(args: argparse.Namespace) -> int:
+    from forkd.mcp_server import run
+
+    run("streamable-http" if args.http else "stdio", host=args.host, port=args.port)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from forkd.demo import run_demo
+
+    return asyncio.run(run_demo(_settings(args), n=args.n, tag=args.tag))
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "image": cmd_image, "snapshot": cmd_snapshot, "fork": cmd_fork, "spawn": cmd_fork,
+    "ls": cmd_ls, "images": cmd_images, "snapshot-info": cmd_snapshot_info, "rmi": cmd_rmi,
+    "exec": cmd_exec, "eval": cmd_eval, "ping": cmd_ping, "kill": cmd_kill,
+    "doctor": cmd_doctor, "daemon": cmd_daemon, "serve": cmd_daemon, "mcp": cmd_mcp,
+    "demo": cmd_demo,
+}  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    # Everything after "--" is the sandbox command, verbatim (argparse mangles it in subparsers).
+    tail: list[str] | None = None
+    if "--" in words:
+        cut = words.index("--")
+        words, tail = words[:cut], words[cut + 1 :]
+    args = parser.parse_args(words)
+    if tail is not None:
+        if args.command != "exec":
+            parser.error("'--' separates the command of 'forkd exec' only")
+        args.cmd = [*args.cmd, *tail]
+    try:
+        return COMMANDS[args.command](args)
+    except Usage as exc:
+        render.err.print(f"forkd {args.command}: {exc}", markup=False)
+        return EXIT_USAGE
+    except ForkdError as exc:
+        render.err.print(f"forkd: error: {exc}", markup=False)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        # Errors from the daemon arrive as the SDK's ControllerError: print the daemon's message.
+        body = getattr(exc, "body", None)
+        if isinstance(body, dict) and "error" in body:
+            render.err.print(f"forkd: error: {body['error']}", markup=False)
+            return EXIT_ERROR
+        raise

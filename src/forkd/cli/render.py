@@ -1,0 +1,32 @@
+"""Printing results: rich tables for people, JSON for scripts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+
+
+def table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], *, empty: str
+) -> None:
+    if not rows:
+        err.print(empty)
+        return
+    t = Table(box=None, pad_edge=False, header_style="bold")
+    for _, title in columns:
+        t.add_column(title)
+    for row in rows:
+        t.add_row(*("" if row.get(key) is None else str(row.get(key)) for key, _ in columns))
+    out.print(t)

@@ -1,0 +1,616 @@
+"""E2B-style sandbox objects on top of the forkd REST API.
+
+``Sandbox`` wraps one running child VM of the daemon: create it from a template snapshot, run
+commands, move files, evaluate Python in the warm agent, branch it into a new template and fork
+children from that branch, kill it. ``AsyncSandbox`` is the same surface for asyncio.
+
+Example::
+
+    with Sandbox.create("python") as sb:
+        print(sb.commands.run("echo hi").stdout)
+        sb.files.write("/tmp/x.txt", "state")
+        kids = sb.fork(3)                   # three copies of this exact VM state
+        for kid in kids:
+            print(kid.files.read("/tmp/x.txt"))
+            kid.kill()
+
+Differences from E2B worth knowing: ``commands.run`` does not raise on a non-zero exit code
+(check ``result.exit_code``), and the ``timeout`` given to ``create`` is not enforced by anyone
+(see :meth:`Sandbox.create`).
+"""
+
+from __future__ import annotations
+
+import builtins
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Generic, Literal, Self, TypeVar, overload
+
+from forkd.client.controller import (
+    AsyncController,
+    BranchMode,
+    Controller,
+    ControllerError,
+    JSONDict,
+)
+from forkd.wire import FileEntry, FileWriteResponse
+
+__all__ = ["AsyncSandbox", "CommandResult", "EvalResult", "Sandbox"]
+
+DEFAULT_TEMPLATE = "python"
+
+FileFormat = Literal["text", "bytes"]
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """Outcome of ``sandbox.commands.run``. A non-zero ``exit_code`` is not an exception."""
+
+    stdout: str
+    stderr: str
+    exit_code: int
+    timed_out: bool = False
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    duration_ms: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> CommandResult:
+        duration = data.get("duration_ms")
+        return cls(
+            stdout=str(data.get("stdout") or ""),
+            stderr=str(data.get("stderr") or ""),
+            exit_code=int(data.get("exit_code", -1)),
+            timed_out=bool(data.get("timed_out", False)),
+            stdout_truncated=bool(data.get("stdout_truncated", False)),
+            stderr_truncated=bool(data.get("stderr_truncated", False)),
+            duration_ms=float(duration) if duration is not None else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EvalResult:
+    """Outcome of ``sandbox.eval``: ``result`` is the value's repr, ``error`` the exception text."""
+
+    result: str | None
+    error: str | None
+    exit_code: int
+    stdout: str = ""
+    traceback: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.exit_code == 0
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> EvalResult:
+        return cls(
+            result=data.get("result"),
+            error=data.get("error"),
+            exit_code=int(data.get("exit_code", 0)),
+            stdout=str(data.get("stdout") or ""),
+            traceback=data.get("traceback"),
+        )
+
+
+def _argv(cmd: str | Sequence[str]) -> list[str]:
+    """A string runs through ``/bin/sh -c``; a sequence is the argv itself."""
+    if isinstance(cmd, str):
+        return ["/bin/sh", "-c", cmd]
+    return list(cmd)
+
+
+def _decode(data: bytes, fmt: FileFormat) -> str | bytes:
+    if fmt == "bytes":
+        return data
+    if fmt == "text":
+        return data.decode()
+    raise ValueError(f"format must be 'text' or 'bytes', not {fmt!r}")
+
+
+_C = TypeVar("_C", Controller, AsyncController)
+
+
+class _Lease(Generic[_C]):
+    """A controller shared by a sandbox and the children forked from it.
+
+    The controller is closed when the last sandbox using it is killed or closed, but only if
+    the SDK created it; a controller the caller passed in stays the caller's to close.
+    """
+
+    def __init__(self, controller: _C, owned: bool) -> None:
+        self.controller: _C = controller
+        self.owned = owned
+        self.users = 0
+
+    def acquire(self) -> _C:
+        self.users += 1
+        return self.controller
+
+    def release(self) -> bool:
+        """Drop one user; True when the controller should now be closed."""
+        self.users -= 1
+        return self.owned and self.users <= 0
+
+
+def _check_connection_args(controller: object, base_url: str | None, token: str | None) -> None:
+    if controller is not None and (base_url is not None or token is not None):
+        raise ValueError("pass either controller= or base_url=/token=, not both")
+
+
+# --------------------------------------------------------------------------------------------
+# Sync
+# --------------------------------------------------------------------------------------------
+
+
+class Commands:
+    """``sandbox.commands``."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sb = sandbox
+
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        timeout: float = 30,
+        envs: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: str | None = None,
+    ) -> CommandResult:
+        """Run a command to completion and return its output.
+
+        A string is run with ``/bin/sh -c``; a list is executed as argv. ``timeout`` is in
+        seconds (the guest kills the command then; ``result.timed_out`` tells). ``envs`` adds
+        environment variables, ``cwd`` sets the directory, ``stdin`` is written to its input.
+        """
+        data = self._sb.controller.exec_command(
+            self._sb.id, _argv(cmd), timeout, env=envs, cwd=cwd, stdin=stdin
+        )
+        return CommandResult.from_wire(data)
+
+
+class Files:
+    """``sandbox.files``: the guest filesystem."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sb = sandbox
+
+    @overload
+    def read(self, path: str, format: Literal["text"] = "text") -> str: ...
+    @overload
+    def read(self, path: str, format: Literal["bytes"]) -> bytes: ...
+    def read(self, path: str, format: FileFormat = "text") -> str | bytes:
+        """A file's content: ``str`` (UTF-8) by default, ``bytes`` with ``format="bytes"``."""
+        return _decode(self._sb.controller.read_file(self._sb.id, path), format)
+
+    def write(self, path: str, data: str | bytes) -> FileWriteResponse:
+        """Create or overwrite a file (``str`` is written as UTF-8). Returns path and size."""
+        return FileWriteResponse.model_validate(
+            self._sb.controller.write_file(self._sb.id, path, data)
+        )
+
+    def list(self, path: str) -> builtins.list[FileEntry]:
+        """The entries of a directory (name, path, type, size, mode, mtime)."""
+        return [
+            FileEntry.model_validate(e) for e in self._sb.controller.list_files(self._sb.id, path)
+        ]
+
+    def remove(self, path: str, recursive: bool = False) -> None:
+        """Delete a file; a directory needs ``recursive=True``."""
+        self._sb.controller.remove_file(self._sb.id, path, recursive=recursive)
+
+
+class Sandbox:
+    """One running forkd sandbox (a forked microVM). Build with :meth:`create` or :meth:`connect`.
+
+    Attributes:
+        id: the daemon's sandbox id (also ``sandbox_id``, E2B's name).
+        info: the SandboxInfo dict from when the object was made; :meth:`get_info` refreshes it.
+        template: the snapshot tag the sandbox was forked from.
+        timeout: the lifetime given to :meth:`create`, recorded only (see there).
+        commands: :class:`Commands`; files: :class:`Files`.
+    """
+
+    def __init__(
+        self,
+        info: JSONDict,
+        lease: _Lease[Controller],
+        timeout: float | None = None,
+    ) -> None:
+        self.info: JSONDict = info
+        self.id: str = str(info["id"])
+        self.timeout = timeout
+        self.created_at = time.time()
+        self._lease = lease
+        self.controller: Controller = lease.acquire()
+        self._released = False
+        self.commands = Commands(self)
+        self.files = Files(self)
+
+    @property
+    def sandbox_id(self) -> str:
+        return self.id
+
+    @property
+    def template(self) -> str | None:
+        tag = self.info.get("snapshot_tag")
+        return str(tag) if tag is not None else None
+
+    @classmethod
+    def create(
+        cls,
+        template: str = DEFAULT_TEMPLATE,
+        timeout: float | None = None,
+        *,
+        base_url: str | None = None,
+        token: str | None = None,
+        controller: Controller | None = None,
+        memory_limit_mib: int | None = None,
+        live_fork: bool = False,
+    ) -> Sandbox:
+        """Fork one new sandbox from the snapshot tagged ``template``.
+
+        ``timeout`` (seconds) is stored on the object and nothing more: forkd has no
+        server-side sandbox TTL yet and this SDK runs no timer, so a sandbox lives until
+        :meth:`kill` (or leaving the ``with`` block) or until the daemon stops. Connect with
+        ``controller=`` (shared, left open) or ``base_url=``/``token=`` (default
+        ``$FORKD_URL``/``$FORKD_TOKEN``; the SDK then closes its controller when the last
+        sandbox using it is killed or closed). ``live_fork=True`` allows
+        ``branch(mode="live")`` later.
+        """
+        _check_connection_args(controller, base_url, token)
+        ctl = controller if controller is not None else Controller(base_url, token)
+        lease = _Lease(ctl, owned=controller is None)
+        try:
+            infos = ctl.spawn_sandboxes(
+                template, n=1, memory_limit_mib=memory_limit_mib, live_fork=live_fork
+            )
+        except BaseException:
+            if lease.owned:
+                ctl.close()
+            raise
+        return cls(infos[0], lease, timeout)
+
+    @classmethod
+    def connect(
+        cls,
+        sandbox_id: str,
+        *,
+        base_url: str | None = None,
+        token: str | None = None,
+        controller: Controller | None = None,
+    ) -> Sandbox:
+        """Attach to an existing sandbox by id (``ControllerError`` 404 if it does not exist)."""
+        _check_connection_args(controller, base_url, token)
+        ctl = controller if controller is not None else Controller(base_url, token)
+        lease = _Lease(ctl, owned=controller is None)
+        try:
+            info = ctl.get_sandbox(sandbox_id)
+        except BaseException:
+            if lease.owned:
+                ctl.close()
+            raise
+        return cls(info, lease)
+
+    def get_info(self) -> JSONDict:
+        """Fetch the SandboxInfo again (and store it in ``info``)."""
+        self.info = self.controller.get_sandbox(self.id)
+        return self.info
+
+    def is_running(self) -> bool:
+        """True while the daemon knows the sandbox and has not marked it dead."""
+        try:
+            info = self.get_info()
+        except ControllerError as exc:
+            if exc.status in (404, 410):
+                return False
+            raise
+        return bool(info.get("state", "running") == "running")
+
+    def ping(self) -> JSONDict:
+        """Round-trip to the guest agent."""
+        return self.controller.ping_sandbox(self.id)
+
+    def eval(self, code: str) -> EvalResult:
+        """Run Python in the sandbox's warm agent process (no interpreter start-up cost).
+
+        Returns an :class:`EvalResult`; a Python exception in ``code`` is reported in
+        ``error``/``traceback``, not raised.
+        """
+        return EvalResult.from_wire(self.controller.eval_code(self.id, code))
+
+    def branch(
+        self,
+        tag: str | None = None,
+        mode: BranchMode | str | None = None,
+        wait: bool = True,
+    ) -> JSONDict:
+        """Snapshot this running sandbox as a new template; returns the SnapshotInfo dict.
+
+        ``mode``: ``"full"``, ``"diff"`` or ``"live"`` (live needs ``create(live_fork=True)``);
+        ``None`` lets the daemon choose its default. ``wait=False`` (live only) returns while
+        the snapshot is still ``"writing"``. The snapshot outlives this sandbox.
+        """
+        return self.controller.branch_sandbox(self.id, tag=tag, mode=mode, wait=wait)
+
+    def fork(
+        self,
+        n: int = 1,
+        *,
+        mode: BranchMode | str | None = None,
+        tag: str | None = None,
+        memory_limit_mib: int | None = None,
+        live_fork: bool = False,
+    ) -> list[Sandbox]:
+        """Branch this sandbox, then spawn ``n`` children from the branch.
+
+        Each child starts from this sandbox's exact state at branch time. The branch snapshot
+        stays registered afterwards (the children's memory is mapped from it); delete it with
+        ``controller.delete_snapshot(tag, cascade=True)`` when done. Children share this
+        sandbox's controller.
+        """
+        snap = self.controller.branch_sandbox(self.id, tag=tag, mode=mode, wait=True)
+        branch_tag = str(snap["tag"])
+        if snap.get("status", "ready") != "ready":
+            self.controller.wait_for_snapshot(branch_tag)
+        infos = self.controller.spawn_sandboxes(
+            branch_tag, n=n, memory_limit_mib=memory_limit_mib, live_fork=live_fork
+        )
+        return [type(self)(info, self._lease, self.timeout) for info in infos]
+
+    def kill(self) -> bool:
+        """Stop the sandbox. False if the daemon no longer knew it (already gone)."""
+        try:
+            self.controller.kill_sandbox(self.id)
+        except ControllerError as exc:
+            if exc.status != 404:
+                raise
+            return False
+        finally:
+            self.close()
+        return True
+
+    def close(self) -> None:
+        """Detach without killing: release this object's hold on the controller."""
+        if not self._released:
+            self._released = True
+            if self._lease.release():
+                self.controller.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.kill()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(id={self.id!r}, template={self.template!r})"
+
+
+# --------------------------------------------------------------------------------------------
+# Async
+# --------------------------------------------------------------------------------------------
+
+
+class AsyncCommands:
+    """``sandbox.commands`` of an :class:`AsyncSandbox`."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sb = sandbox
+
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        timeout: float = 30,
+        envs: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: str | None = None,
+    ) -> CommandResult:
+        """Run a command to completion; see :meth:`Commands.run`."""
+        data = await self._sb.controller.exec_command(
+            self._sb.id, _argv(cmd), timeout, env=envs, cwd=cwd, stdin=stdin
+        )
+        return CommandResult.from_wire(data)
+
+
+class AsyncFiles:
+    """``sandbox.files`` of an :class:`AsyncSandbox`."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sb = sandbox
+
+    @overload
+    async def read(self, path: str, format: Literal["text"] = "text") -> str: ...
+    @overload
+    async def read(self, path: str, format: Literal["bytes"]) -> bytes: ...
+    async def read(self, path: str, format: FileFormat = "text") -> str | bytes:
+        """A file's content: ``str`` (UTF-8) by default, ``bytes`` with ``format="bytes"``."""
+        return _decode(await self._sb.controller.read_file(self._sb.id, path), format)
+
+    async def write(self, path: str, data: str | bytes) -> FileWriteResponse:
+        """Create or overwrite a file (``str`` is written as UTF-8). Returns path and size."""
+        return FileWriteResponse.model_validate(
+            await self._sb.controller.write_file(self._sb.id, path, data)
+        )
+
+    async def list(self, path: str) -> builtins.list[FileEntry]:
+        """The entries of a directory (name, path, type, size, mode, mtime)."""
+        entries = await self._sb.controller.list_files(self._sb.id, path)
+        return [FileEntry.model_validate(e) for e in entries]
+
+    async def remove(self, path: str, recursive: bool = False) -> None:
+        """Delete a file; a directory needs ``recursive=True``."""
+        await self._sb.controller.remove_file(self._sb.id, path, recursive=recursive)
+
+
+class AsyncSandbox:
+    """The asyncio twin of :class:`Sandbox` (``await AsyncSandbox.create(...)``,
+    ``async with``); the same attributes and methods, awaitable."""
+
+    def __init__(
+        self,
+        info: JSONDict,
+        lease: _Lease[AsyncController],
+        timeout: float | None = None,
+    ) -> None:
+        self.info: JSONDict = info
+        self.id: str = str(info["id"])
+        self.timeout = timeout
+        self.created_at = time.time()
+        self._lease = lease
+        self.controller: AsyncController = lease.acquire()
+        self._released = False
+        self.commands = AsyncCommands(self)
+        self.files = AsyncFiles(self)
+
+    @property
+    def sandbox_id(self) -> str:
+        return self.id
+
+    @property
+    def template(self) -> str | None:
+        tag = self.info.get("snapshot_tag")
+        return str(tag) if tag is not None else None
+
+    @classmethod
+    async def create(
+        cls,
+        template: str = DEFAULT_TEMPLATE,
+        timeout: float | None = None,
+        *,
+        base_url: str | None = None,
+        token: str | None = None,
+        controller: AsyncController | None = None,
+        memory_limit_mib: int | None = None,
+        live_fork: bool = False,
+    ) -> AsyncSandbox:
+        """Fork one new sandbox from ``template``; see :meth:`Sandbox.create` (``timeout`` is
+        recorded only: nothing enforces it)."""
+        _check_connection_args(controller, base_url, token)
+        ctl = controller if controller is not None else AsyncController(base_url, token)
+        lease = _Lease(ctl, owned=controller is None)
+        try:
+            infos = await ctl.spawn_sandboxes(
+                template, n=1, memory_limit_mib=memory_limit_mib, live_fork=live_fork
+            )
+        except BaseException:
+            if lease.owned:
+                await ctl.aclose()
+            raise
+        return cls(infos[0], lease, timeout)
+
+    @classmethod
+    async def connect(
+        cls,
+        sandbox_id: str,
+        *,
+        base_url: str | None = None,
+        token: str | None = None,
+        controller: AsyncController | None = None,
+    ) -> AsyncSandbox:
+        """Attach to an existing sandbox by id (``ControllerError`` 404 if it does not exist)."""
+        _check_connection_args(controller, base_url, token)
+        ctl = controller if controller is not None else AsyncController(base_url, token)
+        lease = _Lease(ctl, owned=controller is None)
+        try:
+            info = await ctl.get_sandbox(sandbox_id)
+        except BaseException:
+            if lease.owned:
+                await ctl.aclose()
+            raise
+        return cls(info, lease)
+
+    async def get_info(self) -> JSONDict:
+        """Fetch the SandboxInfo again (and store it in ``info``)."""
+        self.info = await self.controller.get_sandbox(self.id)
+        return self.info
+
+    async def is_running(self) -> bool:
+        """True while the daemon knows the sandbox and has not marked it dead."""
+        try:
+            info = await self.get_info()
+        except ControllerError as exc:
+            if exc.status in (404, 410):
+                return False
+            raise
+        return bool(info.get("state", "running") == "running")
+
+    async def ping(self) -> JSONDict:
+        """Round-trip to the guest agent."""
+        return await self.controller.ping_sandbox(self.id)
+
+    async def eval(self, code: str) -> EvalResult:
+        """Run Python in the sandbox's warm agent process; see :meth:`Sandbox.eval`."""
+        return EvalResult.from_wire(await self.controller.eval_code(self.id, code))
+
+    async def branch(
+        self,
+        tag: str | None = None,
+        mode: BranchMode | str | None = None,
+        wait: bool = True,
+    ) -> JSONDict:
+        """Snapshot this sandbox as a new template; see :meth:`Sandbox.branch`."""
+        return await self.controller.branch_sandbox(self.id, tag=tag, mode=mode, wait=wait)
+
+    async def fork(
+        self,
+        n: int = 1,
+        *,
+        mode: BranchMode | str | None = None,
+        tag: str | None = None,
+        memory_limit_mib: int | None = None,
+        live_fork: bool = False,
+    ) -> list[AsyncSandbox]:
+        """Branch this sandbox, then spawn ``n`` children from it; see :meth:`Sandbox.fork`."""
+        snap = await self.controller.branch_sandbox(self.id, tag=tag, mode=mode, wait=True)
+        branch_tag = str(snap["tag"])
+        if snap.get("status", "ready") != "ready":
+            await self.controller.wait_for_snapshot(branch_tag)
+        infos = await self.controller.spawn_sandboxes(
+            branch_tag, n=n, memory_limit_mib=memory_limit_mib, live_fork=live_fork
+        )
+        return [type(self)(info, self._lease, self.timeout) for info in infos]
+
+    async def kill(self) -> bool:
+        """Stop the sandbox. False if the daemon no longer knew it (already gone)."""
+        try:
+            await self.controller.kill_sandbox(self.id)
+        except ControllerError as exc:
+            if exc.status != 404:
+                raise
+            return False
+        finally:
+            await self.close()
+        return True
+
+    async def close(self) -> None:
+        """Detach without killing: release this object's hold on the controller."""
+        if not self._released:
+            self._released = True
+            if self._lease.release():
+                await self.controller.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.kill()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(id={self.id!r}, template={self.template!r})"

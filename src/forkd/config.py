@@ -1,0 +1,89 @@
+"""The one configuration object of forkd, read from the environment once and passed down."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_BIND = "127.0.0.1:8889"
+DEFAULT_IMAGE = "python"
+DEFAULT_MEM_MIB = 512
+
+
+def _default_cache() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "forkd"
+
+
+def _default_home() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "forkd"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where forkd keeps its state and the bounds it enforces.
+
+    ``home`` holds images, manifests, run dirs and the database; ``cache_dir`` the downloaded
+    kernel and debootstrap trees (shared by every home); ``shm_dir`` (on tmpfs) holds
+    guest memory files, which must live on shmem for copy-on-write forks and live BRANCH.
+    """
+
+    home: Path = field(default_factory=_default_home)
+    cache_dir: Path = field(default_factory=_default_cache)
+    shm_dir: Path | None = None
+    accel: str = "auto"
+    max_sandboxes: int = 256
+    branch_concurrency: int = 4
+    default_exec_timeout_s: float = 30.0
+    max_exec_timeout_s: float = 3600.0
+    exec_output_cap_bytes: int = 4 * 1024 * 1024
+    agent_timeout_s: float = 30.0
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        """Build settings from ``FORKD_*`` environment variables, then apply ``overrides``."""
+        values: dict[str, object] = {}
+        if home := os.environ.get("FORKD_HOME"):
+            values["home"] = Path(home)
+        if cache := os.environ.get("FORKD_CACHE_DIR"):
+            values["cache_dir"] = Path(cache)
+        if shm := os.environ.get("FORKD_SHM_DIR"):
+            values["shm_dir"] = Path(shm)
+        if accel := os.environ.get("FORKD_ACCEL"):
+            values["accel"] = accel
+        if maxsb := os.environ.get("FORKD_MAX_SANDBOXES"):
+            values["max_sandboxes"] = int(maxsb)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def memory_dir(self) -> Path:
+        """tmpfs folder for guest memory files; unique per home so two homes never collide."""
+        if self.shm_dir is not None:
+            return self.shm_dir
+        digest = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:12]
+        return Path("/dev/shm") / f"forkd-{digest}"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.home / "images"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.home / "snapshots"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "forkd.db"
+
+    @property
+    def audit_log_path(self) -> Path:
+        return self.home / "audit.log"

@@ -1,0 +1,174 @@
+"""``forkd doctor``: what this host can do, one line per check, with a hint when it cannot."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from forkd.config import DEFAULT_IMAGE, Settings
+from forkd.vmm.accel import detect_accel
+
+Status = Literal["PASS", "WARN", "FAIL"]
+MIN_QEMU = (7, 2)
+MIN_SHM_FREE_BYTES = 1 << 30
+
+# userfaultfd(2) constants (x86_64).
+SYS_USERFAULTFD = 323
+UFFD_API = 0xAA
+UFFDIO_API = 0xC018AA3F
+UFFD_FEATURE_WP_HUGETLBFS_SHMEM = 1 << 12
+UFFD_USER_MODE_ONLY = 1
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+    hint: str = ""
+
+
+def check_qemu() -> Check:
+    path = shutil.which("qemu-system-x86_64")
+    if path is None:
+        return Check("qemu", "FAIL", "qemu-system-x86_64 not found",
+                     "apt-get install qemu-system-x86")  # fmt: skip
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
+    m = re.search(r"version (\d+)\.(\d+)\.?(\d*)", out)
+    if not m:
+        return Check("qemu", "WARN", f"cannot read the version of {path}")
+    version = (int(m[1]), int(m[2]))
+    text = f"{path} version {m[1]}.{m[2]}.{m[3] or 0}"
+    if version < MIN_QEMU:
+        return Check(
+            "qemu", "FAIL", text, "forkd needs QEMU >= 7.2 (x-ignore-shared, background-snapshot)"
+        )
+    return Check("qemu", "PASS", text)
+
+
+def check_accel(settings: Settings) -> Check:
+    choice = detect_accel(settings.accel)
+    status: Status = "PASS" if choice.name == "kvm" else "WARN"
+    hint = "" if choice.name == "kvm" else "guests run 12-100x slower than on a KVM host"
+    return Check("accelerator", status, f"{choice.name}: {choice.reason}", hint)
+
+
+def uffd_wp_shmem_supported() -> tuple[bool, str]:
+    """Ask the kernel whether userfaultfd write-protect works on shmem (needed by live BRANCH)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(SYS_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK | UFFD_USER_MODE_ONLY)
+    if fd < 0:
+        fd = libc.syscall(SYS_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK)
+    if fd < 0:
+        err = ctypes.get_errno()
+        return False, f"userfaultfd() failed: {os.strerror(err)}"
+    try:
+        buf = (ctypes.c_uint64 * 3)(UFFD_API, 0, 0)
+        if libc.ioctl(fd, ctypes.c_ulong(UFFDIO_API), buf) != 0:
+            return False, f"UFFDIO_API failed: {os.strerror(ctypes.get_errno())}"
+        if buf[1] & UFFD_FEATURE_WP_HUGETLBFS_SHMEM:
+            return True, "userfaultfd write-protect on shmem available"
+        return False, "kernel lacks UFFD_FEATURE_WP_HUGETLBFS_SHMEM (needs Linux >= 5.19)"
+    finally:
+        os.close(fd)
+
+
+def check_uffd() -> Check:
+    ok, detail = uffd_wp_shmem_supported()
+    if ok:
+        return Check("userfaultfd-wp", "PASS", detail)
+    return Check(
+        "userfaultfd-wp", "WARN", detail, "live BRANCH unavailable; full and diff still work"
+    )
+
+
+def check_tmpfs(settings: Settings) -> Check:
+    target = settings.memory_dir
+    probe = target if target.exists() else target.parent
+    try:
+        st = os.statvfs(probe)
+    except OSError as exc:
+        return Check("tmpfs", "FAIL", f"{probe}: {exc}", "mount a tmpfs at /dev/shm")
+    free = st.f_bavail * st.f_frsize
+    fstype = _fstype(probe)
+    text = f"{probe} ({fstype}) has {free / 2**30:.1f} GiB free"
+    if fstype not in ("tmpfs", "hugetlbfs"):
+        return Check("tmpfs", "FAIL", text, "guest memory must live on tmpfs; set FORKD_SHM_DIR")
+    if free < MIN_SHM_FREE_BYTES:
+        return Check("tmpfs", "WARN", text, "each template needs its guest memory size in tmpfs")
+    return Check("tmpfs", "PASS", text)
+
+
+def _fstype(path: Path) -> str:
+    best, fstype = "", "unknown"
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return fstype
+    resolved = str(path.resolve())
+    for line in mounts:
+        parts = line.split()
+        if (
+            len(parts) >= 3
+            and (resolved == parts[1] or resolved.startswith(parts[1].rstrip("/") + "/"))
+            and len(parts[1]) >= len(best)
+        ):
+            best, fstype = parts[1], parts[2]
+    return fstype
+
+
+def check_program(name: str, package: str, why: str) -> Check:
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if path:
+        return Check(name, "PASS", path)
+    return Check(name, "FAIL", f"{name} not found ({why})", f"apt-get install {package}")
+
+
+def check_images(settings: Settings) -> list[Check]:
+    from forkd.images.store import ImageStore
+
+    store = ImageStore(settings)
+    names = [name for name, _ in store.list()]
+    kernels = sorted(
+        p.name for p in (settings.cache_dir / "kernels").glob("*") if (p / "done").exists()
+    )
+    out = [
+        Check("kernel cache", "PASS" if kernels else "WARN",
+              ", ".join(kernels) if kernels else "no kernel downloaded yet",
+              "" if kernels else "forkd image build fetches it"),
+        Check("images", "PASS" if DEFAULT_IMAGE in names else "WARN",
+              ", ".join(names) if names else "no image built",
+              "" if DEFAULT_IMAGE in names else f"run 'forkd image build {DEFAULT_IMAGE}'"),
+    ]  # fmt: skip
+    return out
+
+
+def check_kvm_device() -> Check:
+    dev = Path("/dev/kvm")
+    if not dev.exists():
+        return Check(
+            "/dev/kvm", "WARN", "absent", "TCG only; load kvm_intel/kvm_amd on a VT-x/AMD-V host"
+        )
+    return Check(
+        "/dev/kvm", "PASS", "present" + (" (PVM)" if Path("/sys/module/kvm_pvm").exists() else "")
+    )
+
+
+def run_checks(settings: Settings) -> list[Check]:
+    return [
+        check_qemu(),
+        check_kvm_device(),
+        check_accel(settings),
+        check_uffd(),
+        check_tmpfs(settings),
+        check_program("debootstrap", "debootstrap", "needed to build images"),
+        check_program("mkfs.ext4", "e2fsprogs", "needed to build images"),
+        check_program("busybox", "busybox-static", "needed for the initramfs"),
+        *check_images(settings),
+    ]

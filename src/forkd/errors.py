@@ -1,0 +1,65 @@
+"""The one error hierarchy of forkd.
+
+Every layer raises a subclass of :class:`ForkdError`; the daemon maps ``http_status`` to the
+response code and ``str(error)`` to the ``{"error": ...}`` body, the CLI prints it on one line.
+"""
+
+from __future__ import annotations
+
+
+class ForkdError(Exception):
+    """Base of every error forkd raises on purpose."""
+
+    http_status = 500
+
+
+class InvalidInput(ForkdError):
+    """A caller-supplied value (tag, id, count, path, size) is not acceptable."""
+
+    http_status = 400
+
+
+class NotFound(ForkdError):
+    """The named snapshot, sandbox or image does not exist."""
+
+    http_status = 404
+
+
+class Conflict(ForkdError):
+    """The request clashes with current state (tag exists, snapshot not ready, dependents)."""
+
+    http_status = 409
+
+
+class Unavailable(ForkdError):
+    """A capacity bound is in force (branch concurrency, max sandboxes); retry later."""
+
+    http_status = 503
+
+
+class NotImplementedYet(ForkdError):
+    """An endpoint of the wire API that this build does not provide."""
+
+    http_status = 501
+
+
+class HostSetupError(ForkdError):
+    """The host lacks something forkd needs (QEMU, debootstrap, tmpfs space, ...)."""
+
+
+class ImageError(ForkdError):
+    """Building or loading a guest image failed."""
+
+
+class VMError(ForkdError):
+    """A QEMU process failed to start, answer QMP, migrate or stop."""
+
+
+class AgentError(ForkdError):
+    """The guest agent could not be reached or answered with an error."""
+
+
+class SandboxDead(AgentError):
+    """The sandbox's QEMU process is gone; nothing can be asked of it."""
+
+    http_status = 410

@@ -1,0 +1,884 @@
+#!/usr/bin/env python3
+"""forkd guest agent: serves the host over one virtio-serial port (see docs/agent-protocol.md).
+
+Stdlib only, single file, runs on guest Python >= 3.9.
+
+Usage:
+    agent.py [--port-name NAME | --device PATH | --connect-unix PATH] [--init]
+
+``--init`` runs as PID 1: it forks the serving agent, reaps every child forever and restarts the
+agent if it ever exits. ``--connect-unix`` is the test mode: the agent connects as a client to a
+unix stream socket, uses it as the port and exits when it closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import base64
+import binascii
+import builtins
+import contextlib
+import errno
+import fcntl
+import glob
+import hashlib
+import io
+import json
+import linecache
+import os
+import random
+import select
+import shutil
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+AGENT_VERSION = "0.6.0"
+DEFAULT_PORT_NAME = "org.forkd.agent.0"
+
+MAX_WORKERS = 64
+READ_CHUNK = 1 << 16
+MAX_LINE = 512 << 20  # a request line longer than this is dropped
+DEFAULT_EXEC_TIMEOUT = 30.0
+DEFAULT_MAX_OUTPUT = 1 << 20
+DEFAULT_READ_LIMIT = 64 << 20
+EXIT_GRACE_S = 0.5  # how long to keep draining pipes held open by descendants after exit
+EVAL_SOURCES_KEPT = 512  # eval sources kept in linecache for tracebacks
+
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
+
+_START = time.monotonic()
+
+
+def _log(msg: str) -> None:
+    try:
+        sys.__stderr__.write("forkd-agent: %s\n" % msg)
+        sys.__stderr__.flush()
+    except Exception:
+        pass
+
+
+class RequestError(Exception):
+    """An error answered with the given protocol ``kind``."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _bad(message: str) -> RequestError:
+    return RequestError("bad_request", message)
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _arg_str(req: dict, name: str, default=None, required: bool = False):
+    value = req.get(name, default)
+    if value is None:
+        if required:
+            raise _bad("missing argument %r" % name)
+        return None
+    if not isinstance(value, str):
+        raise _bad("argument %r must be a string" % name)
+    return value
+
+
+def _arg_bool(req: dict, name: str, default: bool) -> bool:
+    value = req.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _bad("argument %r must be a boolean" % name)
+    return value
+
+
+def _arg_int(req: dict, name: str, default, minimum: int = 0):
+    value = req.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad("argument %r must be an integer" % name)
+    if value < minimum:
+        raise _bad("argument %r must be >= %d" % (name, minimum))
+    return value
+
+
+def _arg_number(req: dict, name: str, default: float) -> float:
+    value = req.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad("argument %r must be a number" % name)
+    if not value > 0:
+        raise _bad("argument %r must be > 0" % name)
+    return float(value)
+
+
+def _arg_b64(req: dict, name: str, required: bool = False):
+    value = _arg_str(req, name, required=required)
+    if value is None:
+        return None
+    try:
+        return base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise _bad("argument %r is not valid base64" % name) from None
+
+
+def _arg_path(req: dict) -> str:
+    path = _arg_str(req, "path", required=True)
+    if not path or "\0" in path:
+        raise _bad("argument 'path' must be a non-empty path")
+    return path
+
+
+# --------------------------------------------------------------------------- print capture
+
+
+_tls = threading.local()
+
+
+class _StreamProxy:
+    """Stands in for sys.stdout / sys.stderr: a thread running an eval writes into its buffer."""
+
+    def __init__(self, real) -> None:
+        self._real = real
+
+    def _target(self):
+        buf = getattr(_tls, "buf", None)
+        return buf if buf is not None else self._real
+
+    def write(self, s):
+        target = self._target()
+        if target is None:
+            return len(s)
+        return target.write(s)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        target = self._target()
+        if target is not None:
+            with contextlib.suppress(Exception):
+                target.flush()
+
+    def isatty(self) -> bool:
+        if getattr(_tls, "buf", None) is not None:
+            return False
+        try:
+            return bool(self._real.isatty())
+        except Exception:
+            return False
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def _install_capture() -> None:
+    if not isinstance(sys.stdout, _StreamProxy):
+        sys.stdout = _StreamProxy(sys.stdout)
+    if not isinstance(sys.stderr, _StreamProxy):
+        sys.stderr = _StreamProxy(sys.stderr)
+
+
+# --------------------------------------------------------------------------- ops
+
+
+def op_ping(req: dict) -> dict:
+    numpy = sys.modules.get("numpy")
+    return {
+        "pong": True,
+        "version": AGENT_VERSION,
+        "pid": os.getpid(),
+        "ready": True,
+        "uptime_s": round(time.monotonic() - _START, 3),
+        "numpy_version": getattr(numpy, "__version__", None) if numpy is not None else None,
+    }
+
+
+def _pidfd(pid: int):
+    opener = getattr(os, "pidfd_open", None)
+    if opener is None:
+        return None
+    try:
+        return opener(pid)
+    except OSError:
+        return None
+
+
+def _killpg(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def op_exec(req: dict) -> dict:
+    argv = req.get("argv")
+    cmd = req.get("cmd")
+    if argv is not None:
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise _bad("argument 'argv' must be a non-empty list of strings")
+        argv = list(argv)
+    elif cmd is not None:
+        if not isinstance(cmd, str):
+            raise _bad("argument 'cmd' must be a string")
+        argv = ["/bin/sh", "-c", cmd]
+    else:
+        raise _bad("exec needs 'argv' or 'cmd'")
+    env_arg = req.get("env")
+    env = None
+    if env_arg is not None:
+        if not isinstance(env_arg, dict):
+            raise _bad("argument 'env' must be an object")
+        env = dict(os.environ)
+        for key, value in env_arg.items():
+            if not isinstance(key, str) or not key or "=" in key:
+                raise _bad("bad environment variable name %r" % (key,))
+            if value is None:
+                env.pop(key, None)
+            elif isinstance(value, str):
+                env[key] = value
+            else:
+                raise _bad("environment variable %r must be a string" % key)
+    cwd = _arg_str(req, "cwd")
+    stdin_data = _arg_b64(req, "stdin_b64")
+    timeout = _arg_number(req, "timeout", DEFAULT_EXEC_TIMEOUT)
+    cap = _arg_int(req, "max_output", DEFAULT_MAX_OUTPUT)
+
+    start = time.monotonic()
+    deadline = start + timeout
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            close_fds=True,
+        )
+    except OSError as e:
+        code = 127 if isinstance(e, FileNotFoundError) else 126
+        return {
+            "stdout": "",
+            "stderr": "%s: %s\n" % (argv[0], e),
+            "exit_code": code,
+            "timed_out": False,
+            "stdout_truncated": False,
+            "stderr_truncated": False,
+            "duration_ms": round((time.monotonic() - start) * 1000.0, 3),
+        }
+
+    out_fd = proc.stdout.fileno()
+    err_fd = proc.stderr.fileno()
+    bufs = {out_fd: bytearray(), err_fd: bytearray()}
+    truncated = {out_fd: False, err_fd: False}
+    poller = select.poll()
+    poller.register(out_fd, select.POLLIN)
+    poller.register(err_fd, select.POLLIN)
+    open_outputs = 2
+
+    in_fd = None
+    in_view = None
+    in_off = 0
+    if proc.stdin is not None:
+        if stdin_data:
+            in_fd = proc.stdin.fileno()
+            in_view = memoryview(stdin_data)
+            os.set_blocking(in_fd, False)
+            poller.register(in_fd, select.POLLOUT)
+        else:
+            proc.stdin.close()
+
+    def close_stdin() -> None:
+        nonlocal in_fd
+        if in_fd is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                poller.unregister(in_fd)
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            in_fd = None
+
+    pidfd = _pidfd(proc.pid)
+    if pidfd is not None:
+        poller.register(pidfd, select.POLLIN)
+    exited_at = None
+    timed_out = False
+    try:
+        while open_outputs > 0:
+            now = time.monotonic()
+            if now >= deadline:
+                timed_out = exited_at is None
+                break
+            wait = deadline - now
+            if exited_at is not None:
+                # The command exited but a descendant still holds its pipes: drain briefly.
+                if now >= exited_at + EXIT_GRACE_S:
+                    break
+                wait = min(wait, exited_at + EXIT_GRACE_S - now)
+            elif pidfd is None:
+                wait = min(wait, 0.05)
+            for fd, ev in poller.poll(int(wait * 1000) + 1):
+                if fd == pidfd:
+                    poller.unregister(pidfd)
+                    exited_at = time.monotonic()
+                elif fd == in_fd:
+                    if ev & select.POLLOUT:
+                        try:
+                            in_off += os.write(in_fd, in_view[in_off : in_off + READ_CHUNK])
+                        except BlockingIOError:
+                            pass
+                        except OSError:
+                            in_off = len(in_view)
+                    elif ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                        in_off = len(in_view)
+                    if in_off >= len(in_view):
+                        close_stdin()
+                elif fd in bufs:
+                    try:
+                        data = os.read(fd, READ_CHUNK)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        poller.unregister(fd)
+                        open_outputs -= 1
+                        continue
+                    buf = bufs[fd]
+                    room = cap - len(buf)
+                    if room >= len(data):
+                        buf += data
+                    else:
+                        if room > 0:
+                            buf += data[:room]
+                        truncated[fd] = True
+            if pidfd is None and exited_at is None and proc.poll() is not None:
+                exited_at = time.monotonic()
+        close_stdin()
+        if timed_out:
+            _killpg(proc.pid)
+            proc.wait()
+        else:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _killpg(proc.pid)
+                proc.wait()
+    finally:
+        close_stdin()
+        if pidfd is not None:
+            os.close(pidfd)
+        proc.stdout.close()
+        proc.stderr.close()
+        if proc.returncode is None:
+            _killpg(proc.pid)
+            proc.wait()
+
+    return {
+        "stdout": bytes(bufs[out_fd]).decode("utf-8", "replace"),
+        "stderr": bytes(bufs[err_fd]).decode("utf-8", "replace"),
+        "exit_code": -9 if timed_out else proc.returncode,
+        "timed_out": timed_out,
+        "stdout_truncated": truncated[out_fd],
+        "stderr_truncated": truncated[err_fd],
+        "duration_ms": round((time.monotonic() - start) * 1000.0, 3),
+    }
+
+
+_NAMESPACE = {"__name__": "__main__", "__builtins__": builtins}
+_eval_counter = [0]
+_eval_lock = threading.Lock()
+_eval_sources = deque()
+
+
+def _eval_filename(code: str) -> str:
+    with _eval_lock:
+        _eval_counter[0] += 1
+        name = "<eval-%d>" % _eval_counter[0]
+        linecache.cache[name] = (len(code), None, code.splitlines(True), name)
+        _eval_sources.append(name)
+        while len(_eval_sources) > EVAL_SOURCES_KEPT:
+            linecache.cache.pop(_eval_sources.popleft(), None)
+    return name
+
+
+def _format_exc(e: BaseException, skip_first: bool) -> str:
+    tb = e.__traceback__
+    if skip_first and tb is not None:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(e), e, tb))
+
+
+def _exc_text(e: BaseException) -> str:
+    msg = str(e)
+    return "%s: %s" % (type(e).__name__, msg) if msg else type(e).__name__
+
+
+def op_eval(req: dict) -> dict:
+    code = _arg_str(req, "code", required=True)
+    filename = _eval_filename(code)
+    out = io.StringIO()
+    result = None
+    error = None
+    tb_text = None
+    # Compile: an expression first, else statements with an optional trailing expression.
+    body = None
+    tail = None
+    try:
+        try:
+            tail = compile(code, filename, "eval")
+        except SyntaxError:
+            tree = ast.parse(code, filename, "exec")
+            if tree.body and isinstance(tree.body[-1], ast.Expr):
+                last = tree.body.pop()
+                tail = compile(ast.Expression(body=last.value), filename, "eval")
+            body = compile(tree, filename, "exec")
+    except BaseException as e:  # SyntaxError, ValueError (null bytes), RecursionError, ...
+        error = _exc_text(e)
+        tb_text = _format_exc(e, skip_first=True)
+    if error is None:
+        _tls.buf = out
+        try:
+            if body is not None:
+                exec(body, _NAMESPACE)
+            if tail is not None:
+                result = repr(eval(tail, _NAMESPACE))
+        except BaseException as e:
+            error = _exc_text(e)
+            tb_text = _format_exc(e, skip_first=True)
+        finally:
+            _tls.buf = None
+    return {
+        "result": result if error is None else None,
+        "error": error,
+        "traceback": tb_text,
+        "exit_code": 0 if error is None else 1,
+        "stdout": out.getvalue(),
+    }
+
+
+def op_write_file(req: dict) -> dict:
+    path = _arg_path(req)
+    data = _arg_b64(req, "data_b64", required=True)
+    append = _arg_bool(req, "append", False)
+    mode = _arg_int(req, "mode", None)
+    if mode is not None and mode > 0o7777:
+        raise _bad("argument 'mode' must be a permission mode <= 0o7777")
+    if _arg_bool(req, "mkdirs", True):
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644 if mode is None else mode)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        if mode is not None:
+            os.fchmod(fd, mode)
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    return {"path": path, "size": size}
+
+
+def op_read_file(req: dict) -> dict:
+    path = _arg_path(req)
+    offset = _arg_int(req, "offset", 0)
+    limit = _arg_int(req, "limit", DEFAULT_READ_LIMIT)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if offset:
+            try:
+                os.lseek(fd, offset, os.SEEK_SET)
+            except OSError:
+                # Not seekable: skip forward by reading.
+                left = offset
+                while left > 0:
+                    skipped = os.read(fd, min(left, READ_CHUNK))
+                    if not skipped:
+                        break
+                    left -= len(skipped)
+        chunks = []
+        left = limit
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        truncated = False
+        if left <= 0:
+            truncated = bool(os.read(fd, 1))
+    finally:
+        os.close(fd)
+    return {
+        "path": path,
+        "data_b64": base64.b64encode(data).decode("ascii"),
+        "size": st.st_size,
+        "truncated": truncated,
+    }
+
+
+def _file_type(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISREG(mode):
+        return "file"
+    return "other"
+
+
+def op_list_files(req: dict) -> dict:
+    path = _arg_path(req)
+    entries = []
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        try:
+            st = os.lstat(full)
+        except FileNotFoundError:
+            continue  # removed meanwhile
+        entries.append(
+            {
+                "name": name,
+                "path": full,
+                "type": _file_type(st.st_mode),
+                "size": st.st_size,
+                "mode": stat.S_IMODE(st.st_mode),
+                "mtime": st.st_mtime,
+            }
+        )
+    return {"entries": entries}
+
+
+def op_remove_file(req: dict) -> dict:
+    path = _arg_path(req)
+    recursive = _arg_bool(req, "recursive", False)
+    st = os.lstat(path)
+    if stat.S_ISDIR(st.st_mode):
+        if recursive:
+            shutil.rmtree(path)
+        else:
+            os.rmdir(path)
+    else:
+        os.unlink(path)
+    return {"removed": True}
+
+
+def op_reseed(req: dict) -> dict:
+    data = _arg_b64(req, "entropy_b64", required=True)
+    if len(data) < 32:
+        raise _bad("reseed needs at least 32 bytes of entropy")
+    credited = 0
+    reseeded = False
+    fd = os.open("/dev/urandom", os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        try:
+            fcntl.ioctl(fd, RNDADDENTROPY, struct.pack("ii", len(data) * 8, len(data)) + data)
+            credited = len(data) * 8
+        except OSError:
+            os.write(fd, data)  # unprivileged: mixed in, not credited
+        if credited:
+            try:
+                fcntl.ioctl(fd, RNDRESEEDCRNG)
+                reseeded = True
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    # The host's bytes are mixed in too, so Python's generators diverge even if the kernel did not.
+    random.seed(os.urandom(32) + data)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        try:
+            seed = hashlib.sha256(os.urandom(32) + data).digest()[:4]
+            numpy.random.seed(int.from_bytes(seed, "little"))
+        except Exception as e:
+            _log("numpy reseed failed: %s" % e)
+    return {"credited_bits": credited, "reseeded": reseeded}
+
+
+OPS = {
+    "exec": op_exec,
+    "eval": op_eval,
+    "write_file": op_write_file,
+    "read_file": op_read_file,
+    "list_files": op_list_files,
+    "remove_file": op_remove_file,
+    "reseed": op_reseed,
+}
+
+
+# --------------------------------------------------------------------------- serving
+
+
+class Agent:
+    """The reader loop, session tracking and the single locked writer of one port."""
+
+    def __init__(self, fd: int, eof_exits: bool) -> None:
+        self.fd = fd
+        self.eof_exits = eof_exits
+        self.session = None
+        self.write_lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="forkd-op")
+
+    # -- writing
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                time.sleep(0.005)
+                continue
+            view = view[n:]
+
+    def send(self, resp: dict, session) -> None:
+        line = json.dumps(resp, separators=(",", ":")).encode("utf-8") + b"\n"
+        with self.write_lock:
+            if session != self.session:
+                return  # answered into a later connection: drop
+            try:
+                self._write_all(line)
+            except OSError as e:
+                _log("write failed: %s" % e)
+
+    # -- requests
+
+    def run_op(self, handler, req: dict, rid: str, session) -> None:
+        try:
+            resp = {"id": rid, "ok": True}
+            resp.update(handler(req))
+        except RequestError as e:
+            resp = {"id": rid, "ok": False, "error": str(e), "kind": e.kind}
+        except FileNotFoundError as e:
+            resp = {"id": rid, "ok": False, "error": str(e), "kind": "not_found"}
+        except OSError as e:
+            resp = {"id": rid, "ok": False, "error": str(e), "kind": "os_error"}
+        except BaseException as e:
+            _log("op %s failed: %s" % (req.get("op"), traceback.format_exc()))
+            resp = {"id": rid, "ok": False, "error": _exc_text(e), "kind": "internal"}
+        self.send(resp, session)
+
+    def handle_line(self, line: bytes) -> None:
+        line = line.strip()
+        if not line:
+            return
+        try:
+            req = json.loads(line)
+        except ValueError:
+            return
+        if not isinstance(req, dict):
+            return
+        rid = req.get("id")
+        if not isinstance(rid, str):
+            return
+        op = req.get("op")
+        if op == "hello":
+            session = req.get("session")
+            if not isinstance(session, str) or not session:
+                err = {"id": rid, "ok": False, "error": "hello needs a session"}
+                self.send(dict(err, kind="bad_request"), self.session)
+                return
+            resp = {
+                "id": rid,
+                "ok": True,
+                "version": AGENT_VERSION,
+                "pid": os.getpid(),
+                "ready": True,
+                "session": session,
+            }
+            line_out = b"\n" + json.dumps(resp, separators=(",", ":")).encode("utf-8") + b"\n"
+            with self.write_lock:
+                # Switch session and answer under one lock: no old answer can follow the hello.
+                self.session = session
+                try:
+                    self._write_all(line_out)
+                except OSError as e:
+                    _log("write failed: %s" % e)
+            return
+        session = self.session
+        if op == "ping":
+            self.send(dict(op_ping(req), id=rid, ok=True), session)
+            return
+        handler = OPS.get(op) if isinstance(op, str) else None
+        if handler is None:
+            self.send(
+                {"id": rid, "ok": False, "error": "unknown op %r" % (op,), "kind": "bad_request"},
+                session,
+            )
+            return
+        self.pool.submit(self.run_op, handler, req, rid, session)
+
+    def serve(self) -> None:
+        pending = bytearray()
+        dropping = False  # inside an over-long line: skip to its end
+        while True:
+            try:
+                chunk = os.read(self.fd, READ_CHUNK)
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if self.eof_exits:
+                    return
+                _log("read failed: %s" % e)
+                time.sleep(0.05)
+                continue
+            if not chunk:
+                if self.eof_exits:
+                    return
+                time.sleep(0.05)  # virtio port: host disconnected; wait for the next one
+                continue
+            start = 0
+            while True:
+                nl = chunk.find(b"\n", start)
+                if nl < 0:
+                    if not dropping:
+                        pending += chunk[start:]
+                        if len(pending) > MAX_LINE:
+                            pending = bytearray()
+                            dropping = True
+                    break
+                if dropping:
+                    dropping = False
+                elif pending:
+                    pending += chunk[start:nl]
+                    line = bytes(pending)
+                    pending = bytearray()
+                    self.handle_line(line)
+                else:
+                    self.handle_line(chunk[start:nl])
+                start = nl + 1
+
+
+def find_port(name: str, wait_s: float = 10.0) -> str:
+    deadline = time.monotonic() + wait_s
+    while True:
+        for name_file in sorted(glob.glob("/sys/class/virtio-ports/*/name")):
+            try:
+                with open(name_file) as f:
+                    found = f.read().strip()
+            except OSError:
+                continue
+            if found == name:
+                return "/dev/" + os.path.basename(os.path.dirname(name_file))
+        if time.monotonic() >= deadline:
+            raise RuntimeError("virtio-serial port %r not found" % name)
+        time.sleep(0.05)
+
+
+def open_device(path: str, wait_s: float = 10.0) -> int:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.EBUSY, errno.ENXIO):
+                raise
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
+def serve(args) -> int:
+    _install_capture()
+    sock = None  # kept referenced while serving
+    if args.connect_unix:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(args.connect_unix)
+        fd = sock.fileno()
+        eof_exits = True
+    else:
+        path = args.device or find_port(args.port_name)
+        fd = open_device(path)
+        eof_exits = False
+        _log("serving on %s (pid %d)" % (path, os.getpid()))
+    Agent(fd, eof_exits).serve()
+    if sock is not None:
+        sock.close()
+    return 0
+
+
+def run_init(args) -> None:
+    """PID 1: fork the serving agent, reap every child forever, restart the agent if it exits."""
+    os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    os.environ.setdefault("HOME", "/root")
+    agent_pid = 0
+    while True:
+        if agent_pid == 0:
+            try:
+                agent_pid = os.fork()
+            except OSError as e:
+                _log("fork failed: %s" % e)
+                time.sleep(1.0)
+                continue
+            if agent_pid == 0:
+                code = 1
+                try:
+                    os.setsid()
+                    code = serve(args)
+                except BaseException:
+                    _log("agent crashed: %s" % traceback.format_exc())
+                finally:
+                    os._exit(code)
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            agent_pid = 0
+            continue
+        except Exception as e:
+            _log("wait failed: %s" % e)
+            time.sleep(0.1)
+            continue
+        if pid == agent_pid:
+            _log("agent exited (status %d); restarting" % status)
+            agent_pid = 0
+            time.sleep(0.5)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="forkd guest agent")
+    parser.add_argument("--port-name", default=DEFAULT_PORT_NAME)
+    parser.add_argument("--device", help="open this port device instead of looking it up")
+    parser.add_argument(
+        "--connect-unix", metavar="PATH", help="test mode: serve over a unix socket client"
+    )
+    parser.add_argument("--init", action="store_true", help="run as PID 1 (reap, restart)")
+    args = parser.parse_args(argv)
+    if args.init:
+        run_init(args)
+        return 0
+    try:
+        code = serve(args)
+    except Exception:
+        _log("agent failed: %s" % traceback.format_exc())
+        code = 1
+    for stream in (sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)  # do not wait for worker threads still running user code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Guest images: kernel, initramfs and read-only root image, content-addressed."""

@@ -1,0 +1,1 @@
+"""The engine: registry of sandboxes and snapshots, spawn/fork/branch/kill, reconcile."""

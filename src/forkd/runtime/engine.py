@@ -1,0 +1,523 @@
+"""The forkd engine: snapshots and sandboxes, spawn (fork) / kill / agent calls / reconcile.
+
+One ``Runtime`` per process. The daemon keeps one for its lifetime (``watch=True``: QEMU exits
+are noticed at once through pidfds); a local CLI command makes one per invocation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from forkd import wire
+from forkd.config import DEFAULT_IMAGE, DEFAULT_MEM_MIB, Settings
+from forkd.errors import (
+    AgentError,
+    Conflict,
+    ForkdError,
+    InvalidInput,
+    NotFound,
+    SandboxDead,
+    Unavailable,
+)
+from forkd.images.store import ImageStore
+from forkd.runtime.registry import Registry, SandboxRow, SnapshotRow, now_unix
+from forkd.snapshots.manifest import SnapshotManifest
+from forkd.snapshots.store import SnapshotStore, bootability
+from forkd.snapshots.template import TemplateRequest, make_template
+from forkd.validate import (
+    validate_count,
+    validate_image_name,
+    validate_mem_mib,
+    validate_sandbox_id,
+    validate_tag,
+)
+from forkd.vmm.accel import AccelChoice, detect_accel
+from forkd.vmm.agent_client import AgentClient, AgentSocket
+from forkd.vmm.qemu import QemuProcess, pid_runs_in
+from forkd.vmm.spec import RunPaths, instance_args
+
+AGENT_CONNECT_TIMEOUT_S = 10.0
+CHILD_HANDSHAKE_TIMEOUT_S = 60.0
+MAX_PARALLEL_LAUNCHES = 16
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class ForkTiming:
+    """Per-phase times of one child, in milliseconds."""
+
+    qemu_up_ms: float
+    restore_ms: float
+    agent_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class Spawned:
+    sandbox: wire.SandboxInfo
+    timing: ForkTiming
+
+
+class Runtime:
+    """Registry plus the operations on snapshots and sandboxes."""
+
+    def __init__(self, settings: Settings, *, watch: bool = False) -> None:
+        self.settings = settings
+        self.registry = Registry(settings.db_path)
+        self.snapshots = SnapshotStore(settings)
+        self.images = ImageStore(settings)
+        self.accel: AccelChoice = detect_accel(settings.accel)
+        self._watch = watch
+        self._agents: dict[str, AgentClient] = {}
+        self._agent_locks: dict[str, asyncio.Lock] = {}
+        self._pidfds: dict[str, int] = {}
+        self._launch_gate = asyncio.Semaphore(MAX_PARALLEL_LAUNCHES)
+        self._background: set[asyncio.Future[None]] = set()
+        self.on_sandbox_death: Callable[[str, str], None] | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Sweep unfinished snapshots, adopt what still runs, mark the rest dead."""
+        self.settings.run_dir.mkdir(parents=True, exist_ok=True)
+        self.snapshots.sweep_staging()
+        known = {row.tag for row in self.registry.list_snapshots()}
+        for row in self.registry.list_snapshots():
+            if row.status == "writing":
+                self._fail_snapshot(row, "forkd stopped while this snapshot was being written")
+        for tag in self.snapshots.tags_on_disk():
+            if tag not in known:
+                manifest = self.snapshots.load(tag)
+                self.registry.put_snapshot(_row_from_manifest(manifest))
+        for sb in self.registry.list_sandboxes():
+            if sb.state == "dead":
+                continue
+            paths = RunPaths(Path(sb.run_dir))
+            if not pid_runs_in(sb.pid, paths):
+                self._mark_dead(sb.id, "QEMU process is gone (found at start-up)")
+            elif self._watch:
+                self._watch_pid(sb.id, sb.pid)
+
+    async def close(self, *, kill_sandboxes: bool = False) -> None:
+        for sandbox_id in list(self._agents):
+            await self._drop_agent(sandbox_id)
+        for sandbox_id in list(self._pidfds):
+            self._unwatch(sandbox_id)
+        if kill_sandboxes:
+            for sb in self.registry.list_sandboxes():
+                await self.kill(sb.id)
+        self.registry.close()
+
+    # --- snapshots -------------------------------------------------------------------------
+
+    def list_snapshots(self) -> list[wire.SnapshotInfo]:
+        return [self._snapshot_info(row) for row in self.registry.list_snapshots()]
+
+    def get_snapshot(self, tag: str) -> wire.SnapshotInfo:
+        return self._snapshot_info(self._snapshot_row(tag))
+
+    def snapshot_detail(self, tag: str) -> wire.SnapshotDetail:
+        row = self._snapshot_row(tag)
+        info = self._snapshot_info(row)
+        ancestors: list[str] = []
+        parent = row.parent_tag
+        while parent and parent not in ancestors:
+            ancestors.append(parent)
+            prow = self.registry.get_snapshot(parent)
+            parent = prow.parent_tag if prow else None
+        detail = wire.SnapshotDetail(
+            **info.model_dump(),
+            chain_depth=len(ancestors),
+            ancestors=ancestors,
+            dependents=self._dependents(tag),
+        )
+        if self.snapshots.exists(tag):
+            m = self.snapshots.load(tag)
+            detail.memory_bytes = m.memory.bytes
+            detail.devstate_bytes = m.devstate.bytes
+            detail.memory_path = m.memory.path
+        return detail
+
+    async def create_snapshot(
+        self,
+        tag: str,
+        *,
+        image: str = DEFAULT_IMAGE,
+        mem_mib: int = DEFAULT_MEM_MIB,
+        warmup: str | None = None,
+        progress: Progress = _quiet,
+    ) -> wire.SnapshotInfo:
+        """Boot a parent from ``image``, warm it with ``warmup``, and save template ``tag``."""
+        validate_tag(tag)
+        validate_image_name(image)
+        validate_mem_mib(mem_mib)
+        built = self.images.get(image)
+        row = SnapshotRow(tag=tag, status="writing", created_at_unix=now_unix(),
+                          extra={"image": image, "mem_mib": mem_mib})  # fmt: skip
+        if self.snapshots.exists(tag) or not self.registry.reserve_snapshot(row):
+            raise Conflict(
+                f"snapshot {tag!r} already exists: delete it first or choose another tag"
+            )
+        try:
+            req = TemplateRequest(tag, image, built, mem_mib, warmup, self.accel)
+            manifest = await make_template(self.snapshots, self.settings.run_dir, req, progress)
+        except BaseException:
+            self.registry.delete_snapshot(tag)
+            raise
+        ready = _row_from_manifest(manifest)
+        self.registry.put_snapshot(ready)
+        return self._snapshot_info(ready)
+
+    async def delete_snapshot(
+        self, tag: str, *, cascade: bool = False, force: bool = False
+    ) -> None:
+        validate_tag(tag)
+        if cascade and force:
+            raise InvalidInput("use either cascade or force, not both")
+        row = self.registry.get_snapshot(tag)
+        if row is None and not self.snapshots.exists(tag):
+            raise NotFound(f"snapshot {tag!r} not found")
+        if row is not None and row.status == "writing":
+            raise Conflict(f"snapshot {tag!r} is still being written; wait for it to finish")
+        dependents = self._dependents(tag)
+        if dependents and not (cascade or force):
+            raise Conflict(
+                f"snapshot {tag!r} has dependent snapshots {', '.join(dependents)}: pass "
+                "cascade=true to delete them too, or force=true to delete only this one"
+            )
+        if cascade:
+            for dep in dependents:
+                await self.delete_snapshot(dep, cascade=True)
+        self.snapshots.delete(tag)
+        self.registry.delete_snapshot(tag)
+
+    def _dependents(self, tag: str) -> list[str]:
+        return [r.tag for r in self.registry.list_snapshots() if r.parent_tag == tag]
+
+    def _snapshot_row(self, tag: str) -> SnapshotRow:
+        validate_tag(tag)
+        row = self.registry.get_snapshot(tag)
+        if row is None:
+            raise NotFound(f"snapshot {tag!r} not found")
+        return row
+
+    def _snapshot_info(self, row: SnapshotRow) -> wire.SnapshotInfo:
+        bootable = False
+        if row.status == "ready" and self.snapshots.exists(row.tag):
+            manifest = self.snapshots.load(row.tag)
+            bootable = bootability(manifest, self.snapshots.devstate_path(row.tag)) is None
+        extra = dict(row.extra)
+        return wire.SnapshotInfo(
+            tag=row.tag,
+            dir=str(self.snapshots.dir_of(row.tag)),
+            created_at_unix=row.created_at_unix,
+            branched_from=row.branched_from,
+            parent_tag=row.parent_tag,
+            mode=row.mode,  # type: ignore[arg-type]
+            status=row.status,  # type: ignore[arg-type]
+            bootable=bootable,
+            error=row.error,
+            **{k: v for k, v in extra.items() if k in wire.SnapshotInfo.model_fields},
+        )
+
+    def _fail_snapshot(self, row: SnapshotRow, reason: str) -> None:
+        row.status, row.error = "failed", reason
+        self.registry.put_snapshot(row)
+        self.snapshots.delete(row.tag)
+
+    def _ready_manifest(self, tag: str) -> SnapshotManifest:
+        row = self._snapshot_row(tag)
+        if row.status != "ready":
+            detail = f": {row.error}" if row.error else ""
+            raise Conflict(f"snapshot {tag!r} is not ready (status {row.status}{detail})")
+        manifest = self.snapshots.load(tag)
+        reason = bootability(manifest, self.snapshots.devstate_path(tag))
+        if reason is not None:
+            raise Conflict(f"snapshot {tag!r} is not bootable: {reason}")
+        return manifest
+
+    # --- sandboxes -------------------------------------------------------------------------
+
+    def list_sandboxes(self, *, include_dead: bool = False) -> list[wire.SandboxInfo]:
+        out = []
+        for row in self.registry.list_sandboxes():
+            row = self._refresh(row)
+            if include_dead or row.state != "dead":
+                out.append(_sandbox_info(row))
+        return out
+
+    def get_sandbox(self, sandbox_id: str) -> wire.SandboxInfo:
+        return _sandbox_info(self._refresh(self._sandbox_row(sandbox_id)))
+
+    async def spawn(
+        self, tag: str, n: int = 1, *, memory_limit_mib: int | None = None
+    ) -> list[Spawned]:
+        """Fork ``n`` children from template ``tag``: all start, or none is left running."""
+        validate_tag(tag)
+        validate_count(n)
+        if memory_limit_mib is not None and (
+            isinstance(memory_limit_mib, bool) or not 64 <= memory_limit_mib <= 1 << 20
+        ):
+            raise InvalidInput(
+                f"memory_limit_mib must be between 64 and 1048576, got {memory_limit_mib}"
+            )
+        manifest = self._ready_manifest(tag)
+        running = sum(1 for r in self.registry.list_sandboxes() if r.state != "dead")
+        if running + n > self.settings.max_sandboxes:
+            raise Unavailable(
+                f"sandbox limit reached: {running} running + {n} requested > max "
+                f"{self.settings.max_sandboxes} (--max-sandboxes)"
+            )
+        results = await asyncio.gather(
+            *(self._fork_one(tag, manifest, memory_limit_mib) for _ in range(n)),
+            return_exceptions=True,
+        )
+        spawned = [r for r in results if isinstance(r, Spawned)]
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            for s in spawned:
+                await self.kill(s.sandbox.id)
+            raise errors[0]
+        return spawned
+
+    async def _fork_one(
+        self, tag: str, manifest: SnapshotManifest, memory_limit_mib: int | None
+    ) -> Spawned:
+        sandbox_id = "sb-" + secrets.token_hex(6)
+        paths = RunPaths(self.settings.run_dir / sandbox_id)
+        argv = instance_args(
+            manifest.machine_args, mem_mib=manifest.mem_mib, memory_path=Path(manifest.memory.path),
+            share=False, paths=paths, incoming=True,
+        )  # fmt: skip
+        qemu: QemuProcess | None = None
+        sock: AgentSocket | None = None
+        agent: AgentClient | None = None
+        async with self._launch_gate:
+            t0 = time.monotonic()
+            try:
+                qemu = await QemuProcess.launch(argv, paths)
+                self.registry.put_sandbox(SandboxRow(
+                    id=sandbox_id, snapshot_tag=tag, pid=qemu.pid, run_dir=str(paths.dir),
+                    created_at_unix=now_unix(), state="starting", memory_limit_mib=memory_limit_mib,
+                ))  # fmt: skip
+                t1 = time.monotonic()
+                # Connected before the guest runs: the restored agent is blocked in read() and
+                # answers as soon as the VM continues.
+                sock = await AgentClient.open(paths.agent, timeout=AGENT_CONNECT_TIMEOUT_S)
+                await qemu.load_device_state(self.snapshots.devstate_path(tag))
+                await qemu.cont()
+                await qemu.close_qmp()
+                t2 = time.monotonic()
+                agent = await sock.handshake(timeout=CHILD_HANDSHAKE_TIMEOUT_S)
+                await agent.reseed(os.urandom(64))
+                t3 = time.monotonic()
+            except BaseException as exc:
+                if agent is not None:
+                    await agent.close()
+                elif sock is not None:
+                    await sock.close()
+                if qemu is not None:
+                    await qemu.terminate()
+                self.registry.delete_sandbox(sandbox_id)
+                shutil.rmtree(paths.dir, ignore_errors=True)
+                if isinstance(exc, ForkdError):
+                    raise
+                raise AgentError(f"fork from {tag!r} failed: {exc}") from exc
+        row = self._sandbox_row(sandbox_id)
+        row.state = "running"
+        self.registry.put_sandbox(row)
+        self._agents[sandbox_id] = agent
+        if self._watch:
+            self._watch_pid(sandbox_id, qemu.pid)
+        timing = ForkTiming(
+            qemu_up_ms=(t1 - t0) * 1000, restore_ms=(t2 - t1) * 1000,
+            agent_ms=(t3 - t2) * 1000, total_ms=(t3 - t0) * 1000,
+        )  # fmt: skip
+        return Spawned(_sandbox_info(row), timing)
+
+    async def kill(self, sandbox_id: str) -> None:
+        """Stop the sandbox's QEMU and remove its run dir and record."""
+        row = self._sandbox_row(sandbox_id)
+        await self._drop_agent(sandbox_id)
+        self._unwatch(sandbox_id)
+        paths = RunPaths(Path(row.run_dir))
+        if pid_runs_in(row.pid, paths):
+            await QemuProcess(row.pid, paths).terminate()
+        shutil.rmtree(paths.dir, ignore_errors=True)
+        self.registry.delete_sandbox(sandbox_id)
+
+    # --- agent calls -----------------------------------------------------------------------
+
+    async def ping(self, sandbox_id: str) -> dict[str, object]:
+        return await (await self.agent(sandbox_id)).ping()
+
+    async def exec(
+        self,
+        sandbox_id: str,
+        args: list[str],
+        *,
+        timeout_s: float | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+    ) -> wire.ExecResponse:
+        if not args or not all(isinstance(a, str) for a in args):
+            raise InvalidInput("args must be a non-empty list of strings")
+        if not args[0]:
+            raise InvalidInput("args[0] (the program) must not be empty")
+        timeout = self.settings.default_exec_timeout_s if timeout_s is None else timeout_s
+        if not 0 < timeout <= self.settings.max_exec_timeout_s:
+            raise InvalidInput(
+                f"timeout must be in (0, {self.settings.max_exec_timeout_s:g}] seconds, "
+                f"got {timeout:g}"
+            )
+        agent = await self.agent(sandbox_id)
+        r = await agent.exec(
+            args, env=env, cwd=cwd, stdin=stdin, timeout=timeout,
+            max_output=self.settings.exec_output_cap_bytes,
+        )  # fmt: skip
+        return wire.ExecResponse(**dataclasses.asdict(r))
+
+    async def eval(self, sandbox_id: str, code: str) -> wire.EvalResponse:
+        if not isinstance(code, str):
+            raise InvalidInput("code must be a string")
+        r = await (await self.agent(sandbox_id)).eval(code)
+        return wire.EvalResponse(**dataclasses.asdict(r))
+
+    async def read_file(self, sandbox_id: str, path: str) -> bytes:
+        return await (await self.agent(sandbox_id)).read_file(_guest_path(path))
+
+    async def write_file(self, sandbox_id: str, path: str, data: bytes) -> int:
+        return await (await self.agent(sandbox_id)).write_file(_guest_path(path), data)
+
+    async def list_files(self, sandbox_id: str, path: str) -> list[dict[str, object]]:
+        return await (await self.agent(sandbox_id)).list_files(_guest_path(path))
+
+    async def remove_file(self, sandbox_id: str, path: str, *, recursive: bool = False) -> None:
+        await (await self.agent(sandbox_id)).remove_file(_guest_path(path), recursive=recursive)
+
+    async def agent(self, sandbox_id: str) -> AgentClient:
+        """The (cached) agent connection of a running sandbox."""
+        row = self._refresh(self._sandbox_row(sandbox_id))
+        if row.state == "dead":
+            raise SandboxDead(f"sandbox {sandbox_id} is dead: {row.dead_reason}")
+        client = self._agents.get(sandbox_id)
+        if client is not None and not client.closed:
+            return client
+        lock = self._agent_locks.setdefault(sandbox_id, asyncio.Lock())
+        async with lock:
+            client = self._agents.get(sandbox_id)
+            if client is None or client.closed:
+                try:
+                    client = await AgentClient.connect(
+                        RunPaths(Path(row.run_dir)).agent, timeout=AGENT_CONNECT_TIMEOUT_S
+                    )
+                except AgentError as exc:
+                    raise AgentError(
+                        f"agent of sandbox {sandbox_id} not reachable ({exc}); is another forkd "
+                        "process (a daemon?) connected to it?"
+                    ) from exc
+                self._agents[sandbox_id] = client
+        return client
+
+    async def _drop_agent(self, sandbox_id: str) -> None:
+        client = self._agents.pop(sandbox_id, None)
+        if client is not None:
+            await client.close()
+
+    # --- liveness --------------------------------------------------------------------------
+
+    def _sandbox_row(self, sandbox_id: str) -> SandboxRow:
+        validate_sandbox_id(sandbox_id)
+        row = self.registry.get_sandbox(sandbox_id)
+        if row is None:
+            raise NotFound(f"sandbox {sandbox_id!r} not found")
+        return row
+
+    def _refresh(self, row: SandboxRow) -> SandboxRow:
+        """Notice a QEMU that died behind our back (cheap: one /proc read)."""
+        if row.state != "dead" and not pid_runs_in(row.pid, RunPaths(Path(row.run_dir))):
+            self._mark_dead(row.id, "QEMU process exited (killed or crashed)")
+            row.state, row.dead_reason = "dead", "QEMU process exited (killed or crashed)"
+        return row
+
+    def _mark_dead(self, sandbox_id: str, reason: str) -> None:
+        self.registry.mark_dead(sandbox_id, reason)
+        client = self._agents.pop(sandbox_id, None)
+        if client is not None:
+            # Fails every pending request at once instead of letting it hang.
+            task = asyncio.ensure_future(client.close())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        self._unwatch(sandbox_id)
+        if self.on_sandbox_death is not None:
+            self.on_sandbox_death(sandbox_id, reason)
+
+    def _watch_pid(self, sandbox_id: str, pid: int) -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._mark_dead(sandbox_id, "QEMU process exited (killed or crashed)")
+            return
+        self._pidfds[sandbox_id] = fd
+        asyncio.get_running_loop().add_reader(
+            fd, self._mark_dead, sandbox_id, "QEMU process exited (killed or crashed)"
+        )
+
+    def _unwatch(self, sandbox_id: str) -> None:
+        fd = self._pidfds.pop(sandbox_id, None)
+        if fd is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(fd)
+            os.close(fd)
+
+
+def _guest_path(path: str) -> str:
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+        raise InvalidInput(f"path must be an absolute path inside the sandbox, got {path!r}")
+    return path
+
+
+def _sandbox_info(row: SandboxRow) -> wire.SandboxInfo:
+    return wire.SandboxInfo(
+        id=row.id,
+        snapshot_tag=row.snapshot_tag,
+        created_at_unix=row.created_at_unix,
+        pid=row.pid,
+        memory_limit_mib=row.memory_limit_mib,
+        has_branched=row.branch_count > 0,
+        last_branch_memory_path=row.last_branch_memory_path,
+        branch_count=row.branch_count,
+        state="dead" if row.state == "dead" else "running",
+        dead_reason=row.dead_reason,
+    )
+
+
+def _row_from_manifest(m: SnapshotManifest) -> SnapshotRow:
+    extra: dict[str, object] = {"image": m.image_name, "mem_mib": m.mem_mib}
+    for key in ("pause_ms", "total_ms", "diff_ms"):
+        if key in m.timings_ms:
+            extra[key] = m.timings_ms[key]
+    return SnapshotRow(
+        tag=m.tag,
+        status="ready",
+        created_at_unix=m.created_at_unix,
+        branched_from=m.branched_from,
+        parent_tag=m.parent_tag,
+        mode=m.mode,
+        extra=extra,
+    )

@@ -1,0 +1,1 @@
+"""Templates on disk: layout, manifest, hashes, bootability, make, branch strategies."""

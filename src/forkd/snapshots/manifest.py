@@ -1,0 +1,47 @@
+"""The on-disk manifest of a snapshot (``snapshots/<tag>/manifest.json``).
+
+Written last and atomically: a directory without a manifest is never a usable snapshot.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+class Artifact(BaseModel):
+    """One file of a snapshot with its size and content hash."""
+
+    path: str
+    bytes: int
+    sha256: str | None = None
+
+
+class SnapshotManifest(BaseModel):
+    version: int = MANIFEST_VERSION
+    tag: str
+    created_at_unix: int
+    kind: Literal["template", "branch"] = "template"
+    # where memory is authoritative: tmpfs (fast, lost on host reboot)
+    memory_authoritative: Literal["tmpfs"] = "tmpfs"
+    memory: Artifact
+    devstate: Artifact
+    mem_mib: int
+    machine_args: list[str]
+    accel: str
+    qemu_version: str
+    image_name: str | None = None
+    image_digest: str | None = None
+    kernel: str
+    initrd: str
+    rootfs: str
+    warmup: str | None = None
+    # lineage (branches)
+    branched_from: str | None = None
+    parent_tag: str | None = None
+    mode: Literal["full", "diff", "live"] | None = None
+    timings_ms: dict[str, float] = Field(default_factory=dict)

@@ -1,0 +1,138 @@
+"""Snapshot layout on disk and the atomic commit that makes a snapshot exist.
+
+``snapshots/<tag>/`` holds ``manifest.json`` and ``devstate``; guest memory lives on tmpfs at
+``<memory_dir>/<tag>.mem`` (shmem is required for copy-on-write mapping and live BRANCH).
+A snapshot is built in a staging dir and renamed into place only once the manifest is written, so
+a crash mid-way leaves staging debris (swept on start), never a half snapshot that looks usable.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from forkd.config import Settings
+from forkd.errors import Conflict, NotFound
+from forkd.snapshots.manifest import MANIFEST_NAME, SnapshotManifest
+from forkd.validate import validate_tag
+
+DEVSTATE_NAME = "devstate"
+STAGING_PREFIX = ".staging-"
+
+
+@dataclass(frozen=True)
+class Staging:
+    """Where a snapshot under construction writes its files."""
+
+    tag: str
+    dir: Path
+    memory: Path
+
+    @property
+    def devstate(self) -> Path:
+        return self.dir / DEVSTATE_NAME
+
+
+class SnapshotStore:
+    def __init__(self, settings: Settings) -> None:
+        self.root = settings.snapshots_dir
+        self.memory_root = settings.memory_dir
+
+    def dir_of(self, tag: str) -> Path:
+        return self.root / validate_tag(tag)
+
+    def memory_of(self, tag: str) -> Path:
+        return self.memory_root / f"{validate_tag(tag)}.mem"
+
+    def exists(self, tag: str) -> bool:
+        return (self.dir_of(tag) / MANIFEST_NAME).is_file()
+
+    def load(self, tag: str) -> SnapshotManifest:
+        path = self.dir_of(tag) / MANIFEST_NAME
+        if not path.is_file():
+            raise NotFound(f"snapshot {tag!r} not found")
+        return SnapshotManifest.model_validate_json(path.read_text())
+
+    def devstate_path(self, tag: str) -> Path:
+        return self.dir_of(tag) / DEVSTATE_NAME
+
+    def begin(self, tag: str) -> Staging:
+        """Reserve a staging area for ``tag``; refuse if the tag already exists."""
+        if self.exists(tag):
+            raise Conflict(
+                f"snapshot {tag!r} already exists: delete it first or choose another tag"
+            )
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.memory_root.mkdir(parents=True, exist_ok=True)
+        suffix = secrets.token_hex(4)
+        staging_dir = self.root / f"{STAGING_PREFIX}{tag}-{suffix}"
+        staging_dir.mkdir()
+        return Staging(tag, staging_dir, self.memory_root / f"{STAGING_PREFIX}{tag}-{suffix}.mem")
+
+    def commit(self, staging: Staging, manifest: SnapshotManifest) -> SnapshotManifest:
+        """Move memory and the staging dir into place; the manifest is written last."""
+        final_dir = self.dir_of(staging.tag)
+        final_mem = self.memory_of(staging.tag)
+        if final_dir.exists():
+            raise Conflict(f"snapshot {staging.tag!r} already exists")
+        os.replace(staging.memory, final_mem)
+        manifest = manifest.model_copy(
+            update={"memory": manifest.memory.model_copy(update={"path": str(final_mem)})}
+        )
+        tmp = staging.dir / (MANIFEST_NAME + ".tmp")
+        tmp.write_text(manifest.model_dump_json(indent=2))
+        os.replace(tmp, staging.dir / MANIFEST_NAME)
+        os.rename(staging.dir, final_dir)
+        return manifest
+
+    def abort(self, staging: Staging) -> None:
+        shutil.rmtree(staging.dir, ignore_errors=True)
+        staging.memory.unlink(missing_ok=True)
+
+    def delete(self, tag: str) -> None:
+        """Remove a snapshot's files (memory first, so a half-deleted one is unbootable)."""
+        self.memory_of(tag).unlink(missing_ok=True)
+        shutil.rmtree(self.dir_of(tag), ignore_errors=True)
+
+    def sweep_staging(self) -> list[str]:
+        """Delete leftovers of snapshots whose construction never finished."""
+        removed: list[str] = []
+        for root in (self.root, self.memory_root):
+            if not root.is_dir():
+                continue
+            for entry in root.iterdir():
+                if entry.name.startswith(STAGING_PREFIX):
+                    if entry.is_dir():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
+                    removed.append(entry.name)
+        return removed
+
+    def tags_on_disk(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / MANIFEST_NAME).is_file())
+
+
+def bootability(manifest: SnapshotManifest, devstate: Path) -> str | None:
+    """None if children can fork from this snapshot, else the reason they cannot."""
+    if not devstate.is_file():
+        return f"device-state file {devstate} is gone"
+    mem = Path(manifest.memory.path)
+    if not mem.is_file():
+        return f"memory file {mem} is gone (tmpfs cleared by a reboot?)"
+    if mem.stat().st_size != manifest.memory.bytes:
+        size = mem.stat().st_size
+        return f"memory file {mem} has {size} bytes, manifest says {manifest.memory.bytes}"
+    for label, path in (
+        ("kernel", manifest.kernel),
+        ("initrd", manifest.initrd),
+        ("root image", manifest.rootfs),
+    ):
+        if not Path(path).is_file():
+            return f"{label} {path} is gone (image removed?)"
+    return None

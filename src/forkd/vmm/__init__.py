@@ -1,0 +1,1 @@
+"""One QEMU process: machine spec -> argv, start, QMP, migrate, stop, kill."""

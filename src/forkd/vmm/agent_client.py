@@ -1,0 +1,451 @@
+"""Host side of the guest agent protocol (docs/agent-protocol.md).
+
+One :class:`AgentClient` is one connection to a VM's ``agent.sock`` (QEMU's chardev for the
+virtio-serial port). The connection starts with ``hello`` and a fresh session; responses are
+matched to requests by id (``<session>-<n>``) and anything else, including answers the agent gave
+to an earlier connection, is ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from forkd.errors import AgentError, InvalidInput, NotFound
+
+# A read_file answer of the default 64 MiB limit is ~90 MB of base64 on one line.
+MAX_LINE_BYTES = 256 << 20
+EXEC_TIMEOUT_MARGIN_S = 10.0
+HELLO_RESEND_S = 1.0
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """Outcome of an ``exec`` request."""
+
+    stdout: str
+    stderr: str
+    exit_code: int
+    timed_out: bool
+    stdout_truncated: bool
+    stderr_truncated: bool
+    duration_ms: float
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Outcome of an ``eval`` request; ``error`` is ``"ExcType: message"`` when it raised."""
+
+    result: str | None
+    error: str | None
+    traceback: str | None
+    exit_code: int
+    stdout: str
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _encode(msg: Mapping[str, Any]) -> bytes:
+    return json.dumps(msg, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def _parse(line: bytes) -> dict[str, Any] | None:
+    line = line.strip()
+    if not line:
+        return None
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _raise_for(op: str, resp: dict[str, Any]) -> None:
+    if resp.get("ok") is True:
+        return
+    message = str(resp.get("error") or f"agent {op} failed")
+    kind = resp.get("kind")
+    if kind == "not_found":
+        raise NotFound(message)
+    if kind == "bad_request":
+        raise InvalidInput(message)
+    raise AgentError(f"agent {op}: {message}")
+
+
+class AgentClient:
+    """One connection to a guest agent; requests may be issued concurrently."""
+
+    def __init__(
+        self,
+        socket_path: Path,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        session: str,
+        hello: dict[str, Any],
+    ) -> None:
+        self.socket_path = socket_path
+        self.session = session
+        self.hello = hello
+        self._reader = reader
+        self._writer = writer
+        self._next_id = 1
+        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._closed = False
+        self._close_reason = "agent client closed"
+        self._unknown_responses = 0
+        self._junk_lines = 0
+        self._reader_task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
+            self._read_loop(), name=f"agent-reader-{session}"
+        )
+
+    # ----------------------------------------------------------------- connecting
+
+    @classmethod
+    async def open(cls, socket_path: Path, *, timeout: float = 10.0) -> AgentSocket:
+        """Connect the socket only; call :meth:`AgentSocket.handshake` once the guest runs.
+
+        Connecting before a restored VM continues means the agent, which was blocked in read()
+        when the template was saved, answers as soon as it runs.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(
+                    str(socket_path), limit=MAX_LINE_BYTES
+                )
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                if loop.time() >= deadline:
+                    raise AgentError(
+                        f"cannot connect to agent socket {socket_path} within {timeout:g} s: {e}"
+                    ) from e
+                await asyncio.sleep(0.05)
+            except OSError as e:
+                raise AgentError(f"cannot connect to agent socket {socket_path}: {e}") from e
+
+        return AgentSocket(Path(socket_path), reader, writer)
+
+    @classmethod
+    async def connect(cls, socket_path: Path, *, timeout: float = 10.0) -> AgentClient:
+        """Connect to ``socket_path`` and say hello; :class:`AgentError` if not done in time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        sock = await cls.open(socket_path, timeout=timeout)
+        return await sock.handshake(timeout=max(0.1, deadline - loop.time()))
+
+    # ----------------------------------------------------------------- state
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def unknown_responses(self) -> int:
+        """Well-formed responses ignored because this connection did not send their id."""
+        return self._unknown_responses
+
+    @property
+    def junk_lines(self) -> int:
+        """Non-empty lines ignored because they were not JSON objects."""
+        return self._junk_lines
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._shutdown("agent client closed")
+        self._reader_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._reader_task
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            await self._writer.wait_closed()
+
+    async def __aenter__(self) -> AgentClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _shutdown(self, reason: str) -> None:
+        """Mark closed and fail every pending request at once."""
+        self._closed = True
+        self._close_reason = reason
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(AgentError(reason))
+        self._writer.close()
+
+    async def _read_loop(self) -> None:
+        reason = "agent connection lost"
+        try:
+            while True:
+                try:
+                    line = await self._reader.readline()
+                except ValueError:  # over-long line, already discarded by the stream
+                    self._junk_lines += 1
+                    continue
+                if not line:
+                    break
+                msg = _parse(line)
+                if msg is None:
+                    if line.strip():
+                        self._junk_lines += 1
+                    continue
+                rid = msg.get("id")
+                fut = self._pending.pop(rid, None) if isinstance(rid, str) else None
+                if fut is None:
+                    self._unknown_responses += 1
+                    continue
+                if not fut.done():
+                    fut.set_result(msg)
+        except asyncio.CancelledError:
+            reason = self._close_reason
+            raise
+        except OSError as e:
+            reason = f"agent connection lost: {e}"
+        finally:
+            if not self._closed:
+                self._shutdown(reason)
+
+    # ----------------------------------------------------------------- requests
+
+    async def request(
+        self, op: str, *, timeout: float | None = None, **args: Any
+    ) -> dict[str, Any]:
+        """Send ``op`` with ``args`` and return the successful response.
+
+        ``timeout`` bounds the wait for the answer (None: wait until answered or disconnected).
+        An argument literally named ``timeout`` (``exec``'s) must go through :meth:`call`.
+        """
+        return await self.call(op, args, timeout=timeout)
+
+    async def call(
+        self, op: str, args: Mapping[str, Any], *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Like :meth:`request`, with the protocol arguments given as a mapping."""
+        if self._closed:
+            raise AgentError(self._close_reason)
+        rid = f"{self.session}-{self._next_id}"
+        self._next_id += 1
+        msg: dict[str, Any] = dict(args)
+        msg["id"] = rid
+        msg["op"] = op
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            try:
+                self._writer.write(_encode(msg))
+                await self._writer.drain()
+            except (OSError, RuntimeError) as e:
+                fut.cancel()  # failed here; _shutdown fails the other pending requests
+                self._shutdown(f"agent connection lost: {e}")
+                raise AgentError(f"agent connection lost: {e}") from e
+            try:
+                resp = await asyncio.wait_for(fut, timeout)
+            except TimeoutError:
+                raise AgentError(f"agent {op} timed out after {timeout:g} s") from None
+        finally:
+            self._pending.pop(rid, None)
+        _raise_for(op, resp)
+        return resp
+
+    async def ping(self, *, timeout: float | None = 5.0) -> dict[str, Any]:
+        return await self.call("ping", {}, timeout=timeout)
+
+    async def exec(
+        self,
+        argv: list[str] | None = None,
+        *,
+        cmd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        timeout: float = 30.0,
+        max_output: int = 1 << 20,
+    ) -> ExecResult:
+        """Run ``argv`` (or ``cmd`` through ``/bin/sh -c``) in the guest."""
+        if (argv is None) == (cmd is None):
+            raise InvalidInput("exec needs exactly one of argv or cmd")
+        args: dict[str, Any] = {"timeout": timeout, "max_output": max_output}
+        if argv is not None:
+            args["argv"] = list(argv)
+        else:
+            args["cmd"] = cmd
+        if env is not None:
+            args["env"] = dict(env)
+        if cwd is not None:
+            args["cwd"] = cwd
+        if stdin is not None:
+            args["stdin_b64"] = base64.b64encode(stdin).decode("ascii")
+        resp = await self.call("exec", args, timeout=timeout + EXEC_TIMEOUT_MARGIN_S)
+        return ExecResult(
+            stdout=str(resp.get("stdout", "")),
+            stderr=str(resp.get("stderr", "")),
+            exit_code=int(resp["exit_code"]),
+            timed_out=bool(resp.get("timed_out", False)),
+            stdout_truncated=bool(resp.get("stdout_truncated", False)),
+            stderr_truncated=bool(resp.get("stderr_truncated", False)),
+            duration_ms=float(resp.get("duration_ms", 0.0)),
+        )
+
+    async def eval(self, code: str, *, timeout: float | None = None) -> EvalResult:
+        """Evaluate Python ``code`` in the agent's persistent namespace."""
+        resp = await self.call("eval", {"code": code}, timeout=timeout)
+        result = resp.get("result")
+        error = resp.get("error")
+        tb = resp.get("traceback")
+        return EvalResult(
+            result=None if result is None else str(result),
+            error=None if error is None else str(error),
+            traceback=None if tb is None else str(tb),
+            exit_code=int(resp.get("exit_code", 0 if error is None else 1)),
+            stdout=str(resp.get("stdout", "")),
+        )
+
+    async def write_file(
+        self,
+        path: str,
+        data: bytes,
+        *,
+        append: bool = False,
+        mode: int | None = None,
+        mkdirs: bool = True,
+        timeout: float | None = 60.0,
+    ) -> int:
+        """Write ``data`` to ``path`` in the guest; returns the file's size afterwards."""
+        args: dict[str, Any] = {
+            "path": path,
+            "data_b64": base64.b64encode(data).decode("ascii"),
+            "append": append,
+            "mkdirs": mkdirs,
+        }
+        if mode is not None:
+            args["mode"] = mode
+        resp = await self.call("write_file", args, timeout=timeout)
+        return int(resp["size"])
+
+    async def read_file(
+        self,
+        path: str,
+        *,
+        offset: int = 0,
+        limit: int | None = None,
+        timeout: float | None = 60.0,
+    ) -> bytes:
+        """Read ``path`` from the guest (at most ``limit`` bytes from ``offset``)."""
+        args: dict[str, Any] = {"path": path, "offset": offset}
+        if limit is not None:
+            args["limit"] = limit
+        resp = await self.call("read_file", args, timeout=timeout)
+        return base64.b64decode(resp["data_b64"])
+
+    async def list_files(self, path: str, *, timeout: float | None = 30.0) -> list[dict[str, Any]]:
+        """Entries of directory ``path``: name, path, type, size, mode, mtime."""
+        resp = await self.call("list_files", {"path": path}, timeout=timeout)
+        entries = resp.get("entries", [])
+        return [e for e in entries if isinstance(e, dict)]
+
+    async def remove_file(
+        self, path: str, *, recursive: bool = False, timeout: float | None = 60.0
+    ) -> None:
+        await self.call("remove_file", {"path": path, "recursive": recursive}, timeout=timeout)
+
+    async def reseed(self, entropy: bytes, *, timeout: float | None = 10.0) -> dict[str, Any]:
+        """Hand the guest fresh entropy (>= 32 bytes): kernel CRNG, ``random``, ``numpy``."""
+        if len(entropy) < 32:
+            raise InvalidInput("reseed needs at least 32 bytes of entropy")
+        args = {"entropy_b64": base64.b64encode(entropy).decode("ascii")}
+        return await self.call("reseed", args, timeout=timeout)
+
+
+@dataclass
+class AgentSocket:
+    """A connected agent socket that has not said hello yet."""
+
+    socket_path: Path
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    async def handshake(self, *, timeout: float) -> AgentClient:
+        """Say hello with a fresh session; :class:`AgentError` if not answered in time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        socket_path, reader, writer = self.socket_path, self.reader, self.writer
+        session = secrets.token_hex(8)
+        hello_id = f"{session}-0"
+        hello_line = b"\n" + _encode({"id": hello_id, "op": "hello", "session": session})
+        unknown = 0
+        junk = 0
+        try:
+            writer.write(hello_line)
+            await writer.drain()
+            next_send = loop.time() + HELLO_RESEND_S
+            while True:
+                now = loop.time()
+                if now >= deadline:
+                    raise AgentError(f"agent did not answer hello within {timeout:g} s")
+                try:
+                    line = await asyncio.wait_for(
+                        reader.readline(), timeout=min(deadline, next_send) - now
+                    )
+                except TimeoutError:
+                    if loop.time() >= next_send:
+                        # The first hello may have been lost (agent not yet listening).
+                        writer.write(hello_line)
+                        await writer.drain()
+                        next_send = loop.time() + HELLO_RESEND_S
+                    continue
+                except ValueError:  # over-long line, already discarded by the stream
+                    junk += 1
+                    continue
+                if not line:
+                    raise AgentError("agent connection closed during hello")
+                msg = _parse(line)
+                if msg is None:
+                    if line.strip():
+                        junk += 1
+                    continue
+                if msg.get("id") != hello_id:
+                    unknown += 1
+                    continue
+                _raise_for("hello", msg)
+                if msg.get("session") != session:
+                    unknown += 1
+                    continue
+                break
+        except BaseException as e:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            if isinstance(e, OSError):
+                raise AgentError(f"agent connection failed during hello: {e}") from e
+            raise
+        client = AgentClient(socket_path, reader, writer, session, msg)
+        client._unknown_responses = unknown
+        client._junk_lines = junk
+        return client
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()

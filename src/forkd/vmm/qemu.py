@@ -1,0 +1,240 @@
+"""Driving one QEMU process: launch (daemonized), QMP, device-state save/load, stop, kill.
+
+QEMU runs with ``-daemonize``: it is never our child, so neither the CLI nor the daemon leaves
+zombies, sandboxes outlive the process that started them, and when ``launch`` returns QEMU has
+finished initialising (its sockets exist).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+from forkd.errors import HostSetupError, VMError
+from forkd.vmm.spec import RunPaths
+
+QEMU_BINARY = "qemu-system-x86_64"
+MIGRATION_POLL_S = 0.002
+
+
+def qemu_binary() -> str:
+    path = shutil.which(QEMU_BINARY)
+    if path is None:
+        raise HostSetupError(
+            f"{QEMU_BINARY} not found: install the qemu-system-x86 package (apt-get install "
+            "qemu-system-x86)"
+        )
+    return path
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped) counts as dead.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def pid_runs_in(pid: int, paths: RunPaths) -> bool:
+    """True if ``pid`` is a live QEMU whose command line names this run dir's QMP socket."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return pid_alive(pid) and any(str(paths.qmp).encode() in arg for arg in cmdline)
+
+
+class QemuProcess:
+    """A running (daemonized) QEMU, addressed by pid and run dir."""
+
+    def __init__(self, pid: int, paths: RunPaths) -> None:
+        self.pid = pid
+        self.paths = paths
+        self._qmp: QMPClient | None = None
+
+    @classmethod
+    async def launch(
+        cls, argv: list[str], paths: RunPaths, *, timeout: float = 60.0
+    ) -> QemuProcess:
+        """Start QEMU with ``argv`` (which must include ``-daemonize`` and ``-pidfile``)."""
+        paths.dir.mkdir(parents=True, exist_ok=True)
+        proc = await asyncio.create_subprocess_exec(
+            qemu_binary(),
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError as exc:
+            proc.kill()
+            raise VMError(f"QEMU did not finish starting within {timeout} s") from exc
+        if proc.returncode != 0:
+            detail = err.decode(errors="replace").strip().splitlines()[-5:]
+            raise VMError("QEMU failed to start: " + " | ".join(detail))
+        try:
+            pid = int(paths.pidfile.read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise VMError(f"QEMU started but wrote no pid file {paths.pidfile}") from exc
+        return cls(pid, paths)
+
+    # --- QMP -------------------------------------------------------------------------------
+
+    async def qmp(self) -> QMPClient:
+        if self._qmp is None:
+            client = QMPClient(f"forkd-{self.pid}")
+            try:
+                await asyncio.wait_for(client.connect(str(self.paths.qmp)), 10.0)
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    await client.disconnect()
+                raise VMError(f"cannot reach QMP of QEMU pid {self.pid}: {exc}") from exc
+            self._qmp = client
+        return self._qmp
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        client = await self.qmp()
+        try:
+            return await client.execute(command, arguments)
+        except Exception as exc:
+            raise VMError(f"QMP {command} failed on QEMU pid {self.pid}: {exc}") from exc
+
+    async def close_qmp(self) -> None:
+        client, self._qmp = self._qmp, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+
+    @contextlib.asynccontextmanager
+    async def events(self, *names: str) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
+        """A queue receiving the named QMP events while the context is open."""
+        client = await self.qmp()
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        with client.listener(names) as listener:
+
+            async def pump() -> None:
+                async for event in listener:
+                    queue.put_nowait(dict(event))
+
+            task = asyncio.create_task(pump())
+            try:
+                yield queue
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    # --- run state -------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        await self.execute("stop")
+
+    async def cont(self) -> None:
+        await self.execute("cont")
+
+    async def set_capabilities(self, **caps: bool) -> None:
+        await self.execute(
+            "migrate-set-capabilities",
+            {
+                "capabilities": [
+                    {"capability": k.replace("_", "-"), "state": v} for k, v in caps.items()
+                ]
+            },
+        )
+
+    async def wait_migration(self, *, timeout: float, what: str) -> dict[str, Any]:
+        """Poll ``query-migrate`` until completed; raise on failure or timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info: dict[str, Any] = await self.execute("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return info
+            if status in ("failed", "cancelled"):
+                raise VMError(f"{what} {status}: {info.get('error-desc', 'no detail from QEMU')}")
+            if time.monotonic() > deadline:
+                raise VMError(f"{what} did not complete within {timeout} s (status {status})")
+            await asyncio.sleep(MIGRATION_POLL_S)
+
+    async def save_device_state(self, dest: Path, *, timeout: float = 60.0) -> dict[str, Any]:
+        """With the VM stopped, write device state only (RAM is a shared file, skipped)."""
+        await self.set_capabilities(x_ignore_shared=True)
+        await self.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(dest))}"})
+        return await self.wait_migration(timeout=timeout, what="device-state save")
+
+    async def load_device_state(self, source: Path, *, timeout: float = 60.0) -> None:
+        """On a ``-incoming defer`` QEMU, restore device state saved by ``save_device_state``."""
+        await self.set_capabilities(x_ignore_shared=True)
+        await self.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(source))}"})
+        deadline = time.monotonic() + timeout
+        while True:
+            status = (await self.execute("query-status"))["status"]
+            if status != "inmigrate":
+                break
+            if time.monotonic() > deadline:
+                raise VMError(f"device-state load did not finish within {timeout} s")
+            await asyncio.sleep(MIGRATION_POLL_S)
+        if status not in ("paused", "postmigrate", "prelaunch", "running"):
+            raise VMError(f"device-state load left the VM in state {status!r}")
+
+    # --- ending ----------------------------------------------------------------------------
+
+    def alive(self) -> bool:
+        return pid_runs_in(self.pid, self.paths)
+
+    async def wait_exit(self, timeout: float) -> bool:
+        """Wait until the process is gone; True if it exited within ``timeout``."""
+        try:
+            fd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            return True
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def on_exit() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        loop.add_reader(fd, on_exit)
+        try:
+            await asyncio.wait_for(done, timeout)
+            return True
+        except TimeoutError:
+            return not pid_alive(self.pid)
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+    async def terminate(self, *, grace: float = 2.0) -> None:
+        """Quit QEMU: QMP ``quit``, then SIGKILL if it lingers. Never raises for a dead VM."""
+        await self.close_qmp()
+        if not pid_alive(self.pid):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        if not await self.wait_exit(grace):
+            self.kill()
+            await self.wait_exit(5.0)

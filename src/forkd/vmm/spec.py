@@ -1,0 +1,107 @@
+"""A typed QEMU machine spec and its argv.
+
+The *machine* part (devices, memory size, accelerator) must be identical between a template's
+parent and every child restored from it; the *instance* part (memory file and sharing, sockets,
+logs, incoming) differs per process. The manifest stores ``machine_args()`` and children reuse it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from forkd.guest import AGENT_PORT_NAME
+
+KERNEL_CMDLINE = (
+    "console=ttyS0 rdinit=/init quiet loglevel=3 panic=-1 tsc=reliable no_timer_check "
+    "mitigations=off random.trust_cpu=on i8042.noaux i8042.nokbd i8042.nopnp"
+)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Per-VM host files, all inside one run dir."""
+
+    dir: Path
+
+    @property
+    def qmp(self) -> Path:
+        return self.dir / "qmp.sock"
+
+    @property
+    def agent(self) -> Path:
+        return self.dir / "agent.sock"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.dir / "serial.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.dir / "qemu.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.dir / "qemu.pid"
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """Everything that defines the guest machine (and so must match across a fork)."""
+
+    kernel: Path
+    initrd: Path
+    rootfs: Path
+    mem_mib: int
+    accel_args: tuple[str, ...]
+    cpus: int = 1
+    vmgenid: bool = True
+
+    def machine_args(self) -> list[str]:
+        args = [
+            "-machine", "q35,memory-backend=mem",
+            *self.accel_args,
+            "-m", f"{self.mem_mib}M",
+            "-smp", str(self.cpus),
+            "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
+            "-no-reboot",
+            "-kernel", str(self.kernel),
+            "-initrd", str(self.initrd),
+            "-append", KERNEL_CMDLINE,
+            "-drive", f"file={self.rootfs},format=raw,if=none,id=root,readonly=on",
+            "-device", "virtio-blk-pci,drive=root",
+            "-device", "virtio-serial-pci,id=vs0",
+            "-device", f"virtserialport,bus=vs0.0,chardev=agent,name={AGENT_PORT_NAME}",
+        ]  # fmt: skip
+        if self.vmgenid:
+            # A fresh GUID per QEMU process; kernels with CONFIG_VMGENID reseed on it.
+            args += ["-device", "vmgenid,guid=auto"]
+        return args
+
+
+def instance_args(
+    machine_args: list[str],
+    *,
+    mem_mib: int,
+    memory_path: Path,
+    share: bool,
+    paths: RunPaths,
+    incoming: bool,
+) -> list[str]:
+    """argv after the binary: the machine plus this process's memory, sockets, logs."""
+    share_flag = "on" if share else "off"
+    args = [
+        *machine_args,
+        "-object",
+        f"memory-backend-file,id=mem,size={mem_mib}M,mem-path={memory_path},share={share_flag}",
+        "-chardev", f"socket,id=agent,path={paths.agent},server=on,wait=off",
+        "-chardev", f"socket,id=qmp,path={paths.qmp},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+        "-serial", f"file:{paths.serial_log}",
+        "-D", str(paths.qemu_log),
+        "-pidfile", str(paths.pidfile),
+        "-daemonize",
+    ]  # fmt: skip
+    if incoming:
+        args += ["-incoming", "defer"]
+    return args

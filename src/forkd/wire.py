@@ -1,0 +1,164 @@
+"""Wire formats of the REST API (forkd v0.5 compatible, plus our extra fields).
+
+One place for every request and response body; the daemon validates with these and serves them
+in ``/openapi.json``, and the SDKs document against them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SnapshotStatus = Literal["writing", "ready", "failed"]
+BranchModeName = Literal["full", "diff", "live"]
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+class SnapshotInfo(BaseModel):
+    """A template children can fork from."""
+
+    tag: str
+    dir: str
+    created_at_unix: int
+    branched_from: str | None = None
+    pause_ms: float | None = None
+    diff_ms: float | None = None
+    diff_physical_bytes: int | None = None
+    diff_logical_bytes: int | None = None
+    warning: str | None = None
+    status: SnapshotStatus = "ready"
+    bootable: bool = True
+    # forkd extras
+    mode: BranchModeName | None = None
+    parent_tag: str | None = None
+    image: str | None = None
+    mem_mib: int | None = None
+    total_ms: float | None = None
+    bytes_written: int | None = None
+    error: str | None = None
+
+
+class SnapshotDetail(SnapshotInfo):
+    """``GET /v1/snapshots/{tag}/info``: lineage and sizes."""
+
+    chain_depth: int = 0
+    ancestors: list[str] = Field(default_factory=list)
+    dependents: list[str] = Field(default_factory=list)
+    memory_bytes: int | None = None
+    devstate_bytes: int | None = None
+    memory_path: str | None = None
+
+
+class SandboxInfo(BaseModel):
+    """A running child VM."""
+
+    id: str
+    snapshot_tag: str
+    netns: str | None = None
+    guest_addr: str | None = None
+    created_at_unix: int
+    pid: int
+    memory_limit_mib: int | None = None
+    has_branched: bool = False
+    last_branch_memory_path: str | None = None
+    branch_count: int = 0
+    # forkd extras
+    state: Literal["running", "dead"] = "running"
+    dead_reason: str | None = None
+
+
+class CreateSnapshotRequest(BaseModel):
+    """forkd v0.5 form ``{tag, kernel, rootfs, ...}`` or ours ``{tag, image, mem_mib, warmup}``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    tag: str
+    kernel: str | None = None
+    rootfs: str | None = None
+    rw: bool = False
+    tap: str | None = None
+    boot_wait_secs: int = 10
+    image: str | None = None
+    mem_mib: int | None = None
+    warmup: str | None = None
+
+
+class SpawnRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    snapshot_tag: str
+    n: int = 1
+    per_child_netns: bool = False
+    memory_limit_mib: int | None = None
+    prewarm: bool = False
+    live_fork: bool = False
+    hugepages: bool = False
+
+
+class ExecRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    args: list[str]
+    timeout_secs: float = 30
+    env: dict[str, str] | None = None
+    cwd: str | None = None
+    stdin: str | None = None
+
+
+class ExecResponse(BaseModel):
+    stdout: str
+    stderr: str
+    exit_code: int
+    timed_out: bool = False
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    duration_ms: float | None = None
+
+
+class EvalRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    code: str
+
+
+class EvalResponse(BaseModel):
+    result: str | None
+    error: str | None
+    exit_code: int
+    stdout: str = ""
+    traceback: str | None = None
+
+
+class BranchRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    tag: str | None = None
+    mode: BranchModeName | None = None
+    diff: bool = False
+    measure_diff: bool = False
+    wait: bool = True
+    parent_tag: str | None = None
+
+
+class CompactRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    to: str
+
+
+class FileEntry(BaseModel):
+    name: str
+    path: str
+    type: Literal["file", "dir", "symlink", "other"]
+    size: int
+    mode: int
+    mtime: float
+
+
+class FileWriteResponse(BaseModel):
+    path: str
+    size: int

@@ -1,0 +1,40 @@
+"""Flag rules of ``forkd snapshot`` and friends: refused before anything runs (exit 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from forkd.cli.main import main
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["snapshot", "--tag", "t", "--diff"], "--diff only apply with --from-sandbox"),
+        (["snapshot", "--tag", "t", "--live"], "--live only apply with --from-sandbox"),
+        (["snapshot", "--tag", "t", "--no-wait"], "--no-wait only apply with --from-sandbox"),
+        (
+            ["snapshot", "--from-sandbox", "sb-1", "--live", "--diff"],
+            "--live conflicts with --diff",
+        ),
+        (["snapshot", "--from-sandbox", "sb-1", "--no-wait"], "--no-wait requires --live"),
+        (
+            ["snapshot", "--from-sandbox", "sb-1", "--diff", "--no-wait"],
+            "--no-wait requires --live",
+        ),
+        (["snapshot"], "--tag is required"),
+        (["kill"], "name sandbox ids, or --all"),
+        (["exec", "sb-1"], "no command given"),
+        (["exec", "sb-1", "--env", "NOEQUALS", "--", "true"], "--env takes K=V"),
+    ],
+)
+def test_refused_flag_combinations(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["--local", "--home", str(tmp_path / "h"), *argv])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert not (tmp_path / "h" / "snapshots").exists()

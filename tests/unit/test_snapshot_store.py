@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from forkd.config import Settings
+from forkd.errors import Conflict, NotFound
+from forkd.snapshots.manifest import Artifact, SnapshotManifest
+from forkd.snapshots.store import SnapshotStore, bootability
+
+
+def _store(tmp_path: Path) -> SnapshotStore:
+    return SnapshotStore(Settings(home=tmp_path / "home", shm_dir=tmp_path / "shm"))
+
+
+def _manifest(tag: str, tmp_path: Path) -> SnapshotManifest:
+    for name in ("k", "i", "r"):
+        (tmp_path / name).write_text("x")
+    return SnapshotManifest(
+        tag=tag, created_at_unix=1, memory=Artifact(path="", bytes=4),
+        devstate=Artifact(path="devstate", bytes=2), mem_mib=64, machine_args=[], accel="tcg",
+        qemu_version="7.2.0", kernel=str(tmp_path / "k"), initrd=str(tmp_path / "i"),
+        rootfs=str(tmp_path / "r"),
+    )  # fmt: skip
+
+
+def test_commit_makes_snapshot_visible_only_at_the_end(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    staging = store.begin("t1")
+    staging.memory.write_bytes(b"mem!")
+    staging.devstate.write_bytes(b"ds")
+    assert not store.exists("t1")
+    manifest = store.commit(staging, _manifest("t1", tmp_path))
+    assert store.exists("t1")
+    assert Path(manifest.memory.path) == store.memory_of("t1")
+    assert bootability(store.load("t1"), store.devstate_path("t1")) is None
+    with pytest.raises(Conflict):
+        store.begin("t1")
+
+
+def test_crash_debris_is_swept_and_never_loadable(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    staging = store.begin("t2")
+    staging.memory.write_bytes(b"half")
+    # simulated crash: no commit
+    with pytest.raises(NotFound):
+        store.load("t2")
+    assert store.tags_on_disk() == []
+    removed = store.sweep_staging()
+    assert len(removed) == 2
+    assert not staging.dir.exists() and not staging.memory.exists()
+
+
+def test_missing_memory_makes_snapshot_unbootable(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    staging = store.begin("t3")
+    staging.memory.write_bytes(b"mem!")
+    staging.devstate.write_bytes(b"ds")
+    store.commit(staging, _manifest("t3", tmp_path))
+    store.memory_of("t3").unlink()
+    reason = bootability(store.load("t3"), store.devstate_path("t3"))
+    assert reason and "is gone" in reason
