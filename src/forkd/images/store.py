@@ -109,7 +109,7 @@ class ImageStore:
                     out.append((link.name, image))
         return out
 
-    def remove(self, name: str, *, in_use_by: list[str]) -> None:
+    def remove(self, name: str, *, in_use_by: builtins.list[str]) -> None:
         """Drop the name, and its digest dir when no other name or template uses it."""
         image = self.get(name)
         if in_use_by:

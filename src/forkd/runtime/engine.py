@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +28,15 @@ from forkd.errors import (
     NotFound,
     SandboxDead,
     Unavailable,
+    VMError,
 )
 from forkd.images.store import ImageStore
 from forkd.runtime.registry import Registry, SandboxRow, SnapshotRow, now_unix
-from forkd.snapshots.manifest import SnapshotManifest
-from forkd.snapshots.store import SnapshotStore, bootability
-from forkd.snapshots.template import TemplateRequest, make_template
+from forkd.snapshots.branch import BranchStats, pause_and_copy, start_live
+from forkd.snapshots.guestram import sparse_copy
+from forkd.snapshots.manifest import Artifact, SnapshotManifest
+from forkd.snapshots.store import DEVSTATE_NAME, SnapshotStore, Staging, bootability
+from forkd.snapshots.template import TemplateRequest, artifact, make_template
 from forkd.validate import (
     validate_count,
     validate_image_name,
@@ -46,6 +50,7 @@ from forkd.vmm.qemu import QemuProcess, pid_runs_in
 from forkd.vmm.spec import RunPaths, instance_args
 
 AGENT_CONNECT_TIMEOUT_S = 10.0
+BASE_MANIFEST = "base-manifest.json"
 CHILD_HANDSHAKE_TIMEOUT_S = 60.0
 MAX_PARALLEL_LAUNCHES = 16
 
@@ -87,6 +92,8 @@ class Runtime:
         self._pidfds: dict[str, int] = {}
         self._launch_gate = asyncio.Semaphore(MAX_PARALLEL_LAUNCHES)
         self._background: set[asyncio.Future[None]] = set()
+        self._branching: set[str] = set()
+        self._source_locks: dict[str, asyncio.Lock] = {}
         self.on_sandbox_death: Callable[[str, str], None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -113,6 +120,10 @@ class Runtime:
                 self._watch_pid(sb.id, sb.pid)
 
     async def close(self, *, kill_sandboxes: bool = False) -> None:
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         for sandbox_id in list(self._agents):
             await self._drop_agent(sandbox_id)
         for sandbox_id in list(self._pidfds):
@@ -314,6 +325,7 @@ class Runtime:
                     id=sandbox_id, snapshot_tag=tag, pid=qemu.pid, run_dir=str(paths.dir),
                     created_at_unix=now_unix(), state="starting", memory_limit_mib=memory_limit_mib,
                 ))  # fmt: skip
+                (paths.dir / BASE_MANIFEST).write_text(manifest.model_dump_json())
                 t1 = time.monotonic()
                 # Connected before the guest runs: the restored agent is blocked in read() and
                 # answers as soon as the VM continues.
@@ -359,6 +371,234 @@ class Runtime:
             await QemuProcess(row.pid, paths).terminate()
         shutil.rmtree(paths.dir, ignore_errors=True)
         self.registry.delete_sandbox(sandbox_id)
+
+    # --- branch ----------------------------------------------------------------------------
+
+    @property
+    def branches_in_flight(self) -> int:
+        return len(self._branching)
+
+    async def branch(
+        self,
+        sandbox_id: str,
+        *,
+        tag: str | None = None,
+        mode: str | None = None,
+        diff: bool = False,
+        measure_diff: bool = False,
+        wait: bool = True,
+        parent_tag: str | None = None,
+    ) -> wire.SnapshotInfo:
+        """Snapshot a running sandbox into template ``tag``; the sandbox keeps running.
+
+        Returns with status ``ready``, or ``writing`` for a live branch with ``wait=False`` (its
+        copy then finishes in the background and the status moves to ``ready`` or ``failed``).
+        """
+        if mode is not None and diff:
+            raise InvalidInput(
+                '"mode" and the legacy "diff" flag cannot be combined: send mode only'
+            )
+        resolved = mode if mode is not None else ("diff" if diff else "full")
+        if resolved not in ("full", "diff", "live"):
+            raise InvalidInput(f'mode must be "full", "diff" or "live", got {resolved!r}')
+        if not wait and resolved != "live":
+            raise InvalidInput(
+                'wait=false needs mode "live": only a live branch finishes in the background'
+            )
+        validate_sandbox_id(sandbox_id)
+        if tag is None:
+            tag = f"branch-{sandbox_id}-{int(time.time())}-{secrets.token_hex(2)}"
+        validate_tag(tag)
+        if parent_tag is not None:
+            self._snapshot_row(parent_tag)
+        row = self._refresh(self._sandbox_row(sandbox_id))
+        if row.state == "dead":
+            raise SandboxDead(f"sandbox {sandbox_id} is dead: {row.dead_reason}")
+        base = self._base_manifest(row)
+        cap = self.settings.branch_concurrency
+        if len(self._branching) >= cap:
+            raise Unavailable(
+                f"{len(self._branching)} branches in flight: the cap is {cap} "
+                "(--branch-concurrency); retry when one finishes"
+            )
+        snapshot_row = SnapshotRow(
+            tag=tag, status="writing", created_at_unix=now_unix(), branched_from=sandbox_id,
+            parent_tag=parent_tag or row.snapshot_tag, mode=resolved,
+            extra={"image": base.image_name, "mem_mib": base.mem_mib},
+        )  # fmt: skip
+        if self.snapshots.exists(tag) or not self.registry.reserve_snapshot(snapshot_row):
+            raise Conflict(f"snapshot {tag!r} already exists or is being written")
+        self._branching.add(tag)
+        try:
+            staging = self.snapshots.begin(tag)
+        except BaseException:
+            self._branching.discard(tag)
+            self.registry.delete_snapshot(tag)
+            raise
+        lock = self._source_locks.setdefault(sandbox_id, asyncio.Lock())
+        qemu = QemuProcess(row.pid, RunPaths(Path(row.run_dir)))
+        finishing = False
+        try:
+            await lock.acquire()
+            if resolved == "live":
+                live = await start_live(qemu, base, staging, self.settings.run_dir)
+                if not wait:
+                    finishing = True
+                    snapshot_row.extra["pause_ms"] = live.stats.pause_ms
+                    self.registry.put_snapshot(snapshot_row)
+                    task = asyncio.ensure_future(
+                        self._finish_branch(
+                            live.finish(),
+                            snapshot_row,
+                            staging,
+                            base,
+                            row,
+                            qemu,
+                            lock,
+                            measure_diff,
+                        )
+                    )
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
+                    return self._snapshot_info(snapshot_row)
+                stats = await live.finish()
+            else:
+                stats = await pause_and_copy(qemu, base, staging, mode=resolved)  # type: ignore[arg-type]
+        except BaseException as exc:
+            if finishing:
+                raise
+            reason = self._branch_failed(snapshot_row, staging, exc)
+            await qemu.close_qmp()
+            lock.release()
+            if isinstance(exc, ForkdError) or not isinstance(exc, Exception):
+                raise
+            raise VMError(f"branch {tag!r} failed: {reason}") from exc
+        finally:
+            if not finishing:
+                self._branching.discard(tag)
+        try:
+            return self._branch_done(snapshot_row, staging, base, row, stats, measure_diff)
+        finally:
+            await qemu.close_qmp()
+            lock.release()
+
+    async def _finish_branch(
+        self,
+        finish: Awaitable[BranchStats],
+        snapshot_row: SnapshotRow,
+        staging: Staging,
+        base: SnapshotManifest,
+        source: SandboxRow,
+        qemu: QemuProcess,
+        lock: asyncio.Lock,
+        measure_diff: bool,
+    ) -> None:
+        try:
+            stats = await finish
+            self._branch_done(snapshot_row, staging, base, source, stats, measure_diff)
+        except BaseException as exc:
+            self._branch_failed(snapshot_row, staging, exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._branching.discard(snapshot_row.tag)
+            await qemu.close_qmp()
+            lock.release()
+
+    def _branch_done(
+        self,
+        snapshot_row: SnapshotRow,
+        staging: Staging,
+        base: SnapshotManifest,
+        source: SandboxRow,
+        stats: BranchStats,
+        measure_diff: bool,
+    ) -> wire.SnapshotInfo:
+        timings = {k: v for k, v in (("pause_ms", stats.pause_ms), ("total_ms", stats.total_ms),
+                                     ("diff_ms", stats.diff_ms)) if v is not None}  # fmt: skip
+        manifest = base.model_copy(update={
+            "tag": snapshot_row.tag, "created_at_unix": snapshot_row.created_at_unix,
+            "kind": "branch", "branched_from": snapshot_row.branched_from,
+            "parent_tag": snapshot_row.parent_tag, "mode": snapshot_row.mode,
+            "memory": Artifact(path=str(staging.memory), bytes=staging.memory.stat().st_size),
+            "devstate": Artifact(path=DEVSTATE_NAME, bytes=staging.devstate.stat().st_size),
+            "timings_ms": {**timings, **stats.phases},
+        })  # fmt: skip
+        manifest = self.snapshots.commit(staging, manifest)
+        extra = dict(snapshot_row.extra)
+        extra.update(pause_ms=stats.pause_ms, total_ms=stats.total_ms,
+                     bytes_written=stats.bytes_written)  # fmt: skip
+        if measure_diff or snapshot_row.mode == "diff":
+            extra.update(diff_ms=stats.diff_ms, diff_physical_bytes=stats.diff_physical_bytes,
+                         diff_logical_bytes=stats.diff_logical_bytes)  # fmt: skip
+        snapshot_row.status, snapshot_row.extra = "ready", extra
+        self.registry.put_snapshot(snapshot_row)
+        current = self.registry.get_sandbox(source.id)
+        if current is not None:
+            current.branch_count += 1
+            current.last_branch_memory_path = manifest.memory.path
+            self.registry.put_sandbox(current)
+        task = asyncio.ensure_future(self._hash_artifacts(snapshot_row.tag))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return self._snapshot_info(snapshot_row)
+
+    def _branch_failed(
+        self, snapshot_row: SnapshotRow, staging: Staging, exc: BaseException
+    ) -> str:
+        self.snapshots.abort(staging)
+        reason = str(exc) or type(exc).__name__
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            reason = f"no space left for the snapshot ({exc.filename or 'tmpfs'} is full)"
+        elif isinstance(exc, asyncio.CancelledError):
+            reason = "forkd stopped while this snapshot was being written"
+        snapshot_row.status, snapshot_row.error = "failed", reason
+        self.registry.put_snapshot(snapshot_row)
+        return reason
+
+    async def _hash_artifacts(self, tag: str) -> None:
+        """Fill in sha256 of a branch's files after the fact, off the caller's path."""
+        with contextlib.suppress(ForkdError, OSError, ValueError):
+            manifest = self.snapshots.load(tag)
+            memory = await artifact(Path(manifest.memory.path))
+            devstate = await artifact(self.snapshots.devstate_path(tag), name=DEVSTATE_NAME)
+            self.snapshots.rewrite_manifest(
+                manifest.model_copy(update={"memory": memory, "devstate": devstate})
+            )
+
+    def _base_manifest(self, row: SandboxRow) -> SnapshotManifest:
+        saved = Path(row.run_dir) / BASE_MANIFEST
+        if saved.is_file():
+            return SnapshotManifest.model_validate_json(saved.read_text())
+        return self.snapshots.load(row.snapshot_tag)
+
+    async def compact_snapshot(self, tag: str, to: str) -> wire.SnapshotInfo:
+        """Write a standalone copy of ``tag`` as ``to`` (every forkd snapshot is already flat, so
+        this is a sparse copy; kept for API compatibility)."""
+        validate_tag(to)
+        manifest = self._ready_manifest(tag)
+        row = SnapshotRow(tag=to, status="writing", created_at_unix=now_unix(),
+                          parent_tag=tag, extra={"image": manifest.image_name,
+                                                 "mem_mib": manifest.mem_mib})  # fmt: skip
+        if self.snapshots.exists(to) or not self.registry.reserve_snapshot(row):
+            raise Conflict(f"snapshot {to!r} already exists")
+        staging = self.snapshots.begin(to)
+        try:
+            size = manifest.mem_mib * 1024 * 1024
+            await asyncio.to_thread(sparse_copy, Path(manifest.memory.path), staging.memory, size)
+            shutil.copyfile(self.snapshots.devstate_path(tag), staging.devstate)
+            new = manifest.model_copy(update={
+                "tag": to, "created_at_unix": row.created_at_unix, "parent_tag": tag,
+                "memory": manifest.memory.model_copy(update={"path": str(staging.memory)}),
+            })  # fmt: skip
+            self.snapshots.commit(staging, new)
+        except BaseException:
+            self.snapshots.abort(staging)
+            self.registry.delete_snapshot(to)
+            raise
+        row.status = "ready"
+        self.registry.put_snapshot(row)
+        return self._snapshot_info(row)
 
     # --- agent calls -----------------------------------------------------------------------
 

@@ -88,6 +88,15 @@ class SnapshotStore:
         os.rename(staging.dir, final_dir)
         return manifest
 
+    def rewrite_manifest(self, manifest: SnapshotManifest) -> None:
+        """Atomically replace the manifest of an existing snapshot."""
+        final = self.dir_of(manifest.tag) / MANIFEST_NAME
+        if not final.is_file():
+            raise NotFound(f"snapshot {manifest.tag!r} not found")
+        tmp = final.with_suffix(".tmp")
+        tmp.write_text(manifest.model_dump_json(indent=2))
+        os.replace(tmp, final)
+
     def abort(self, staging: Staging) -> None:
         shutil.rmtree(staging.dir, ignore_errors=True)
         staging.memory.unlink(missing_ok=True)

@@ -183,18 +183,26 @@ class QemuProcess:
 
     async def load_device_state(self, source: Path, *, timeout: float = 60.0) -> None:
         """On a ``-incoming defer`` QEMU, restore device state saved by ``save_device_state``."""
-        await self.set_capabilities(x_ignore_shared=True)
+        await self.migrate_incoming(source, ignore_shared=True, timeout=timeout)
+
+    async def migrate_incoming(self, source: Path, *, ignore_shared: bool, timeout: float) -> None:
+        """Load a migration stream from ``source`` and wait until the VM is paused with it."""
+        await self.set_capabilities(x_ignore_shared=ignore_shared)
         await self.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(source))}"})
         deadline = time.monotonic() + timeout
         while True:
+            if not pid_alive(self.pid):
+                raise VMError(
+                    f"QEMU exited while loading {source.name} (see {self.paths.qemu_log})"
+                )
             status = (await self.execute("query-status"))["status"]
             if status != "inmigrate":
                 break
             if time.monotonic() > deadline:
-                raise VMError(f"device-state load did not finish within {timeout} s")
+                raise VMError(f"loading {source.name} did not finish within {timeout} s")
             await asyncio.sleep(MIGRATION_POLL_S)
         if status not in ("paused", "postmigrate", "prelaunch", "running"):
-            raise VMError(f"device-state load left the VM in state {status!r}")
+            raise VMError(f"loading {source.name} left the VM in state {status!r}")
 
     # --- ending ----------------------------------------------------------------------------
 

@@ -65,6 +65,9 @@ class MachineSpec:
             "-smp", str(self.cpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
             "-no-reboot",
+            # Device-state files are also written by xen-save-devices-state (diff BRANCH), which
+            # emits no configuration section; both ends must agree to not expect one.
+            "-global", "migration.send-configuration=off",
             "-kernel", str(self.kernel),
             "-initrd", str(self.initrd),
             "-append", KERNEL_CMDLINE,

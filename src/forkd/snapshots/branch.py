@@ -1,0 +1,207 @@
+"""BRANCH strategies: make a template from a running sandbox while it keeps running.
+
+- ``full``: the VM stays stopped while device state and all of guest RAM are written.
+- ``diff``: a copy of the sandbox's base memory file is made *before* the pause; while stopped,
+  only the pages the guest wrote since its fork (found in ``/proc/PID/pagemap``) are copied over
+  it. The pause scales with what the sandbox changed, not with its memory size.
+- ``live``: QEMU ``background-snapshot`` (userfaultfd write-protect) stops the VM only to save
+  device state and arm write protection; RAM streams out while the guest runs. The stream is then
+  *materialized* by a short-lived QEMU into a memory file plus device state.
+
+Each result is an ordinary template: children fork from it copy-on-write, and can be branched.
+Device state for full and diff comes from ``xen-save-devices-state`` (all devices, no RAM; the
+name is historical, it works on any machine). The source is always continued, even on failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from forkd.errors import VMError
+from forkd.snapshots.guestram import PAGE, copy_runs, find_ram_mapping, sparse_copy, written_runs
+from forkd.snapshots.manifest import SnapshotManifest
+from forkd.snapshots.store import Staging
+from forkd.vmm.qemu import QemuProcess
+from forkd.vmm.spec import RunPaths, instance_args
+
+Mode = Literal["full", "diff", "live"]
+LIVE_TIMEOUT_S = 600.0
+MATERIALIZE_TIMEOUT_S = 600.0
+
+
+@dataclass
+class BranchStats:
+    """What a branch measured; times in milliseconds."""
+
+    pause_ms: float | None = None
+    total_ms: float | None = None
+    bytes_written: int = 0
+    diff_ms: float | None = None
+    diff_physical_bytes: int | None = None
+    diff_logical_bytes: int | None = None
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+def _event_time(event: dict[str, Any]) -> float:
+    ts = event["timestamp"]
+    return float(ts["seconds"]) + float(ts["microseconds"]) / 1e6
+
+
+async def _pause_window(events: asyncio.Queue[dict[str, Any]], timeout: float) -> float:
+    """Milliseconds between QEMU's STOP and RESUME events (QEMU's own clock)."""
+    stop_at: float | None = None
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise VMError("QEMU did not report STOP and RESUME in time")
+        event = await asyncio.wait_for(events.get(), remaining)
+        if event["event"] == "STOP":
+            stop_at = _event_time(event)
+        elif event["event"] == "RESUME" and stop_at is not None:
+            return (_event_time(event) - stop_at) * 1000
+
+
+async def pause_and_copy(
+    qemu: QemuProcess,
+    base: SnapshotManifest,
+    staging: Staging,
+    *,
+    mode: Literal["full", "diff"],
+) -> BranchStats:
+    """Full or diff branch: base copy + the pages the guest wrote; the source always continues.
+
+    Both write the same result; they differ in what happens while the guest is stopped: ``diff``
+    copies the base file before the pause, ``full`` inside it.
+    """
+    stats = BranchStats()
+    t0 = time.monotonic()
+    size = base.mem_mib * 1024 * 1024
+    ram = find_ram_mapping(qemu.pid, base.memory.path, size)
+    # map_files reaches the mapped base file even if its template was deleted meanwhile.
+    base_file = ram.map_file if os.access(ram.map_file, os.R_OK) else Path(base.memory.path)
+
+    async def copy_base() -> None:
+        stats.bytes_written += await asyncio.to_thread(sparse_copy, base_file, staging.memory, size)
+
+    if mode == "diff":
+        await copy_base()
+    stats.phases["prepare_ms"] = (time.monotonic() - t0) * 1000
+    async with qemu.events("STOP", "RESUME") as events:
+        await qemu.stop()
+        try:
+            await qemu.execute(
+                "xen-save-devices-state", {"filename": str(staging.devstate), "live": False}
+            )
+            if mode == "full":
+                await copy_base()
+            t1 = time.monotonic()
+            runs = written_runs(ram)
+            stats.diff_ms = (time.monotonic() - t1) * 1000
+            stats.diff_physical_bytes = sum(n for _, n in runs) * PAGE
+            stats.diff_logical_bytes = size
+            stats.bytes_written += await asyncio.to_thread(copy_runs, ram, runs, staging.memory)
+        finally:
+            await qemu.cont()
+        stats.pause_ms = await _pause_window(events, 30.0)
+    stats.bytes_written += staging.devstate.stat().st_size
+    stats.total_ms = (time.monotonic() - t0) * 1000
+    return stats
+
+
+@dataclass
+class LiveBranch:
+    """A live branch whose pause is over; ``finish()`` completes the copy and materializes."""
+
+    stats: BranchStats
+    finish: Callable[[], Awaitable[BranchStats]]
+
+
+async def start_live(
+    qemu: QemuProcess,
+    base: SnapshotManifest,
+    staging: Staging,
+    run_root: Path,
+    *,
+    on_materializer: Callable[[int], None] = lambda _pid: None,
+) -> LiveBranch:
+    """Start a background snapshot; return once the source has resumed."""
+    stats = BranchStats()
+    t0 = time.monotonic()
+    stream = staging.dir / "live.stream"
+    # Never with x-ignore-shared: it would skip RAM that must be in the stream.
+    await qemu.set_capabilities(x_ignore_shared=False, background_snapshot=True)
+    events_cm = qemu.events("STOP", "RESUME")
+    events = await events_cm.__aenter__()
+    try:
+        await qemu.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(stream))}"})
+        stats.pause_ms = await _pause_window(events, 60.0)
+    except BaseException:
+        await events_cm.__aexit__(None, None, None)
+        with contextlib.suppress(Exception):
+            await qemu.execute("migrate_cancel")
+        await _restore_capabilities(qemu)
+        raise
+    await events_cm.__aexit__(None, None, None)
+    stats.phases["pause_return_ms"] = (time.monotonic() - t0) * 1000
+
+    async def finish() -> BranchStats:
+        try:
+            info = await qemu.wait_migration(timeout=LIVE_TIMEOUT_S, what="live snapshot")
+            downtime = info.get("downtime")
+            if stats.pause_ms is None and downtime is not None:
+                stats.pause_ms = float(downtime)
+        finally:
+            await _restore_capabilities(qemu)
+        stats.phases["stream_ms"] = (time.monotonic() - t0) * 1000
+        stats.bytes_written = stream.stat().st_size
+        await materialize(stream, base, staging, run_root, on_materializer=on_materializer)
+        stream.unlink(missing_ok=True)
+        stats.bytes_written += staging.devstate.stat().st_size
+        stats.total_ms = (time.monotonic() - t0) * 1000
+        return stats
+
+    return LiveBranch(stats, finish)
+
+
+async def _restore_capabilities(qemu: QemuProcess) -> None:
+    with contextlib.suppress(Exception):
+        await qemu.set_capabilities(background_snapshot=False, x_ignore_shared=True)
+
+
+async def materialize(
+    stream: Path,
+    base: SnapshotManifest,
+    staging: Staging,
+    run_root: Path,
+    *,
+    on_materializer: Callable[[int], None] = lambda _pid: None,
+) -> None:
+    """Load a full migration stream into a fresh shared memory file, then save device state only.
+
+    The result (``staging.memory`` + ``staging.devstate``) is a template like any other.
+    """
+    paths = RunPaths(run_root / f"materialize-{staging.tag}")
+    argv = instance_args(
+        base.machine_args, mem_mib=base.mem_mib, memory_path=staging.memory, share=True,
+        paths=paths, incoming=True,
+    )  # fmt: skip
+    qemu = await QemuProcess.launch(argv, paths)
+    on_materializer(qemu.pid)
+    try:
+        await qemu.migrate_incoming(stream, ignore_shared=False, timeout=MATERIALIZE_TIMEOUT_S)
+        await qemu.save_device_state(staging.devstate)
+    except VMError as exc:
+        raise VMError(f"materializing the live snapshot failed: {exc}") from exc
+    finally:
+        await qemu.terminate()
+        shutil.rmtree(paths.dir, ignore_errors=True)
