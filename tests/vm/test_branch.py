@@ -1,0 +1,222 @@
+"""BRANCH on real VMs: every mode captures the pause instant, the source never stops counting,
+every validation rule, and failures (full tmpfs, killed materializer) leave the source intact."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import dataclasses
+import os
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from forkd.errors import Conflict, ForkdError, InvalidInput, NotFound, Unavailable
+from forkd.runtime.engine import Runtime
+
+pytestmark = pytest.mark.vm
+
+COUNTING_LOOP = """
+import threading, time
+COUNTER = 0
+STOP = False
+def _count():
+    global COUNTER
+    while not STOP:
+        COUNTER += 1
+        with open('/root/counter.txt', 'w') as f:
+            f.write(str(COUNTER))
+        time.sleep(0.02)
+threading.Thread(target=_count, daemon=True).start()
+"""
+
+
+async def counter(runtime: Runtime, sid: str) -> int:
+    return int((await runtime.eval(sid, "COUNTER")).result or "0")
+
+
+async def wait_status(runtime: Runtime, tag: str, *, timeout: float = 180.0) -> str:
+    deadline = time.monotonic() + timeout
+    while (status := runtime.get_snapshot(tag).status) == "writing":
+        assert time.monotonic() < deadline, f"{tag} still writing after {timeout} s"
+        await asyncio.sleep(0.1)
+    return status
+
+
+@pytest.fixture
+async def source(runtime: Runtime, template: str) -> AsyncIterator[str]:
+    sid = (await runtime.spawn(template, 1))[0].sandbox.id
+    await runtime.eval(sid, COUNTING_LOOP)
+    while await counter(runtime, sid) < 3:
+        await asyncio.sleep(0.05)
+    yield sid
+    await runtime.kill(sid)
+
+
+async def check_children(runtime: Runtime, tag: str, before: int) -> list[str]:
+    children = [s.sandbox.id for s in await runtime.spawn(tag, 2)]
+    for child in children:
+        await runtime.eval(child, "STOP = True")
+        await asyncio.sleep(0.2)  # let the loop finish its iteration and see STOP
+        r = await runtime.eval(
+            child, "COUNTER, open('/root/counter.txt').read(), 'AFTER_BRANCH' in globals()"
+        )
+        count, file_count, saw_after = ast.literal_eval(r.result or "")
+        assert int(file_count) == count, "memory and files must come from the same instant"
+        assert count >= before, "state older than the branch call"
+        assert saw_after is False, "state from after the branch returned leaked into a child"
+        probe = await runtime.exec(child, ["test", "-e", "/root/after-branch"])
+        assert probe.exit_code == 1
+    return children
+
+
+@pytest.mark.parametrize(("mode", "wait"), [("full", True), ("diff", True), ("live", True),
+                                            ("live", False)])  # fmt: skip
+async def test_branch_captures_the_pause_instant(
+    runtime: Runtime, source: str, mode: str, wait: bool
+) -> None:
+    before = await counter(runtime, source)
+    info = await runtime.branch(source, mode=mode, wait=wait)
+    # Marks made after the branch returned must not be in its children.
+    await runtime.eval(source, "AFTER_BRANCH = True")
+    await runtime.write_file(source, "/root/after-branch", b"later")
+    after = await counter(runtime, source)
+    assert info.status == ("ready" if wait else "writing")
+    assert info.branched_from == source and info.mode == mode and info.parent_tag == "py"
+    assert info.pause_ms is not None and info.pause_ms > 0
+    if not wait:
+        with pytest.raises(Conflict, match="not ready"):
+            await runtime.spawn(info.tag, 1)
+        assert await wait_status(runtime, info.tag) == "ready"
+    final = runtime.get_snapshot(info.tag)
+    assert final.bootable and final.total_ms and final.bytes_written
+    children = await check_children(runtime, info.tag, before)
+    await asyncio.sleep(0.2)
+    assert await counter(runtime, source) > after, "the source must keep running"
+    assert runtime.get_sandbox(source).branch_count >= 1
+    for child in children:
+        await runtime.kill(child)
+    await runtime.delete_snapshot(info.tag)
+
+
+async def test_child_of_a_branch_can_branch_again(runtime: Runtime, source: str) -> None:
+    first = await runtime.branch(source, tag="gen1", mode="diff", measure_diff=True)
+    assert first.diff_physical_bytes and first.diff_logical_bytes
+    child = (await runtime.spawn("gen1", 1))[0].sandbox.id
+    await runtime.eval(child, "GENERATION = 2")
+    second = await runtime.branch(child, tag="gen2", mode="live")
+    assert second.parent_tag == "gen1"
+    grandchild = (await runtime.spawn("gen2", 1))[0].sandbox.id
+    assert (await runtime.eval(grandchild, "GENERATION")).result == "2"
+    detail = runtime.snapshot_detail("gen2")
+    assert detail.ancestors == ["gen1", "py"] and detail.chain_depth == 2
+    with pytest.raises(Conflict, match="dependent snapshots gen2"):
+        await runtime.delete_snapshot("gen1")
+    for sid in (child, grandchild):
+        await runtime.kill(sid)
+    await runtime.delete_snapshot("gen1", cascade=True)
+    assert {"gen1", "gen2"}.isdisjoint(s.tag for s in runtime.list_snapshots())
+
+
+async def test_branch_validation(runtime: Runtime, source: str) -> None:
+    with pytest.raises(InvalidInput, match="cannot be combined"):
+        await runtime.branch(source, mode="full", diff=True)
+    with pytest.raises(InvalidInput, match='wait=false needs mode "live"'):
+        await runtime.branch(source, mode="diff", wait=False)
+    with pytest.raises(InvalidInput, match="wait=false"):
+        await runtime.branch(source, wait=False)
+    with pytest.raises(InvalidInput, match="invalid snapshot tag"):
+        await runtime.branch(source, tag="../evil")
+    with pytest.raises(InvalidInput, match="mode must be"):
+        await runtime.branch(source, mode="sideways")
+    with pytest.raises(NotFound):
+        await runtime.branch("sb-doesnotexist")
+    with pytest.raises(Conflict, match="already exists"):
+        await runtime.branch(source, tag="py")
+    in_flight = await runtime.branch(source, tag="inflight", mode="live", wait=False)
+    with pytest.raises(Conflict, match="already exists or is being written"):
+        await runtime.branch(source, tag="inflight", mode="live", wait=False)
+    saved = runtime.settings
+    runtime.settings = dataclasses.replace(saved, branch_concurrency=1)
+    try:
+        with pytest.raises(Unavailable, match=r"cap is 1 \(--branch-concurrency\)"):
+            await runtime.branch(source, mode="full")
+    finally:
+        runtime.settings = saved
+    assert await wait_status(runtime, in_flight.tag) == "ready"
+    assert await counter(runtime, source) > 0
+    await runtime.delete_snapshot("inflight")
+
+
+def _pids_matching(text: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", text], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+async def test_killed_materializer_fails_the_branch_not_the_source(
+    runtime: Runtime, source: str
+) -> None:
+    info = await runtime.branch(source, tag="doomed", mode="live", wait=False)
+    deadline = time.monotonic() + 120
+    while not (pids := _pids_matching("materialize-doomed")):
+        assert time.monotonic() < deadline, "materializer never started"
+        assert runtime.get_snapshot(info.tag).status == "writing"
+        await asyncio.sleep(0.02)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    assert await wait_status(runtime, "doomed") == "failed"
+    failed = runtime.get_snapshot("doomed")
+    assert failed.error and not failed.bootable
+    assert not (runtime.settings.snapshots_dir / "doomed").exists()
+    assert (await runtime.ping(source))["pong"] is True
+    assert await counter(runtime, source) > 0
+    await runtime.delete_snapshot("doomed")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> AsyncIterator[Path]:
+    mnt = tmp_path / "small-shm"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    yield mnt  # type: ignore[misc]
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+async def test_branch_into_full_tmpfs_fails_cleanly(
+    runtime: Runtime, template: str, small_tmpfs: Path
+) -> None:
+    """A runtime whose memory dir is a small tmpfs: the template fits, the branch does not."""
+    small = Runtime(dataclasses.replace(runtime.settings, shm_dir=small_tmpfs))
+    await small.start()
+    sid: str | None = None
+    try:
+        await small.create_snapshot("tinyshm", mem_mib=256)
+        sid = (await small.spawn("tinyshm", 1))[0].sandbox.id
+        await small.eval(sid, "import os; BUF = os.urandom(48 << 20)")
+        st = os.statvfs(small_tmpfs)
+        filler = small_tmpfs / "filler"
+        with filler.open("wb") as f:
+            f.truncate(0)
+        subprocess.run(["fallocate", "-l", str(st.f_bavail * st.f_frsize - (8 << 20)), str(filler)],
+                       check=True)  # fmt: skip
+        with pytest.raises(ForkdError, match="no space left"):
+            await small.branch(sid, tag="nospace", mode="full")
+        failed = small.get_snapshot("nospace")
+        assert failed.status == "failed" and failed.error and "no space" in failed.error
+        assert not small.snapshots.exists("nospace")
+        assert (await small.eval(sid, "len(BUF)")).result == str(48 << 20)
+        filler.unlink()
+        await small.delete_snapshot("nospace")
+    finally:
+        if sid is not None:
+            await small.kill(sid)
+        if small.registry.get_snapshot("tinyshm") is not None:
+            await small.delete_snapshot("tinyshm")
+        await small.close()
