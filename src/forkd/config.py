@@ -42,6 +42,7 @@ class Settings:
     max_exec_timeout_s: float = 3600.0
     exec_output_cap_bytes: int = 4 * 1024 * 1024
     agent_timeout_s: float = 30.0
+    warm_pool_size: int = 2
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -55,6 +56,8 @@ class Settings:
             values["shm_dir"] = Path(shm)
         if accel := os.environ.get("FORKD_ACCEL"):
             values["accel"] = accel
+        if pool := os.environ.get("FORKD_WARM_POOL"):
+            values["warm_pool_size"] = int(pool)
         if maxsb := os.environ.get("FORKD_MAX_SANDBOXES"):
             values["max_sandboxes"] = int(maxsb)
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -25,12 +25,15 @@ def forkd(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def state(runtime: Runtime) -> tuple[list[str], list[str], list[str], list[str]]:
+async def state(runtime: Runtime) -> tuple[list[str], list[str], list[str], list[str]]:
+    """Everything a command could create; pre-launched (pooled) children are not sandboxes."""
+    await runtime.settle()
     s = runtime.settings
+    pooled = runtime.pooled_sandbox_ids()
     return (
         sorted(p.name for p in s.snapshots_dir.iterdir()),
         sorted(p.name for p in s.memory_dir.iterdir()),
-        sorted(p.name for p in s.run_dir.iterdir()),
+        sorted(p.name for p in s.run_dir.iterdir() if p.name not in pooled),
         sorted(r.id for r in runtime.registry.list_sandboxes()),
     )
 
@@ -49,19 +52,19 @@ def state(runtime: Runtime) -> tuple[list[str], list[str], list[str], list[str]]
         (["rmi", "../etc"], "invalid snapshot tag"),
     ],
 )
-def test_bad_input_is_refused_cleanly(
+async def test_bad_input_is_refused_cleanly(
     runtime: Runtime, template: str, args: list[str], message: str
 ) -> None:
-    before = state(runtime)
+    before = await state(runtime)
     proc = forkd(runtime.settings.home, *args)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert message in lines[0]
-    assert state(runtime) == before
+    assert await state(runtime) == before
 
 
-def test_template_whose_memory_is_gone_is_refused(runtime: Runtime, template: str) -> None:
+async def test_template_whose_memory_is_gone_is_refused(runtime: Runtime, template: str) -> None:
     snaps = runtime.settings.snapshots_dir
     shutil.copytree(snaps / template, snaps / "gone")
     manifest_path = snaps / "gone" / "manifest.json"
@@ -71,12 +74,12 @@ def test_template_whose_memory_is_gone_is_refused(runtime: Runtime, template: st
     manifest_path.write_text(json.dumps(manifest))
     runtime.registry.put_snapshot(SnapshotRow(tag="gone", status="ready", created_at_unix=0))
     try:
-        before = state(runtime)
+        before = await state(runtime)
         proc = forkd(runtime.settings.home, "fork", "--tag", "gone")
         assert proc.returncode == 1
         assert "not bootable" in proc.stderr and "gone.mem" in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
-        assert state(runtime) == before
+        assert await state(runtime) == before
         listed = {
             s["tag"]: s for s in json.loads(forkd(runtime.settings.home, "images", "--json").stdout)
         }

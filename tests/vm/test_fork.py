@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -78,8 +80,11 @@ async def test_qemu_killed_behind_our_back_is_reported_dead(
 ) -> None:
     victim, survivor = (s.sandbox for s in await runtime.spawn(template, 2))
     os.kill(victim.pid, 9)
-    info = runtime.get_sandbox(victim.id)
-    assert info.state == "dead" and info.dead_reason
+    deadline = time.monotonic() + 5
+    while (info := runtime.get_sandbox(victim.id)).state != "dead":
+        assert time.monotonic() < deadline, "a killed sandbox must be reported dead promptly"
+        await asyncio.sleep(0.05)
+    assert info.dead_reason
     from forkd.errors import SandboxDead
 
     with pytest.raises(SandboxDead):

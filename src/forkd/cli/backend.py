@@ -6,6 +6,7 @@ Both speak the same dict-shaped wire data, so each command is written once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
@@ -55,7 +56,8 @@ class LocalBackend:
         from forkd.runtime.engine import Runtime
 
         self._runner = asyncio.Runner()
-        self.runtime = Runtime(settings)
+        # A one-shot process would only start pre-launched children to kill them at exit.
+        self.runtime = Runtime(dataclasses.replace(settings, warm_pool_size=0))
         self._run(self.runtime.start())
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:

@@ -31,6 +31,7 @@ from forkd.errors import (
     VMError,
 )
 from forkd.images.store import ImageStore
+from forkd.runtime.pool import BASE_MANIFEST, WarmPool, launch_incoming
 from forkd.runtime.registry import Registry, SandboxRow, SnapshotRow, now_unix
 from forkd.snapshots.branch import BranchStats, pause_and_copy, start_live
 from forkd.snapshots.guestram import sparse_copy
@@ -45,12 +46,11 @@ from forkd.validate import (
     validate_tag,
 )
 from forkd.vmm.accel import AccelChoice, detect_accel
-from forkd.vmm.agent_client import AgentClient, AgentSocket
+from forkd.vmm.agent_client import AgentClient
 from forkd.vmm.qemu import QemuProcess, pid_runs_in
-from forkd.vmm.spec import RunPaths, instance_args
+from forkd.vmm.spec import RunPaths
 
 AGENT_CONNECT_TIMEOUT_S = 10.0
-BASE_MANIFEST = "base-manifest.json"
 CHILD_HANDSHAKE_TIMEOUT_S = 60.0
 MAX_PARALLEL_LAUNCHES = 16
 
@@ -69,6 +69,7 @@ class ForkTiming:
     restore_ms: float
     agent_ms: float
     total_ms: float
+    pooled: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class Runtime:
         self._pidfds: dict[str, int] = {}
         self._launch_gate = asyncio.Semaphore(MAX_PARALLEL_LAUNCHES)
         self._background: set[asyncio.Future[None]] = set()
+        self._pool = WarmPool(settings.run_dir, settings.warm_pool_size, self._launch_gate)
         self._branching: set[str] = set()
         self._source_locks: dict[str, asyncio.Lock] = {}
         self.on_sandbox_death: Callable[[str, str], None] | None = None
@@ -110,6 +112,7 @@ class Runtime:
             if tag not in known:
                 manifest = self.snapshots.load(tag)
                 self.registry.put_snapshot(_row_from_manifest(manifest))
+        self._sweep_orphan_run_dirs()
         for sb in self.registry.list_sandboxes():
             if sb.state == "dead":
                 continue
@@ -119,7 +122,29 @@ class Runtime:
             elif self._watch:
                 self._watch_pid(sb.id, sb.pid)
 
+    def _sweep_orphan_run_dirs(self) -> None:
+        """Kill and remove child run dirs no sandbox record owns (pre-launched children of a
+        runtime that died, forks interrupted before they were recorded)."""
+        known = {r.id for r in self.registry.list_sandboxes()}
+        for entry in self.settings.run_dir.glob("sb-*"):
+            if entry.name in known:
+                continue
+            paths = RunPaths(entry)
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(paths.pidfile.read_text().strip())
+                if pid_runs_in(pid, paths):
+                    os.kill(pid, 9)
+            shutil.rmtree(entry, ignore_errors=True)
+
+    async def settle(self) -> None:
+        """Wait for background work that starts processes (warm-pool refills) to finish."""
+        await self._pool.settle()
+
+    def pooled_sandbox_ids(self) -> set[str]:
+        return self._pool.pooled_ids()
+
     async def close(self, *, kill_sandboxes: bool = False) -> None:
+        await self._pool.drain()
         for task in list(self._background):
             task.cancel()
         if self._background:
@@ -213,6 +238,7 @@ class Runtime:
         if cascade:
             for dep in dependents:
                 await self.delete_snapshot(dep, cascade=True)
+        await self._pool.drain(tag)
         self.snapshots.delete(tag)
         self.registry.delete_snapshot(tag)
 
@@ -297,6 +323,7 @@ class Runtime:
             *(self._fork_one(tag, manifest, memory_limit_mib) for _ in range(n)),
             return_exceptions=True,
         )
+        self._pool.refill(manifest)
         spawned = [r for r in results if isinstance(r, Spawned)]
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
@@ -308,44 +335,44 @@ class Runtime:
     async def _fork_one(
         self, tag: str, manifest: SnapshotManifest, memory_limit_mib: int | None
     ) -> Spawned:
-        sandbox_id = "sb-" + secrets.token_hex(6)
-        paths = RunPaths(self.settings.run_dir / sandbox_id)
-        argv = instance_args(
-            manifest.machine_args, mem_mib=manifest.mem_mib, memory_path=Path(manifest.memory.path),
-            share=False, paths=paths, incoming=True,
-        )  # fmt: skip
-        qemu: QemuProcess | None = None
-        sock: AgentSocket | None = None
         agent: AgentClient | None = None
         async with self._launch_gate:
             t0 = time.monotonic()
+            child = self._pool.take(manifest)
+            pooled = child is not None
+            if child is None:
+                try:
+                    child = await launch_incoming(self.settings.run_dir, manifest)
+                except ForkdError:
+                    raise
+                except Exception as exc:
+                    raise VMError(f"fork from {tag!r} failed to start QEMU: {exc}") from exc
+            sandbox_id, qemu = child.sandbox_id, child.qemu
             try:
-                qemu = await QemuProcess.launch(argv, paths)
                 self.registry.put_sandbox(SandboxRow(
-                    id=sandbox_id, snapshot_tag=tag, pid=qemu.pid, run_dir=str(paths.dir),
+                    id=sandbox_id, snapshot_tag=tag, pid=qemu.pid, run_dir=str(child.paths.dir),
                     created_at_unix=now_unix(), state="starting", memory_limit_mib=memory_limit_mib,
                 ))  # fmt: skip
-                (paths.dir / BASE_MANIFEST).write_text(manifest.model_dump_json())
                 t1 = time.monotonic()
-                # Connected before the guest runs: the restored agent is blocked in read() and
-                # answers as soon as the VM continues.
-                sock = await AgentClient.open(paths.agent, timeout=AGENT_CONNECT_TIMEOUT_S)
-                await qemu.load_device_state(self.snapshots.devstate_path(tag))
-                await qemu.cont()
+                await qemu.restore_and_run(self.snapshots.devstate_path(tag))
                 await qemu.close_qmp()
                 t2 = time.monotonic()
-                agent = await sock.handshake(timeout=CHILD_HANDSHAKE_TIMEOUT_S)
-                await agent.reseed(os.urandom(64))
+                agent = await child.sock.handshake(
+                    timeout=CHILD_HANDSHAKE_TIMEOUT_S, entropy=os.urandom(64)
+                )
+                if not agent.hello.get("reseeded"):
+                    raise AgentError(f"the child's agent could not reseed: {agent.hello}")
                 t3 = time.monotonic()
             except BaseException as exc:
+                qemu_said = "" if qemu.alive() else qemu.log_tail()
                 if agent is not None:
                     await agent.close()
-                elif sock is not None:
-                    await sock.close()
-                if qemu is not None:
-                    await qemu.terminate()
+                await child.discard()
                 self.registry.delete_sandbox(sandbox_id)
-                shutil.rmtree(paths.dir, ignore_errors=True)
+                if not isinstance(exc, Exception):
+                    raise
+                if qemu_said:
+                    raise VMError(f"fork from {tag!r} failed, QEMU exited: {qemu_said}") from exc
                 if isinstance(exc, ForkdError):
                     raise
                 raise AgentError(f"fork from {tag!r} failed: {exc}") from exc
@@ -357,7 +384,7 @@ class Runtime:
             self._watch_pid(sandbox_id, qemu.pid)
         timing = ForkTiming(
             qemu_up_ms=(t1 - t0) * 1000, restore_ms=(t2 - t1) * 1000,
-            agent_ms=(t3 - t2) * 1000, total_ms=(t3 - t0) * 1000,
+            agent_ms=(t3 - t2) * 1000, total_ms=(t3 - t0) * 1000, pooled=pooled,
         )  # fmt: skip
         return Spawned(_sandbox_info(row), timing)
 

@@ -9,8 +9,7 @@
   *materialized* by a short-lived QEMU into a memory file plus device state.
 
 Each result is an ordinary template: children fork from it copy-on-write, and can be branched.
-Device state for full and diff comes from ``xen-save-devices-state`` (all devices, no RAM; the
-name is historical, it works on any machine). The source is always continued, even on failure.
+The source is always continued, even on failure.
 """
 
 from __future__ import annotations
@@ -99,9 +98,7 @@ async def pause_and_copy(
     async with qemu.events("STOP", "RESUME") as events:
         await qemu.stop()
         try:
-            await qemu.execute(
-                "xen-save-devices-state", {"filename": str(staging.devstate), "live": False}
-            )
+            await qemu.save_device_state(staging.devstate)
             if mode == "full":
                 await copy_base()
             t1 = time.monotonic()
@@ -138,8 +135,8 @@ async def start_live(
     stats = BranchStats()
     t0 = time.monotonic()
     stream = staging.dir / "live.stream"
-    # Never with x-ignore-shared: it would skip RAM that must be in the stream.
-    await qemu.set_capabilities(x_ignore_shared=False, background_snapshot=True)
+    # x-ignore-shared must stay off (QEMU's default here): it would leave RAM out of the stream.
+    await qemu.set_capabilities(background_snapshot=True)
     events_cm = qemu.events("STOP", "RESUME")
     events = await events_cm.__aenter__()
     try:
@@ -175,7 +172,7 @@ async def start_live(
 
 async def _restore_capabilities(qemu: QemuProcess) -> None:
     with contextlib.suppress(Exception):
-        await qemu.set_capabilities(background_snapshot=False, x_ignore_shared=True)
+        await qemu.set_capabilities(background_snapshot=False)
 
 
 async def materialize(
@@ -198,7 +195,7 @@ async def materialize(
     qemu = await QemuProcess.launch(argv, paths)
     on_materializer(qemu.pid)
     try:
-        await qemu.migrate_incoming(stream, ignore_shared=False, timeout=MATERIALIZE_TIMEOUT_S)
+        await qemu.migrate_incoming(stream, timeout=MATERIALIZE_TIMEOUT_S)
         await qemu.save_device_state(staging.devstate)
     except VMError as exc:
         raise VMError(f"materializing the live snapshot failed: {exc}") from exc

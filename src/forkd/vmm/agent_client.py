@@ -386,14 +386,20 @@ class AgentSocket:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
 
-    async def handshake(self, *, timeout: float) -> AgentClient:
-        """Say hello with a fresh session; :class:`AgentError` if not answered in time."""
+    async def handshake(self, *, timeout: float, entropy: bytes | None = None) -> AgentClient:
+        """Say hello with a fresh session; :class:`AgentError` if not answered in time.
+
+        ``entropy`` (a fork's first message) reseeds the guest before the hello is answered.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         socket_path, reader, writer = self.socket_path, self.reader, self.writer
         session = secrets.token_hex(8)
         hello_id = f"{session}-0"
-        hello_line = b"\n" + _encode({"id": hello_id, "op": "hello", "session": session})
+        hello: dict[str, Any] = {"id": hello_id, "op": "hello", "session": session}
+        if entropy is not None:
+            hello["entropy_b64"] = base64.b64encode(entropy).decode("ascii")
+        hello_line = b"\n" + _encode(hello)
         unknown = 0
         junk = 0
         try:

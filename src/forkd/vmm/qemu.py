@@ -175,19 +175,25 @@ class QemuProcess:
                 raise VMError(f"{what} did not complete within {timeout} s (status {status})")
             await asyncio.sleep(MIGRATION_POLL_S)
 
-    async def save_device_state(self, dest: Path, *, timeout: float = 60.0) -> dict[str, Any]:
-        """With the VM stopped, write device state only (RAM is a shared file, skipped)."""
-        await self.set_capabilities(x_ignore_shared=True)
-        await self.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(dest))}"})
-        return await self.wait_migration(timeout=timeout, what="device-state save")
+    async def save_device_state(self, dest: Path) -> None:
+        """Write the state of every device, no RAM, to ``dest`` (the VM stays stopped if it was).
 
-    async def load_device_state(self, source: Path, *, timeout: float = 60.0) -> None:
-        """On a ``-incoming defer`` QEMU, restore device state saved by ``save_device_state``."""
-        await self.migrate_incoming(source, ignore_shared=True, timeout=timeout)
+        ``xen-save-devices-state`` (a historical name: it works on any machine) records the run
+        state as "running", so a child restored from the file starts as soon as it is loaded.
+        Guest RAM is never in the file: it lives in the template's memory file.
+        """
+        await self.execute("xen-save-devices-state", {"filename": str(dest), "live": False})
 
-    async def migrate_incoming(self, source: Path, *, ignore_shared: bool, timeout: float) -> None:
-        """Load a migration stream from ``source`` and wait until the VM is paused with it."""
-        await self.set_capabilities(x_ignore_shared=ignore_shared)
+    async def restore_and_run(self, devstate: Path) -> None:
+        """On a ``-incoming defer`` QEMU whose x-ignore-shared is already on: load ``devstate`` and
+        run as soon as it is loaded, without waiting here (``cont`` during an incoming migration
+        means "start when done"). If the load fails QEMU exits, which its caller notices on the
+        agent socket."""
+        await self.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(devstate))}"})
+        await self.cont()
+
+    async def migrate_incoming(self, source: Path, *, timeout: float) -> None:
+        """Load a full migration stream (RAM included) from ``source``; wait until it is in."""
         await self.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(source))}"})
         deadline = time.monotonic() + timeout
         while True:
@@ -208,6 +214,14 @@ class QemuProcess:
 
     def alive(self) -> bool:
         return pid_runs_in(self.pid, self.paths)
+
+    def log_tail(self, lines: int = 3) -> str:
+        """QEMU's last error reports (``-D`` log), for error messages."""
+        try:
+            text = self.paths.qemu_log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
 
     async def wait_exit(self, timeout: float) -> bool:
         """Wait until the process is gone; True if it exited within ``timeout``."""

@@ -65,8 +65,8 @@ class MachineSpec:
             "-smp", str(self.cpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
             "-no-reboot",
-            # Device-state files are also written by xen-save-devices-state (diff BRANCH), which
-            # emits no configuration section; both ends must agree to not expect one.
+            # Device-state files are written by xen-save-devices-state, which emits no
+            # configuration section; both ends must agree to not expect one.
             "-global", "migration.send-configuration=off",
             "-kernel", str(self.kernel),
             "-initrd", str(self.initrd),
@@ -106,5 +106,7 @@ def instance_args(
         "-daemonize",
     ]  # fmt: skip
     if incoming:
-        args += ["-incoming", "defer"]
+        # -S: after the load the VM stays paused unless told to run (children are, with an early
+        # ``cont``; the live-branch materializer is not).
+        args += ["-S", "-incoming", "defer"]
     return args

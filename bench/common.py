@@ -1,0 +1,59 @@
+"""Helpers shared by the benchmarks: statistics, memory readings, a scratch forkd home."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from forkd.config import Settings
+from forkd.images.builder import ImageRequest, build_image
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1))))
+    return float(ordered[k])
+
+
+def mem_available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def pss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@contextmanager
+def scratch_settings(**overrides: object) -> Iterator[Settings]:
+    home = Path(tempfile.mkdtemp(prefix="forkd-bench-"))
+    settings = Settings.from_env(home=home, **overrides)
+    build_image(settings, ImageRequest.default("python", None, None), lambda _: None)
+    try:
+        yield settings
+    finally:
+        shutil.rmtree(settings.memory_dir, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def write_results(name: str, data: object, markdown: str) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2))
+    (RESULTS / f"{name}.md").write_text(markdown)
+    print(markdown)
