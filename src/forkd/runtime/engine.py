@@ -31,6 +31,7 @@ from forkd.errors import (
     VMError,
 )
 from forkd.images.store import ImageStore
+from forkd.runtime import cgroups as cgroup_limits
 from forkd.runtime.pool import BASE_MANIFEST, WarmPool, launch_incoming
 from forkd.runtime.registry import Registry, SandboxRow, SnapshotRow, now_unix
 from forkd.snapshots.branch import BranchStats, pause_and_copy, start_live
@@ -313,6 +314,7 @@ class Runtime:
                 f"memory_limit_mib must be between 64 and 1048576, got {memory_limit_mib}"
             )
         manifest = self._ready_manifest(tag)
+        cgroups = cgroup_limits.require() if memory_limit_mib is not None else None
         running = sum(1 for r in self.registry.list_sandboxes() if r.state != "dead")
         if running + n > self.settings.max_sandboxes:
             raise Unavailable(
@@ -320,7 +322,7 @@ class Runtime:
                 f"{self.settings.max_sandboxes} (--max-sandboxes)"
             )
         results = await asyncio.gather(
-            *(self._fork_one(tag, manifest, memory_limit_mib) for _ in range(n)),
+            *(self._fork_one(tag, manifest, memory_limit_mib, cgroups) for _ in range(n)),
             return_exceptions=True,
         )
         self._pool.refill(manifest)
@@ -333,7 +335,11 @@ class Runtime:
         return spawned
 
     async def _fork_one(
-        self, tag: str, manifest: SnapshotManifest, memory_limit_mib: int | None
+        self,
+        tag: str,
+        manifest: SnapshotManifest,
+        memory_limit_mib: int | None,
+        cgroups: cgroup_limits.MemoryCgroups | None,
     ) -> Spawned:
         agent: AgentClient | None = None
         async with self._launch_gate:
@@ -353,6 +359,8 @@ class Runtime:
                     id=sandbox_id, snapshot_tag=tag, pid=qemu.pid, run_dir=str(child.paths.dir),
                     created_at_unix=now_unix(), state="starting", memory_limit_mib=memory_limit_mib,
                 ))  # fmt: skip
+                if cgroups is not None and memory_limit_mib is not None:
+                    cgroups.limit(sandbox_id, qemu.pid, memory_limit_mib)
                 t1 = time.monotonic()
                 await qemu.restore_and_run(self.snapshots.devstate_path(tag))
                 await qemu.close_qmp()
@@ -368,6 +376,8 @@ class Runtime:
                 if agent is not None:
                     await agent.close()
                 await child.discard()
+                if cgroups is not None:
+                    cgroups.remove(sandbox_id)
                 self.registry.delete_sandbox(sandbox_id)
                 if not isinstance(exc, Exception):
                     raise
@@ -397,6 +407,8 @@ class Runtime:
         if pid_runs_in(row.pid, paths):
             await QemuProcess(row.pid, paths).terminate()
         shutil.rmtree(paths.dir, ignore_errors=True)
+        if row.memory_limit_mib is not None and (cgroups := cgroup_limits.detect()) is not None:
+            cgroups.remove(sandbox_id)
         self.registry.delete_sandbox(sandbox_id)
 
     # --- branch ----------------------------------------------------------------------------

@@ -1,0 +1,78 @@
+"""Per-sandbox memory limits: one cgroup leaf per QEMU process.
+
+cgroup v2 (``memory.max``) where the unified hierarchy has the memory controller, else the v1
+memory controller (``memory.limit_in_bytes``). When neither is writable, asking for a limit is a
+clear error rather than a silent no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from forkd.errors import InvalidInput
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+LEAF_PARENT = "forkd"
+
+
+@dataclass(frozen=True)
+class MemoryCgroups:
+    version: Literal["v2", "v1"]
+    parent: Path
+
+    def leaf(self, sandbox_id: str) -> Path:
+        return self.parent / sandbox_id
+
+    def limit(self, sandbox_id: str, pid: int, limit_mib: int) -> Path:
+        """Create the sandbox's leaf with ``limit_mib`` and move ``pid`` into it."""
+        leaf = self.leaf(sandbox_id)
+        leaf.mkdir(parents=True, exist_ok=True)
+        limit_bytes = str(limit_mib * 1024 * 1024)
+        if self.version == "v2":
+            (leaf / "memory.max").write_text(limit_bytes)
+            with contextlib.suppress(OSError):
+                (leaf / "memory.swap.max").write_text("0")
+        else:
+            (leaf / "memory.limit_in_bytes").write_text(limit_bytes)
+        (leaf / "cgroup.procs").write_text(str(pid))
+        return leaf
+
+    def remove(self, sandbox_id: str) -> None:
+        with contextlib.suppress(OSError):
+            self.leaf(sandbox_id).rmdir()
+
+
+def detect(root: Path = CGROUP_ROOT) -> MemoryCgroups | None:
+    """The writable memory controller on this host, if any."""
+    unified = root / "cgroup.controllers"
+    if unified.is_file() and "memory" in unified.read_text().split():
+        parent = root / LEAF_PARENT
+        try:
+            (root / "cgroup.subtree_control").write_text("+memory")
+            parent.mkdir(exist_ok=True)
+            (parent / "cgroup.subtree_control").write_text("+memory")
+            return MemoryCgroups("v2", parent)
+        except OSError:
+            pass
+    v1 = root / "memory"
+    if (v1 / "cgroup.procs").is_file():
+        parent = v1 / LEAF_PARENT
+        try:
+            parent.mkdir(exist_ok=True)
+            return MemoryCgroups("v1", parent)
+        except OSError:
+            pass
+    return None
+
+
+def require() -> MemoryCgroups:
+    cgroups = detect()
+    if cgroups is None:
+        raise InvalidInput(
+            "memory_limit_mib needs a writable cgroup memory controller (cgroup v2 with the "
+            "memory controller, or v1 memory), which this host does not offer"
+        )
+    return cgroups
