@@ -57,3 +57,48 @@ def write_results(name: str, data: object, markdown: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2))
     (RESULTS / f"{name}.md").write_text(markdown)
     print(markdown)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running_daemon(settings: Settings) -> Iterator[str]:
+    """A real ``forkd daemon`` process on a free loopback port; yields its base URL."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "FORKD_HOME": str(settings.home)}
+    env.pop("FORKD_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "forkd", "daemon", "--bind", f"127.0.0.1:{port}", "--kill-on-exit"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"daemon did not start: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

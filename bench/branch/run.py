@@ -1,0 +1,137 @@
+"""BRANCH benchmark through the REST API: pause and HTTP round trip per mode.
+
+One source with 1 GiB of guest RAM, >= 512 MiB resident (numpy plus a 512 MiB buffer made in the
+template's warm-up); in the source a thread keeps dirtying a 16 MiB hot region of the buffer.
+Iterations interleave live-sync, live-async, diff and full; each records QEMU's pause (STOP to
+RESUME) and the HTTP round trip, waits until the snapshot is ready, then deletes it.
+
+    python bench/branch/run.py [--iterations 10]
+
+Writes bench/results/branch.{csv,md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import RESULTS, median, percentile, running_daemon, scratch_settings, write_results
+
+WARMUP = "import numpy\nBUF = numpy.ones(64 << 20)  # 512 MiB resident\n"
+DIRTY = """
+import threading, time
+def _dirty():
+    hot = BUF[: 2 << 20]  # 16 MiB hot region
+    i = 0
+    while True:
+        hot[(i * 4099) % hot.size] += 1.0
+        i += 1
+        if i % 512 == 0:
+            time.sleep(0.01)
+threading.Thread(target=_dirty, daemon=True).start()
+"""
+KINDS = (("live-sync", "live", True), ("live-async", "live", False), ("diff", "diff", True),
+         ("full", "full", True))  # fmt: skip
+
+
+def wait_ready(c: httpx.Client, tag: str) -> dict:
+    while True:
+        info = c.get(f"/v1/snapshots/{tag}/info").json()
+        if info["status"] != "writing":
+            return info
+        time.sleep(0.05)
+
+
+def main(args: argparse.Namespace) -> None:
+    rows: list[dict[str, object]] = []
+    with scratch_settings() as settings, running_daemon(settings) as url:
+        c = httpx.Client(base_url=url, timeout=1800)
+        r = c.post("/v1/snapshots", json={"tag": "src", "mem_mib": 1024, "warmup": WARMUP})
+        r.raise_for_status()
+        sid = c.post("/v1/sandboxes", json={"snapshot_tag": "src"}).json()[0]["id"]
+        c.post(f"/v1/sandboxes/{sid}/eval", json={"code": DIRTY}).raise_for_status()
+        time.sleep(2)
+        for i in range(args.iterations):
+            for kind, mode, wait in KINDS:
+                tag = f"b{i}-{kind}"
+                body: dict[str, object] = {"tag": tag, "mode": mode}
+                if not wait:
+                    body["wait"] = False
+                t0 = time.perf_counter()
+                resp = c.post(f"/v1/sandboxes/{sid}/branch", json=body)
+                rtt_ms = (time.perf_counter() - t0) * 1000
+                resp.raise_for_status()
+                info = wait_ready(c, tag)
+                assert info["status"] == "ready", info
+                rows.append({
+                    "iteration": i, "kind": kind, "http_status": resp.status_code,
+                    "pause_ms": round(info["pause_ms"], 2), "http_rtt_ms": round(rtt_ms, 2),
+                    "total_ms": round(info["total_ms"], 1), "bytes_written": info["bytes_written"],
+                })  # fmt: skip
+                print(rows[-1], flush=True)
+                c.delete(f"/v1/snapshots/{tag}").raise_for_status()
+        alive = c.post(f"/v1/sandboxes/{sid}/eval", json={"code": "float(BUF[:16].sum())"})
+        assert alive.status_code == 200
+    RESULTS.mkdir(exist_ok=True)
+    with (RESULTS / "branch.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    table = ["| mode | pause p50 | pause p90 | HTTP round trip p50 | round trip p90 | total p50 |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    stats: dict[str, dict[str, float]] = {}
+    for kind, _, _ in KINDS:
+        sel = [r for r in rows if r["kind"] == kind]
+        pause = [float(r["pause_ms"]) for r in sel]  # type: ignore[arg-type]
+        rtt = [float(r["http_rtt_ms"]) for r in sel]  # type: ignore[arg-type]
+        total = [float(r["total_ms"]) for r in sel]  # type: ignore[arg-type]
+        stats[kind] = {"pause_p50": median(pause), "pause_p90": percentile(pause, 90),
+                       "rtt_p50": median(rtt), "rtt_p90": percentile(rtt, 90),
+                       "total_p50": median(total)}  # fmt: skip
+        s = stats[kind]
+        table.append(
+            f"| {kind} | {s['pause_p50']:.1f} ms | {s['pause_p90']:.1f} ms | "
+            f"{s['rtt_p50']:.0f} ms | {s['rtt_p90']:.0f} ms | {s['total_p50']:.0f} ms |"
+        )
+    live, full = stats["live-sync"]["pause_p50"], stats["full"]["pause_p50"]
+    table += [
+        "",
+        f"full pause / live pause: {full / live:.0f}x; "
+        f"diff pause / full pause: {stats['diff']['pause_p50'] / full:.2f}",
+        f"{args.iterations} interleaved iterations, 1 GiB source, >= 512 MiB resident; "
+        "`python bench/branch/run.py`",
+    ]
+    chart(rows)
+    write_results("branch", stats, "\n".join(table) + "\n")
+
+
+def chart(rows: list[dict[str, object]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    kinds = [k for k, _, _ in KINDS]
+    for ax, key, title in ((ax1, "pause_ms", "guest pause (ms, log)"),
+                           (ax2, "http_rtt_ms", "HTTP round trip (ms, log)")):  # fmt: skip
+        data = [[float(r[key]) for r in rows if r["kind"] == k] for k in kinds]  # type: ignore[arg-type]
+        ax.boxplot(data, labels=kinds)
+        ax.set_yscale("log")
+        ax.set_title(title)
+    fig.suptitle("forkd BRANCH on a 1 GiB source (QEMU TCG)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "branch.png", dpi=110)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--iterations", type=int, default=10)
+    main(p.parse_args())
