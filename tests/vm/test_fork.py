@@ -64,7 +64,8 @@ async def test_children_are_warm_isolated_and_reseeded(runtime: Runtime, templat
 
 async def test_kill_removes_process_and_run_dir(runtime: Runtime, template: str) -> None:
     a, b = (s.sandbox for s in await runtime.spawn(template, 2))
-    run_dir = runtime.settings.run_dir / a.id
+    assert a.run_dir is not None
+    run_dir = Path(a.run_dir)
     assert run_dir.is_dir() and pid_alive(a.pid)
     await runtime.kill(a.id)
     assert not pid_alive(a.pid)

@@ -32,7 +32,7 @@ from forkd.errors import (
 )
 from forkd.images.store import ImageStore
 from forkd.runtime import cgroups as cgroup_limits
-from forkd.runtime.pool import BASE_MANIFEST, WarmPool, launch_incoming
+from forkd.runtime.pool import BASE_MANIFEST, WarmPool, launch_incoming, pool_dir_owner
 from forkd.runtime.registry import Registry, SandboxRow, SnapshotRow, now_unix
 from forkd.snapshots.branch import BranchStats, pause_and_copy, start_live
 from forkd.snapshots.guestram import sparse_copy
@@ -48,10 +48,11 @@ from forkd.validate import (
 )
 from forkd.vmm.accel import AccelChoice, detect_accel
 from forkd.vmm.agent_client import AgentClient
-from forkd.vmm.qemu import QemuProcess, pid_runs_in
+from forkd.vmm.qemu import QemuProcess, pid_alive, pid_runs_in
 from forkd.vmm.spec import RunPaths
 
 AGENT_CONNECT_TIMEOUT_S = 10.0
+UNRECORDED_GRACE_S = 120.0
 CHILD_HANDSHAKE_TIMEOUT_S = 60.0
 MAX_PARALLEL_LAUNCHES = 16
 
@@ -124,11 +125,22 @@ class Runtime:
                 self._watch_pid(sb.id, sb.pid)
 
     def _sweep_orphan_run_dirs(self) -> None:
-        """Kill and remove child run dirs no sandbox record owns (pre-launched children of a
-        runtime that died, forks interrupted before they were recorded)."""
-        known = {r.id for r in self.registry.list_sandboxes()}
-        for entry in self.settings.run_dir.glob("sb-*"):
-            if entry.name in known:
+        """Kill and remove child run dirs nobody owns: pre-launched children whose owning process
+        is gone, and forks interrupted before they were recorded (old enough that no fork can
+        still be in progress). Other live processes' pools are left alone."""
+        known = {Path(r.run_dir).name for r in self.registry.list_sandboxes()}
+        stale_before = time.time() - UNRECORDED_GRACE_S
+        for entry in self.settings.run_dir.iterdir() if self.settings.run_dir.is_dir() else []:
+            if entry.name in known:  # a sandbox, wherever its run dir came from
+                continue
+            owner = pool_dir_owner(entry.name)
+            orphan = False
+            if owner is not None:
+                orphan = owner == os.getpid() or not pid_alive(owner)
+            elif entry.name.startswith("sb-"):
+                with contextlib.suppress(OSError):
+                    orphan = entry.stat().st_mtime < stale_before
+            if not orphan:
                 continue
             paths = RunPaths(entry)
             with contextlib.suppress(OSError, ValueError):
@@ -146,6 +158,7 @@ class Runtime:
 
     async def close(self, *, kill_sandboxes: bool = False) -> None:
         await self._pool.drain()
+        self._sweep_orphan_run_dirs()
         for task in list(self._background):
             task.cancel()
         if self._background:
@@ -783,6 +796,7 @@ def _sandbox_info(row: SandboxRow) -> wire.SandboxInfo:
         branch_count=row.branch_count,
         state="dead" if row.state == "dead" else "running",
         dead_reason=row.dead_reason,
+        run_dir=row.run_dir,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import shutil
 from collections.abc import Callable
@@ -46,10 +47,30 @@ class Prelaunched:
         shutil.rmtree(self.paths.dir, ignore_errors=True)
 
 
-async def launch_incoming(run_root: Path, manifest: SnapshotManifest) -> Prelaunched:
-    """Start a child QEMU for ``manifest`` up to the point where only the restore is left."""
+POOL_PREFIX = "pool-"
+
+
+def pool_dir_owner(name: str) -> int | None:
+    """The pid of the process that pre-launched the child in run dir ``name``."""
+    if not name.startswith(POOL_PREFIX):
+        return None
+    try:
+        return int(name[len(POOL_PREFIX) :].split("-", 1)[0])
+    except ValueError:
+        return None
+
+
+async def launch_incoming(
+    run_root: Path, manifest: SnapshotManifest, *, pooled: bool = False
+) -> Prelaunched:
+    """Start a child QEMU for ``manifest`` up to the point where only the restore is left.
+
+    A pooled child's run dir names its owner (``pool-<pid>-...``) so that only a dead owner's
+    leftovers are ever swept by another process.
+    """
     sandbox_id = "sb-" + secrets.token_hex(6)
-    paths = RunPaths(run_root / sandbox_id)
+    name = f"{POOL_PREFIX}{os.getpid()}-{secrets.token_hex(4)}" if pooled else sandbox_id
+    paths = RunPaths(run_root / name)
     argv = instance_args(
         manifest.machine_args, mem_mib=manifest.mem_mib, memory_path=Path(manifest.memory.path),
         share=False, paths=paths, incoming=True,
@@ -106,7 +127,7 @@ class WarmPool:
         try:
             while len(entries) < self.size:
                 async with self._gate:
-                    entries.append(await launch_incoming(self.run_root, manifest))
+                    entries.append(await launch_incoming(self.run_root, manifest, pooled=True))
         except Exception as exc:  # a refill failure only costs latency; forks launch directly
             self.on_error(manifest.tag, exc)
 

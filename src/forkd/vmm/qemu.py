@@ -85,9 +85,17 @@ class QemuProcess:
         )
         try:
             _, err = await asyncio.wait_for(proc.communicate(), timeout)
-        except TimeoutError as exc:
-            proc.kill()
-            raise VMError(f"QEMU did not finish starting within {timeout} s") from exc
+        except BaseException as exc:
+            # Cancelled or timed out mid-start: the daemonized QEMU may already exist; never
+            # leave it running unowned.
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await asyncio.shield(proc.wait())
+            with contextlib.suppress(OSError, ValueError, ProcessLookupError):
+                os.kill(int(paths.pidfile.read_text().strip()), signal.SIGKILL)
+            if isinstance(exc, TimeoutError):
+                raise VMError(f"QEMU did not finish starting within {timeout} s") from exc
+            raise
         if proc.returncode != 0:
             detail = err.decode(errors="replace").strip().splitlines()[-5:]
             raise VMError("QEMU failed to start: " + " | ".join(detail))

@@ -1,0 +1,682 @@
+"""The REST app of the forkd daemon: routes of the forkd v0.5 wire API, plus files and info.
+
+Thin by design: each route validates its input (pydantic models from :mod:`forkd.wire`), calls the
+:class:`~forkd.runtime.engine.Runtime` under a timeout, and answers. Every error is
+``{"error": "..."}`` with the status of the :mod:`forkd.errors` class that was raised.
+
+Middleware (all plain ASGI, outermost first): audit log -> bearer auth -> body size cap.
+Routes are ``async def`` on purpose: the runtime is single-threaded (SQLite, asyncio state) and
+must never be called from the thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import math
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Body, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, TypeAdapter
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from forkd import API_VERSION, __version__, wire
+from forkd.api.audit import AuditLog, AuditMiddleware
+from forkd.api.auth import OPEN_PATHS, BearerAuthMiddleware
+from forkd.api.limits import BodyLimitMiddleware, GatewayTimeout, Limits, PayloadTooLarge
+from forkd.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from forkd.api.metrics import Metrics
+from forkd.api.models import ForkTimingMs, Health, SpawnedSandbox, VersionInfo
+from forkd.config import DEFAULT_IMAGE, DEFAULT_MEM_MIB
+from forkd.errors import (
+    AgentError,
+    Conflict,
+    ForkdError,
+    InvalidInput,
+    NotImplementedYet,
+    SandboxDead,
+)
+from forkd.runtime.engine import Runtime
+from forkd.validate import SANDBOX_ID_RE, TAG_RE
+
+log = logging.getLogger("forkd.api")
+
+T = TypeVar("T")
+JSON = "application/json"
+
+_SNAPSHOT_LIST = TypeAdapter(list[wire.SnapshotInfo])
+_SANDBOX_LIST = TypeAdapter(list[wire.SandboxInfo])
+_SPAWNED_LIST = TypeAdapter(list[SpawnedSandbox])
+_ANY = TypeAdapter(Any)
+
+_DESCRIPTIONS = {
+    400: "Invalid input (the message names the field or value)",
+    401: "Missing or invalid bearer token",
+    404: "No such snapshot, sandbox or file",
+    409: "Conflicts with current state (tag exists, not ready, dependents, in flight, "
+    "directory not empty)",
+    410: "The sandbox is dead (its QEMU exited); the message gives the reason",
+    413: "Request body too large (or no room left for it in the sandbox)",
+    500: "The guest agent or VM failed",
+    501: "Not implemented in this build",
+    503: "A capacity bound is in force; retry later",
+    504: "The operation did not finish within the daemon's time bound",
+}
+PathQuery = Annotated[str, Query(description="absolute path inside the sandbox")]
+
+_BASE = (401, 500)
+_SANDBOX_OP = (*_BASE, 400, 404, 409, 410, 413, 504)
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {
+        code: {"model": wire.ErrorBody, "description": _DESCRIPTIONS[code]}
+        for code in sorted(set(codes))
+    }
+
+
+def _json(model: BaseModel, status: int = 200) -> Response:
+    return Response(model.__pydantic_serializer__.to_json(model), status, media_type=JSON)
+
+
+def _json_list(adapter: TypeAdapter[Any], items: Any, status: int = 200) -> Response:
+    return Response(adapter.dump_json(items), status, media_type=JSON)
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(_ANY.dump_json({"error": message}), status, headers, media_type=JSON)
+
+
+def _no_nul(value: str, what: str) -> None:
+    if "\0" in value:
+        raise InvalidInput(f"{what} must not contain NUL characters")
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts: list[str] = []
+    for err in exc.errors()[:3]:
+        loc = [str(x) for x in err.get("loc", ())]
+        kind = loc[0] if loc else "request"
+        name = ".".join(loc[1:])
+        msg = str(err.get("msg", "invalid value"))
+        if err.get("type") == "json_invalid":
+            detail = (err.get("ctx") or {}).get("error", "")
+            parts.append(f"request body is not valid JSON ({detail})" if detail else msg)
+        elif kind == "body" and not name:
+            parts.append(
+                "request body is required (a JSON object)"
+                if err.get("type") == "missing"
+                else "request body must be a JSON object sent as Content-Type: "
+                f"application/json ({msg})"
+            )
+        elif kind == "body":
+            parts.append(f"field {name!r}: {msg}")
+        elif kind in ("query", "path", "header"):
+            parts.append(f"{kind} parameter {name!r}: {msg}")
+        else:
+            parts.append(f"{'.'.join(loc) or 'request'}: {msg}")
+    more = len(exc.errors()) - len(parts)
+    return "invalid request: " + "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+# The agent answers a failed file system call with kind "os_error", which reaches us as an
+# AgentError "agent <op>: [Errno N] <strerror>: '<path>'". These errnos mean the request itself
+# cannot be done on that path (a 4xx), not that the agent or VM failed.
+_AGENT_OS_ERROR = re.compile(r"^agent [a-z_]+: (\[Errno (\d+)\] .*)$", re.DOTALL)
+_CONFLICT_ERRNOS = frozenset({errno.ENOTEMPTY, errno.EEXIST, errno.EBUSY, errno.ETXTBSY})
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_INVALID_ERRNOS = frozenset({
+    errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EINVAL, errno.ENAMETOOLONG,
+    errno.EROFS, errno.ELOOP, errno.EXDEV, errno.ENXIO, errno.ENODEV,
+})  # fmt: skip
+
+
+def _guest_os_refusal(exc: AgentError) -> ForkdError | None:
+    match = _AGENT_OS_ERROR.match(str(exc))
+    if match is None:
+        return None
+    code, text = int(match.group(2)), match.group(1)
+    if code in _CONFLICT_ERRNOS:
+        return Conflict(text)
+    if code in _FULL_ERRNOS:
+        return PayloadTooLarge(f"the sandbox has no room for this: {text}")
+    if code in _INVALID_ERRNOS:
+        return InvalidInput(text)
+    return None
+
+
+class _RuntimeCounts:
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+
+    def snapshot_count(self) -> int:
+        return len(self._rt.list_snapshots())
+
+    def active_sandbox_count(self) -> int:
+        return len(self._rt.list_sandboxes())
+
+    def branches_in_flight(self) -> int:
+        return self._rt.branches_in_flight
+
+
+def create_app(
+    runtime: Runtime,
+    *,
+    token: str | None,
+    audit_log: Path,
+    limits: Limits | None = None,
+    kill_on_exit: bool = False,
+    on_ready: Callable[[], None] | None = None,
+) -> FastAPI:
+    """The daemon app around ``runtime``.
+
+    The app's lifespan starts the runtime (re-adopting sandboxes that still run) and closes it
+    on shutdown, killing the sandboxes only with ``kill_on_exit``. ``token`` None disables auth
+    (loopback use); ``audit_log`` is the JSON-lines file every request is recorded in.
+    """
+    lim = limits or Limits()
+    audit = AuditLog(audit_log)
+    metrics = Metrics(_RuntimeCounts(runtime))
+
+    previous_hook = runtime.on_sandbox_death
+
+    def on_death(sandbox_id: str, reason: str) -> None:
+        metrics.sandbox_deaths.inc()
+        if previous_hook is not None:
+            previous_hook(sandbox_id, reason)
+
+    runtime.on_sandbox_death = on_death
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        if on_ready is not None:
+            on_ready()
+        try:
+            yield
+        finally:
+            try:
+                await runtime.close(kill_sandboxes=kill_on_exit)
+            finally:
+                audit.close()
+
+    app = FastAPI(
+        title="forkd",
+        version=__version__,
+        summary="Copy-on-write microVM sandboxes: boot once, warm, fork hundreds.",
+        description=(
+            "The forkd v0.5 wire API (`/v1/snapshots`, `/v1/sandboxes`) plus files and snapshot "
+            "info. Every endpoint but `/healthz` needs `Authorization: Bearer <token>` when the "
+            'daemon runs with a token. Every error is `{"error": "<message>"}`.'
+        ),
+        lifespan=lifespan,
+        redoc_url=None,
+    )
+    app.state.runtime = runtime
+    app.state.metrics = metrics
+    app.state.limits = lim
+
+    # --- bounds and error mapping -------------------------------------------------------------
+
+    async def bounded(call: Awaitable[T], seconds: float, what: str) -> T:
+        timeout = asyncio.timeout(seconds)
+        try:
+            async with timeout:
+                return await call
+        except TimeoutError:
+            if timeout.expired():
+                raise GatewayTimeout(f"{what} did not finish within {seconds:g} s") from None
+            raise
+
+    async def on_sandbox(sandbox_id: str, call: Awaitable[T], seconds: float, what: str) -> T:
+        """An agent call; a failure because the VM just died is reported as 410 with why, and a
+        file operation the guest refused (EACCES, ENOTEMPTY, ...) as the caller's error."""
+        try:
+            return await bounded(call, seconds, what)
+        except SandboxDead:
+            raise
+        except AgentError as exc:
+            try:
+                info = runtime.get_sandbox(sandbox_id)
+            except ForkdError:
+                raise exc from None
+            if info.state == "dead":
+                raise SandboxDead(f"sandbox {sandbox_id} is dead: {info.dead_reason}") from exc
+            refused = _guest_os_refusal(exc)
+            if refused is not None:
+                raise refused from exc
+            raise
+
+    @app.exception_handler(ForkdError)
+    async def forkd_error(request: Request, exc: ForkdError) -> Response:
+        if isinstance(exc, AgentError) and not isinstance(exc, SandboxDead):
+            metrics.agent_errors.inc()
+        if exc.http_status >= 500 and exc.http_status not in (501, 503):
+            log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.http_status, exc)
+        return error_response(exc.http_status, str(exc) or type(exc).__name__)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(400, _validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        headers = dict(exc.headers) if exc.headers else None
+        if exc.status_code == 404:
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return error_response(exc.status_code, message, headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        # Starlette re-raises after this answer, so uvicorn logs the traceback once.
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    # --- daemon -------------------------------------------------------------------------------
+
+    @app.get("/healthz", response_model=Health, tags=["daemon"])
+    async def healthz() -> Response:
+        """Liveness probe; needs no token."""
+        return Response(b'{"ok":true}', media_type=JSON)
+
+    @app.get("/version", response_model=VersionInfo, responses=_errors(*_BASE), tags=["daemon"])
+    async def version() -> Response:
+        return _json(VersionInfo(version=__version__, api=API_VERSION, accel=runtime.accel.name))
+
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {"content": {METRICS_CONTENT_TYPE: {"schema": {"type": "string"}}}},
+            **_errors(*_BASE),
+        },
+        tags=["daemon"],
+    )
+    async def get_metrics() -> Response:
+        """Prometheus text exposition."""
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    # --- snapshots ----------------------------------------------------------------------------
+
+    @app.get(
+        "/v1/snapshots",
+        response_model=list[wire.SnapshotInfo],
+        responses=_errors(*_BASE),
+        tags=["snapshots"],
+    )
+    async def list_snapshots() -> Response:
+        return _json_list(_SNAPSHOT_LIST, runtime.list_snapshots())
+
+    @app.post(
+        "/v1/snapshots",
+        status_code=201,
+        response_model=wire.SnapshotInfo,
+        responses=_errors(*_BASE, 400, 404, 409, 413, 504),
+        tags=["snapshots"],
+    )
+    async def create_snapshot(req: wire.CreateSnapshotRequest) -> Response:
+        """Boot a parent VM from an image, warm it, save it as template ``tag``.
+
+        forkd v0.5's form (``kernel``, ``rootfs``, ``rw``, ``tap``, ``boot_wait_secs``) is
+        accepted; host kernel/rootfs paths are ignored in favour of an image and the answer's
+        ``warning`` says so.
+        """
+        image = req.image or DEFAULT_IMAGE
+        warnings: list[str] = []
+        if req.kernel is not None or req.rootfs is not None:
+            warnings.append(
+                "kernel and rootfs paths are ignored: this forkd builds templates from guest "
+                f"images (used image {image!r}; see 'forkd image build')"
+            )
+        if req.tap is not None:
+            warnings.append("tap is ignored: templates have no guest network in this build")
+        call = runtime.create_snapshot(
+            req.tag,
+            image=image,
+            mem_mib=req.mem_mib if req.mem_mib is not None else DEFAULT_MEM_MIB,
+            warmup=req.warmup,
+        )
+        info = await bounded(call, lim.snapshot_timeout_s, f"creating snapshot {req.tag!r}")
+        if warnings:
+            notes = [info.warning, *warnings] if info.warning else warnings
+            info = info.model_copy(update={"warning": "; ".join(notes)})
+        return _json(info, 201)
+
+    @app.delete(
+        "/v1/snapshots/{tag}",
+        status_code=204,
+        response_class=Response,
+        responses=_errors(*_BASE, 400, 404, 409, 504),
+        tags=["snapshots"],
+    )
+    async def delete_snapshot(
+        tag: str,
+        cascade: Annotated[bool, Query(description="also delete dependent snapshots")] = False,
+        force: Annotated[bool, Query(description="delete even if others depend on it")] = False,
+    ) -> Response:
+        if cascade and force:
+            raise InvalidInput("use either cascade or force, not both")
+        call = runtime.delete_snapshot(tag, cascade=cascade, force=force)
+        await bounded(call, lim.snapshot_timeout_s, f"deleting snapshot {tag!r}")
+        return Response(status_code=204)
+
+    @app.get(
+        "/v1/snapshots/{tag}/info",
+        response_model=wire.SnapshotDetail,
+        responses=_errors(*_BASE, 400, 404),
+        tags=["snapshots"],
+    )
+    async def snapshot_info(tag: str) -> Response:
+        """Lineage (chain depth, ancestors, dependents) and sizes of one snapshot."""
+        return _json(runtime.snapshot_detail(tag))
+
+    @app.post(
+        "/v1/snapshots/{tag}/compact",
+        response_model=wire.SnapshotInfo,
+        responses=_errors(*_BASE, 400, 404, 409, 413, 504),
+        tags=["snapshots"],
+    )
+    async def compact_snapshot(tag: str, req: wire.CompactRequest) -> Response:
+        """Write a standalone copy of ``tag`` as ``to``."""
+        call = runtime.compact_snapshot(tag, req.to)
+        return _json(await bounded(call, lim.snapshot_timeout_s, f"compacting {tag!r}"))
+
+    # --- sandboxes ----------------------------------------------------------------------------
+
+    @app.get(
+        "/v1/sandboxes",
+        response_model=list[wire.SandboxInfo],
+        responses=_errors(*_BASE, 400),
+        tags=["sandboxes"],
+    )
+    async def list_sandboxes(
+        all: Annotated[bool, Query(description="include dead sandboxes")] = False,
+    ) -> Response:
+        """Running sandboxes (with ``all=true`` also dead ones, with their ``dead_reason``)."""
+        return _json_list(_SANDBOX_LIST, runtime.list_sandboxes(include_dead=all))
+
+    @app.post(
+        "/v1/sandboxes",
+        status_code=201,
+        response_model=list[SpawnedSandbox],
+        responses=_errors(*_BASE, 400, 404, 409, 413, 503, 504),
+        tags=["sandboxes"],
+    )
+    async def spawn(req: wire.SpawnRequest) -> Response:
+        """Fork ``n`` children from snapshot ``snapshot_tag``: all start, or none is left.
+
+        ``per_child_netns``, ``prewarm``, ``live_fork`` and ``hugepages`` are accepted for
+        compatibility and change nothing here (any sandbox can be live-branched).
+        """
+        n = req.n if 1 <= req.n <= 1000 else 1
+        seconds = lim.spawn_timeout_s + lim.spawn_per_child_s * n
+        call = runtime.spawn(req.snapshot_tag, req.n, memory_limit_mib=req.memory_limit_mib)
+        spawned = await bounded(call, seconds, f"forking {req.n} from {req.snapshot_tag!r}")
+        out = []
+        for s in spawned:
+            metrics.spawn_seconds.observe(s.timing.total_ms / 1000)
+            t = s.timing
+            timing = ForkTimingMs(
+                qemu_up_ms=round(t.qemu_up_ms, 1), restore_ms=round(t.restore_ms, 1),
+                agent_ms=round(t.agent_ms, 1), total_ms=round(t.total_ms, 1),
+            )  # fmt: skip
+            out.append(SpawnedSandbox(**s.sandbox.model_dump(), fork_timing_ms=timing))
+        return _json_list(_SPAWNED_LIST, out, 201)
+
+    @app.get(
+        "/v1/sandboxes/{sandbox_id}",
+        response_model=wire.SandboxInfo,
+        responses=_errors(*_BASE, 400, 404),
+        tags=["sandboxes"],
+    )
+    async def get_sandbox(sandbox_id: str) -> Response:
+        return _json(runtime.get_sandbox(sandbox_id))
+
+    @app.delete(
+        "/v1/sandboxes/{sandbox_id}",
+        status_code=204,
+        response_class=Response,
+        responses=_errors(*_BASE, 400, 404, 504),
+        tags=["sandboxes"],
+    )
+    async def kill_sandbox(sandbox_id: str) -> Response:
+        """Stop the sandbox's VM and forget it (a dead one is just forgotten)."""
+        await bounded(runtime.kill(sandbox_id), lim.kill_timeout_s, f"killing {sandbox_id}")
+        return Response(status_code=204)
+
+    @app.post(
+        "/v1/sandboxes/{sandbox_id}/ping",
+        response_model=dict[str, Any],
+        responses=_errors(*_SANDBOX_OP),
+        tags=["sandboxes"],
+    )
+    async def ping(sandbox_id: str) -> Response:
+        """Round trip to the guest agent; its pong."""
+        pong = await on_sandbox(
+            sandbox_id, runtime.ping(sandbox_id), lim.agent_call_timeout_s, f"ping of {sandbox_id}"
+        )
+        return Response(_ANY.dump_json(pong), media_type=JSON)
+
+    @app.post(
+        "/v1/sandboxes/{sandbox_id}/exec",
+        response_model=wire.ExecResponse,
+        responses=_errors(*_SANDBOX_OP),
+        tags=["sandboxes"],
+    )
+    async def exec_command(sandbox_id: str, req: wire.ExecRequest) -> Response:
+        """Run ``args`` (argv, no shell) to completion; ``timeout_secs`` kills it in the guest."""
+        for i, arg in enumerate(req.args):
+            _no_nul(arg, f"args[{i}]")
+        for key, value in (req.env or {}).items():
+            if not key or "=" in key or "\0" in key:
+                raise InvalidInput(f"env name {key!r} is not valid (empty, '=' or NUL)")
+            _no_nul(value, f"env[{key!r}]")
+        if req.cwd is not None:
+            _no_nul(req.cwd, "cwd")
+        t = req.timeout_secs
+        seconds = (t if math.isfinite(t) and t > 0 else 0.0) + lim.exec_margin_s
+        call = runtime.exec(
+            sandbox_id, req.args, timeout_s=t, env=req.env, cwd=req.cwd,
+            stdin=req.stdin.encode("utf-8", "surrogatepass") if req.stdin is not None else None,
+        )  # fmt: skip
+        return _json(await on_sandbox(sandbox_id, call, seconds, f"exec in {sandbox_id}"))
+
+    @app.post(
+        "/v1/sandboxes/{sandbox_id}/eval",
+        response_model=wire.EvalResponse,
+        responses=_errors(*_SANDBOX_OP),
+        tags=["sandboxes"],
+    )
+    async def eval_code(sandbox_id: str, req: wire.EvalRequest) -> Response:
+        """Evaluate Python in the sandbox's warm interpreter; exceptions come back in ``error``."""
+        call = runtime.eval(sandbox_id, req.code)
+        result = await on_sandbox(sandbox_id, call, lim.eval_timeout_s, f"eval in {sandbox_id}")
+        return _json(result)
+
+    @app.post(
+        "/v1/sandboxes/{sandbox_id}/branch",
+        status_code=201,
+        response_model=wire.SnapshotInfo,
+        responses={
+            202: {
+                "model": wire.SnapshotInfo,
+                "description": 'Live branch with wait=false: status "writing" until done',
+            },
+            **_errors(*_SANDBOX_OP, 409, 503),
+        },
+        tags=["sandboxes"],
+    )
+    async def branch(
+        sandbox_id: str, req: Annotated[wire.BranchRequest | None, Body()] = None
+    ) -> Response:
+        """Snapshot the running sandbox as a new template; the sandbox keeps running."""
+        req = req or wire.BranchRequest()
+        if req.mode is not None and req.diff:
+            raise InvalidInput(
+                '"mode" and the legacy "diff" flag cannot be combined: send mode only'
+            )
+        if not req.wait and req.mode != "live":
+            raise InvalidInput(
+                'wait=false needs mode "live": only a live branch finishes in the background'
+            )
+        t0 = time.monotonic()
+        call = runtime.branch(
+            sandbox_id, tag=req.tag, mode=req.mode, diff=req.diff,
+            measure_diff=req.measure_diff, wait=req.wait, parent_tag=req.parent_tag,
+        )  # fmt: skip
+        info = await on_sandbox(sandbox_id, call, lim.branch_timeout_s, f"branch of {sandbox_id}")
+        metrics.branch_seconds.observe(time.monotonic() - t0)
+        return _json(info, 202 if info.status == "writing" else 201)
+
+    # --- files --------------------------------------------------------------------------------
+
+    @app.get(
+        "/v1/sandboxes/{sandbox_id}/files",
+        response_model=list[wire.FileEntry],
+        responses=_errors(*_SANDBOX_OP),
+        tags=["files"],
+    )
+    async def list_files(sandbox_id: str, path: PathQuery) -> Response:
+        """Entries of a directory."""
+        call = runtime.list_files(sandbox_id, path)
+        entries = await on_sandbox(sandbox_id, call, lim.agent_call_timeout_s, f"listing {path!r}")
+        return Response(_ANY.dump_json(entries), media_type=JSON)
+
+    @app.delete(
+        "/v1/sandboxes/{sandbox_id}/files",
+        status_code=204,
+        response_class=Response,
+        responses=_errors(*_SANDBOX_OP),
+        tags=["files"],
+    )
+    async def remove_file(
+        sandbox_id: str,
+        path: PathQuery,
+        recursive: Annotated[bool, Query(description="remove a directory tree")] = False,
+    ) -> Response:
+        call = runtime.remove_file(sandbox_id, path, recursive=recursive)
+        await on_sandbox(sandbox_id, call, lim.agent_call_timeout_s, f"removing {path!r}")
+        return Response(status_code=204)
+
+    @app.get(
+        "/v1/sandboxes/{sandbox_id}/files/content",
+        response_class=Response,
+        responses={
+            200: {
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                },
+                "description": "The file's bytes",
+            },
+            **_errors(*_SANDBOX_OP),
+        },
+        tags=["files"],
+    )
+    async def read_file(sandbox_id: str, path: PathQuery) -> Response:
+        call = runtime.read_file(sandbox_id, path)
+        data = await on_sandbox(sandbox_id, call, lim.agent_call_timeout_s, f"reading {path!r}")
+        return Response(data, media_type="application/octet-stream")
+
+    @app.put(
+        "/v1/sandboxes/{sandbox_id}/files/content",
+        response_model=wire.FileWriteResponse,
+        responses=_errors(*_SANDBOX_OP),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                },
+            }
+        },
+        tags=["files"],
+    )
+    async def write_file(sandbox_id: str, path: PathQuery, request: Request) -> Response:
+        """Create or replace a file with the raw request body (parent dirs are created)."""
+        data = await request.body()
+        call = runtime.write_file(sandbox_id, path, data)
+        size = await on_sandbox(sandbox_id, call, lim.agent_call_timeout_s, f"writing {path!r}")
+        return _json(wire.FileWriteResponse(path=path, size=size))
+
+    # --- workspaces (forkd v0.5 has them; this build does not) --------------------------------
+
+    not_implemented = _errors(*_BASE, 501)
+
+    async def workspaces() -> Response:
+        raise NotImplementedYet("workspaces are not implemented in this forkd build")
+
+    for name, method, route in (
+        ("list", "GET", "/v1/workspaces"),
+        ("create", "POST", "/v1/workspaces"),
+        ("get", "GET", "/v1/workspaces/{name}"),
+        ("delete", "DELETE", "/v1/workspaces/{name}"),
+        ("suspend", "POST", "/v1/workspaces/{name}/suspend"),
+        ("resume", "POST", "/v1/workspaces/{name}/resume"),
+    ):
+        app.add_api_route(
+            route, workspaces, methods=[method], response_class=Response,
+            responses=not_implemented, tags=["workspaces"], operation_id=f"workspaces_{name}",
+            summary="Not implemented in this build (501)",
+        )  # fmt: skip
+
+    # --- OpenAPI and middleware ---------------------------------------------------------------
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _finish_openapi(
+                get_openapi(
+                    title=app.title,
+                    version=app.version,
+                    summary=app.summary,
+                    description=app.description,
+                    routes=app.routes,
+                )
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    app.add_middleware(BodyLimitMiddleware, limit=lim.max_body_bytes)
+    app.add_middleware(BearerAuthMiddleware, token=token)
+    app.add_middleware(AuditMiddleware, log=audit)
+    return app
+
+
+# Documented (the runtime enforces them, with friendlier messages than a schema check would give).
+_PATH_PATTERNS = {"tag": TAG_RE.pattern, "sandbox_id": SANDBOX_ID_RE.pattern}
+
+
+def _finish_openapi(schema: dict[str, Any]) -> dict[str, Any]:
+    """Validation errors answer 400 (documented per route), never 422; declare bearer auth."""
+    for path, item in schema.get("paths", {}).items():
+        for op in item.values():
+            if not isinstance(op, dict):
+                continue
+            op.get("responses", {}).pop("422", None)
+            for param in op.get("parameters", []):
+                pattern = (
+                    _PATH_PATTERNS.get(param.get("name")) if param.get("in") == "path" else None
+                )
+                if pattern is not None:
+                    param.setdefault("schema", {})["pattern"] = pattern
+            if path in OPEN_PATHS:
+                op["security"] = []
+    components = schema.setdefault("components", {})
+    schemas = components.get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    components["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
+    schema["security"] = [{"bearerAuth": []}]
+    return schema
