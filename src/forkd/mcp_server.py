@@ -251,8 +251,8 @@ def create_server(
         live_fork: Annotated[
             bool,
             Field(
-                description="Start the sandboxes so they can later be branched with "
-                "mode='live' (the source keeps running while its memory is copied)."
+                description="Accepted for compatibility with older forkd; no effect here: "
+                "every sandbox can be branched with mode='live'."
             ),
         ] = False,
         memory_limit_mib: Annotated[
@@ -260,7 +260,7 @@ def create_server(
         ] = None,
         prewarm: Annotated[
             bool,
-            Field(description="Pay the first branch's cold-cache cost now, at spawn time."),
+            Field(description="Accepted for compatibility with older forkd; no effect here."),
         ] = False,
         per_child_netns: Annotated[
             bool,

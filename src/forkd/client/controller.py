@@ -66,7 +66,7 @@ class BranchMode(StrEnum):
     DIFF = "diff"
     """Pause, write only the pages dirtied since the sandbox's template, resume."""
     LIVE = "live"
-    """Copy memory while the source keeps running (needs ``spawn_sandboxes(live_fork=True)``)."""
+    """Pause only to arm write-protection; memory is copied while the source keeps running."""
 
 
 class ControllerError(ForkdError, RuntimeError):
@@ -308,9 +308,9 @@ class _Endpoints:
     ) -> _Request[list[JSONDict]]:
         """``POST /v1/sandboxes``: fork ``n`` (1..1000) children from a snapshot.
 
-        ``live_fork=True`` boots children whose memory can later be branched with
-        ``mode="live"``; ``prewarm`` pays the first branch's cold-cache cost at spawn time;
-        ``memory_limit_mib`` caps each child's cgroup memory. Returns one SandboxInfo dict per
+        ``live_fork``, ``prewarm`` and ``hugepages`` are sent only when true and accepted for
+        compatibility (every sandbox can be live-branched here); ``memory_limit_mib`` caps each
+        child's cgroup memory. Returns one SandboxInfo dict per
         child (``id``, ``snapshot_tag``, ``pid``, ``guest_addr``...).
         """
         body: JSONDict = {"snapshot_tag": snapshot_tag, "n": n, "per_child_netns": per_child_netns}
