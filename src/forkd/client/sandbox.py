@@ -261,8 +261,8 @@ class Sandbox:
         :meth:`kill` (or leaving the ``with`` block) or until the daemon stops. Connect with
         ``controller=`` (shared, left open) or ``base_url=``/``token=`` (default
         ``$FORKD_URL``/``$FORKD_TOKEN``; the SDK then closes its controller when the last
-        sandbox using it is killed or closed). ``live_fork=True`` allows
-        ``branch(mode="live")`` later.
+        sandbox using it is killed or closed). ``live_fork`` is accepted for compatibility;
+        every sandbox can ``branch(mode="live")``.
         """
         _check_connection_args(controller, base_url, token)
         ctl = controller if controller is not None else Controller(base_url, token)
@@ -333,7 +333,7 @@ class Sandbox:
     ) -> JSONDict:
         """Snapshot this running sandbox as a new template; returns the SnapshotInfo dict.
 
-        ``mode``: ``"full"``, ``"diff"`` or ``"live"`` (live needs ``create(live_fork=True)``);
+        ``mode``: ``"full"``, ``"diff"`` or ``"live"``;
         ``None`` lets the daemon choose its default. ``wait=False`` (live only) returns while
         the snapshot is still ``"writing"``. The snapshot outlives this sandbox.
         """
