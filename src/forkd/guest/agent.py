@@ -642,9 +642,10 @@ OPS = {
 class Agent:
     """The reader loop, session tracking and the single locked writer of one port."""
 
-    def __init__(self, fd: int, eof_exits: bool) -> None:
+    def __init__(self, fd: int, eof_exits: bool, sigio: bool = False) -> None:
         self.fd = fd
         self.eof_exits = eof_exits
+        self.sigio = sigio
         self.session = None
         self.write_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="forkd-op")
@@ -764,7 +765,12 @@ class Agent:
             if not chunk:
                 if self.eof_exits:
                     return
-                time.sleep(0.05)  # virtio port: host disconnected; wait for the next one
+                # virtio port, host disconnected: read() cannot block and poll() cannot either,
+                # but the driver sends SIGIO when a host connects.
+                if self.sigio:
+                    signal.sigtimedwait([signal.SIGIO], 1.0)
+                else:
+                    time.sleep(0.05)
                 continue
             start = 0
             while True:
@@ -817,6 +823,19 @@ def open_device(path: str, wait_s: float = 10.0) -> int:
             time.sleep(0.05)
 
 
+def arm_sigio(fd: int) -> bool:
+    """Ask for SIGIO on port events, blocked so that only sigtimedwait() takes it. Done before
+    any other thread exists, so every thread inherits the blocked mask."""
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGIO})
+        fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
+        return True
+    except (AttributeError, OSError, ValueError) as e:
+        _log("SIGIO unavailable, polling instead: %s" % e)
+        return False
+
+
 def serve(args) -> int:
     _install_capture()
     sock = None  # kept referenced while serving
@@ -830,7 +849,8 @@ def serve(args) -> int:
         fd = open_device(path)
         eof_exits = False
         _log("serving on %s (pid %d)" % (path, os.getpid()))
-    Agent(fd, eof_exits).serve()
+    sigio = False if eof_exits else arm_sigio(fd)
+    Agent(fd, eof_exits, sigio).serve()
     if sock is not None:
         sock.close()
     return 0
