@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
+
+from forkd.errors import InvalidInput
 
 DEFAULT_BIND = "127.0.0.1:8889"
 DEFAULT_IMAGE = "python"
 DEFAULT_MEM_MIB = 512
+MiB = 1024 * 1024
 
 
 def _default_cache() -> Path:
@@ -21,6 +25,45 @@ def _default_home() -> Path:
     xdg = os.environ.get("XDG_DATA_HOME")
     base = Path(xdg) if xdg else Path.home() / ".local" / "share"
     return base / "forkd"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds the daemon puts on each request (seconds unless stated).
+
+    Every runtime call is wrapped in the matching timeout; when it expires the call is cancelled
+    (the runtime cleans up on cancellation) and the client gets 504 instead of a hang.
+    """
+
+    max_body_bytes: int = 64 * MiB
+    exec_margin_s: float = 30.0
+    eval_timeout_s: float = 300.0
+    agent_call_timeout_s: float = 120.0  # ping, files
+    spawn_timeout_s: float = 300.0
+    spawn_per_child_s: float = 2.0
+    kill_timeout_s: float = 60.0
+    snapshot_timeout_s: float = 1800.0  # create, compact, delete
+    branch_timeout_s: float = 900.0
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Limits:
+        """Defaults, overridden by ``FORKD_<FIELD>`` variables (e.g. ``FORKD_EVAL_TIMEOUT_S``)."""
+        env = os.environ if environ is None else environ
+        limits = cls()
+        for f in fields(cls):
+            raw = env.get(f"FORKD_{f.name.upper()}")
+            if raw is None:
+                continue
+            name = f"FORKD_{f.name.upper()}"
+            try:
+                value: float = int(raw) if f.type in (int, "int") else float(raw)
+            except ValueError:
+                raise InvalidInput(f"{name} must be a number, got {raw!r}") from None
+            if not value > 0:
+                raise InvalidInput(f"{name} must be positive, got {raw!r}")
+            changes: dict[str, Any] = {f.name: value}
+            limits = replace(limits, **changes)
+        return limits
 
 
 @dataclass(frozen=True)
@@ -43,6 +86,7 @@ class Settings:
     exec_output_cap_bytes: int = 4 * 1024 * 1024
     agent_timeout_s: float = 30.0
     warm_pool_size: int = 2
+    limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -60,6 +104,7 @@ class Settings:
             values["warm_pool_size"] = int(pool)
         if maxsb := os.environ.get("FORKD_MAX_SANDBOXES"):
             values["max_sandboxes"] = int(maxsb)
+        values["limits"] = Limits.from_env()
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 

@@ -6,6 +6,8 @@ response code and ``str(error)`` to the ``{"error": ...}`` body, the CLI prints 
 
 from __future__ import annotations
 
+import errno
+
 
 class ForkdError(Exception):
     """Base of every error forkd raises on purpose."""
@@ -43,6 +45,18 @@ class NotImplementedYet(ForkdError):
     http_status = 501
 
 
+class PayloadTooLarge(ForkdError):
+    """A request body, or the file it carries, does not fit."""
+
+    http_status = 413
+
+
+class GatewayTimeout(ForkdError):
+    """An operation did not finish within the bound the daemon puts on it."""
+
+    http_status = 504
+
+
 class HostSetupError(ForkdError):
     """The host lacks something forkd needs (QEMU, debootstrap, tmpfs space, ...)."""
 
@@ -57,6 +71,32 @@ class VMError(ForkdError):
 
 class AgentError(ForkdError):
     """The guest agent could not be reached or answered with an error."""
+
+
+class GuestOSError(AgentError):
+    """The guest kernel refused a file or process operation; ``errno`` is the guest's.
+
+    Refusals that are about the request (a directory not empty, permission denied, disk full)
+    answer 4xx; anything else stays a 500.
+    """
+
+    def __init__(self, message: str, errno_code: int | None) -> None:
+        super().__init__(message)
+        self.errno = errno_code
+        if errno_code in _CONFLICT_ERRNOS:
+            self.http_status = 409
+        elif errno_code in _FULL_ERRNOS:
+            self.http_status = 413
+        elif errno_code in _INVALID_ERRNOS:
+            self.http_status = 400
+
+
+_CONFLICT_ERRNOS = frozenset({errno.ENOTEMPTY, errno.EEXIST, errno.EBUSY, errno.ETXTBSY})
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_INVALID_ERRNOS = frozenset({
+    errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EINVAL, errno.ENAMETOOLONG,
+    errno.EROFS, errno.ELOOP, errno.EXDEV, errno.ENXIO, errno.ENODEV,
+})  # fmt: skip
 
 
 class SandboxDead(AgentError):

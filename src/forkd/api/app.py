@@ -12,10 +12,8 @@ must never be called from the thread pool.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import math
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -32,15 +30,15 @@ from starlette.responses import Response
 from forkd import API_VERSION, __version__, wire
 from forkd.api.audit import AuditLog, AuditMiddleware
 from forkd.api.auth import OPEN_PATHS, BearerAuthMiddleware
-from forkd.api.limits import BodyLimitMiddleware, GatewayTimeout, Limits, PayloadTooLarge
+from forkd.api.limits import BodyLimitMiddleware
 from forkd.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from forkd.api.metrics import Metrics
 from forkd.api.models import ForkTimingMs, Health, SpawnedSandbox, VersionInfo
-from forkd.config import DEFAULT_IMAGE, DEFAULT_MEM_MIB
+from forkd.config import DEFAULT_IMAGE, DEFAULT_MEM_MIB, Limits
 from forkd.errors import (
     AgentError,
-    Conflict,
     ForkdError,
+    GatewayTimeout,
     InvalidInput,
     NotImplementedYet,
     SandboxDead,
@@ -128,32 +126,6 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
-# The agent answers a failed file system call with kind "os_error", which reaches us as an
-# AgentError "agent <op>: [Errno N] <strerror>: '<path>'". These errnos mean the request itself
-# cannot be done on that path (a 4xx), not that the agent or VM failed.
-_AGENT_OS_ERROR = re.compile(r"^agent [a-z_]+: (\[Errno (\d+)\] .*)$", re.DOTALL)
-_CONFLICT_ERRNOS = frozenset({errno.ENOTEMPTY, errno.EEXIST, errno.EBUSY, errno.ETXTBSY})
-_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-_INVALID_ERRNOS = frozenset({
-    errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EINVAL, errno.ENAMETOOLONG,
-    errno.EROFS, errno.ELOOP, errno.EXDEV, errno.ENXIO, errno.ENODEV,
-})  # fmt: skip
-
-
-def _guest_os_refusal(exc: AgentError) -> ForkdError | None:
-    match = _AGENT_OS_ERROR.match(str(exc))
-    if match is None:
-        return None
-    code, text = int(match.group(2)), match.group(1)
-    if code in _CONFLICT_ERRNOS:
-        return Conflict(text)
-    if code in _FULL_ERRNOS:
-        return PayloadTooLarge(f"the sandbox has no room for this: {text}")
-    if code in _INVALID_ERRNOS:
-        return InvalidInput(text)
-    return None
-
-
 class _RuntimeCounts:
     def __init__(self, runtime: Runtime) -> None:
         self._rt = runtime
@@ -238,8 +210,7 @@ def create_app(
             raise
 
     async def on_sandbox(sandbox_id: str, call: Awaitable[T], seconds: float, what: str) -> T:
-        """An agent call; a failure because the VM just died is reported as 410 with why, and a
-        file operation the guest refused (EACCES, ENOTEMPTY, ...) as the caller's error."""
+        """An agent call; a failure because the VM just died is reported as 410 with why."""
         try:
             return await bounded(call, seconds, what)
         except SandboxDead:
@@ -251,9 +222,6 @@ def create_app(
                 raise exc from None
             if info.state == "dead":
                 raise SandboxDead(f"sandbox {sandbox_id} is dead: {info.dead_reason}") from exc
-            refused = _guest_os_refusal(exc)
-            if refused is not None:
-                raise refused from exc
             raise
 
     @app.exception_handler(ForkdError)

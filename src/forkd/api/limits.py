@@ -1,68 +1,12 @@
-"""Request bounds: body size cap (413) and per-operation timeouts (504)."""
+"""The request-body cap (413); the bounds themselves are ``forkd.config.Limits``."""
 
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass, fields, replace
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from forkd.errors import ForkdError, InvalidInput
-
-MiB = 1024 * 1024
-
-
-class GatewayTimeout(ForkdError):
-    """A runtime operation did not finish within the daemon's bound for it."""
-
-    http_status = 504
-
-
-class PayloadTooLarge(ForkdError):
-    """The request body (or the file it carries) does not fit."""
-
-    http_status = 413
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds the daemon puts on each request (seconds unless stated).
-
-    Every runtime call is wrapped in the matching timeout; when it expires the call is cancelled
-    (the runtime cleans up on cancellation) and the client gets 504 instead of a hang.
-    """
-
-    max_body_bytes: int = 64 * MiB
-    exec_margin_s: float = 30.0
-    eval_timeout_s: float = 300.0
-    agent_call_timeout_s: float = 120.0  # ping, files
-    spawn_timeout_s: float = 300.0
-    spawn_per_child_s: float = 2.0
-    kill_timeout_s: float = 60.0
-    snapshot_timeout_s: float = 1800.0  # create, compact, delete
-    branch_timeout_s: float = 900.0
-
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> Limits:
-        """Defaults, overridden by ``FORKD_<FIELD>`` variables (e.g. ``FORKD_EVAL_TIMEOUT_S``)."""
-        env = os.environ if environ is None else environ
-        limits = cls()
-        for f in fields(cls):
-            raw = env.get(f"FORKD_{f.name.upper()}")
-            if raw is None:
-                continue
-            name = f"FORKD_{f.name.upper()}"
-            try:
-                value: float = int(raw) if f.type in (int, "int") else float(raw)
-            except ValueError:
-                raise InvalidInput(f"{name} must be a number, got {raw!r}") from None
-            if not value > 0:
-                raise InvalidInput(f"{name} must be positive, got {raw!r}")
-            changes: dict[str, Any] = {f.name: value}
-            limits = replace(limits, **changes)
-        return limits
+from forkd.config import MiB
 
 
 def _too_large(limit: int) -> tuple[Message, Message]:

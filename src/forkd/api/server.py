@@ -24,7 +24,6 @@ import uvicorn
 
 from forkd.api.app import create_app
 from forkd.api.auth import check_bind, load_token, parse_bind
-from forkd.api.limits import Limits
 from forkd.config import Settings
 from forkd.errors import HostSetupError, InvalidInput
 
@@ -114,7 +113,7 @@ def serve(settings: Settings, options: DaemonOptions) -> None:
     host, port = parse_bind(options.bind)
     token = load_token(options.token_file) if options.token_file is not None else None
     check_bind(host, token)
-    limits = Limits.from_env()
+    limits = settings.limits
     settings.home.mkdir(parents=True, exist_ok=True)
 
     sockets = [_tcp_socket(host, port)]

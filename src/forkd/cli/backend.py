@@ -158,7 +158,7 @@ class RemoteBackend:
         return list(self.c.spawn_sandboxes(tag, n=n, memory_limit_mib=memory_limit_mib))
 
     def list_sandboxes(self, include_dead: bool) -> list[dict[str, Any]]:
-        return list(self.c.list_sandboxes())
+        return list(self.c.list_sandboxes(include_dead=include_dead))
 
     def kill(self, sandbox_id: str) -> None:
         self.c.kill_sandbox(sandbox_id)

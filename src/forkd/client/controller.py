@@ -326,9 +326,10 @@ class _Endpoints:
         return _Request("POST", "/v1/sandboxes", _parse_list, json=body)
 
     @staticmethod
-    def list_sandboxes() -> _Request[list[JSONDict]]:
-        """``GET /v1/sandboxes``: every sandbox the daemon tracks."""
-        return _Request("GET", "/v1/sandboxes", _parse_list)
+    def list_sandboxes(include_dead: bool = False) -> _Request[list[JSONDict]]:
+        """``GET /v1/sandboxes``: the running sandboxes (``include_dead``: dead ones too)."""
+        params = {"all": "true"} if include_dead else None
+        return _Request("GET", "/v1/sandboxes", _parse_list, params=params)
 
     @staticmethod
     def get_sandbox(sandbox_id: str) -> _Request[JSONDict]:

@@ -685,7 +685,7 @@ class Agent:
         except FileNotFoundError as e:
             resp = {"id": rid, "ok": False, "error": str(e), "kind": "not_found"}
         except OSError as e:
-            resp = {"id": rid, "ok": False, "error": str(e), "kind": "os_error"}
+            resp = {"id": rid, "ok": False, "error": str(e), "kind": "os_error", "errno": e.errno}
         except BaseException as e:
             _log("op %s failed: %s" % (req.get("op"), traceback.format_exc()))
             resp = {"id": rid, "ok": False, "error": _exc_text(e), "kind": "internal"}

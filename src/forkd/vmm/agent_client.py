@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from forkd.errors import AgentError, InvalidInput, NotFound
+from forkd.errors import AgentError, GuestOSError, InvalidInput, NotFound
 
 # A read_file answer of the default 64 MiB limit is ~90 MB of base64 on one line.
 MAX_LINE_BYTES = 256 << 20
@@ -83,6 +83,9 @@ def _raise_for(op: str, resp: dict[str, Any]) -> None:
         raise NotFound(message)
     if kind == "bad_request":
         raise InvalidInput(message)
+    if kind == "os_error":
+        code = resp.get("errno")
+        raise GuestOSError(message, code if isinstance(code, int) else None)
     raise AgentError(f"agent {op}: {message}")
 
 
