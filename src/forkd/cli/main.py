@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,10 +156,28 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings.from_env(home=Path(args.home) if args.home else None)
 
 
-def _backend(args: argparse.Namespace) -> Backend:
-    return choose_backend(
+@contextlib.contextmanager
+def _backend(args: argparse.Namespace) -> Iterator[Backend]:
+    backend = choose_backend(
         _settings(args), daemon_url=args.daemon_url, token=args.daemon_token, local=args.local
     )
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+def _listing(
+    args: argparse.Namespace,
+    rows: list[dict[str, Any]],
+    columns: tuple[tuple[str, str], ...],
+    empty: str,
+) -> int:
+    if args.json:
+        render.print_json(rows)
+    else:
+        render.table(rows, columns, empty=empty)
+    return 0
 
 
 def _step_printer() -> Callable[[str], None]:
@@ -217,13 +236,11 @@ def cmd_image(args: argparse.Namespace) -> int:
             render.table(rows, columns, empty="no images: run 'forkd image build'")
         return 0
     # rm
-    from forkd.runtime.registry import Registry
     from forkd.snapshots.store import SnapshotStore
 
     image = store.get(args.name)
     snaps = SnapshotStore(settings)
     users = [t for t in snaps.tags_on_disk() if snaps.load(t).image_digest == image.digest]
-    Registry(settings.db_path).close()
     store.remove(args.name, in_use_by=users)
     render.out.print(f"removed image {args.name}")
     return 0
@@ -246,8 +263,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             )
         if args.image or args.mem_mib or args.warmup:
             raise Usage("--image, --mem-mib and --warmup apply to templates, not to --from-sandbox")
-    backend = _backend(args)
-    try:
+    with _backend(args) as backend:
         if args.from_sandbox is None:
             step = _step_printer()
             info = backend.create_snapshot(
@@ -259,8 +275,6 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
                 args.from_sandbox, args.tag, "live" if args.live else None, args.diff,
                 not args.no_wait,
             )  # fmt: skip
-    finally:
-        backend.close()
     if args.json:
         render.print_json(info)
     else:
@@ -270,13 +284,10 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_fork(args: argparse.Namespace) -> int:
-    backend = _backend(args)
-    try:
+    with _backend(args) as backend:
         t0 = time.monotonic()
         children = backend.spawn(args.tag, args.n, args.memory_limit_mib)
         wall_ms = (time.monotonic() - t0) * 1000
-    finally:
-        backend.close()
     if args.json:
         render.print_json(children)
         return 0
@@ -294,37 +305,20 @@ def cmd_fork(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    backend = _backend(args)
-    try:
+    with _backend(args) as backend:
         rows = backend.list_sandboxes(args.all)
-    finally:
-        backend.close()
-    if args.json:
-        render.print_json(rows)
-    else:
-        render.table(rows, SANDBOX_COLUMNS, empty="no sandboxes")
-    return 0
+    return _listing(args, rows, SANDBOX_COLUMNS, "no sandboxes")
 
 
 def cmd_images(args: argparse.Namespace) -> int:
-    backend = _backend(args)
-    try:
+    with _backend(args) as backend:
         rows = backend.list_snapshots()
-    finally:
-        backend.close()
-    if args.json:
-        render.print_json(rows)
-    else:
-        render.table(rows, SNAPSHOT_COLUMNS, empty="no snapshots: run 'forkd snapshot --tag T'")
-    return 0
+    return _listing(args, rows, SNAPSHOT_COLUMNS, "no snapshots: run 'forkd snapshot --tag T'")
 
 
 def cmd_snapshot_info(args: argparse.Namespace) -> int:
-    backend = _backend(args)
-    try:
+    with _backend(args) as backend:
         info = backend.snapshot_info(args.tag)
-    finally:
-        backend.close()
     if args.json:
         render.print_json(info)
     else:
@@ -335,11 +329,8 @@ def cmd_snapshot_info(args: argparse.Namespace) -> int:
 
 
 def cmd_rmi(args: argparse.Namespace) -> int:
-    backend = _backend(args)
-    try:
+    with _backend(args) as backend:
         backend.delete_snapshot(args.tag, args.cascade, args.force)
-    finally:
-        backend.close()
     render.out.print(f"deleted snapshot {args.tag}")
     return 0
 
@@ -354,11 +345,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise Usage(f"--env takes K=V, got {item!r}")
         env[key] = value
-    backend = _backend(args)
-    try:
+    with _backend(args) as backend:
         r = backend.exec(args.id, cmd, args.timeout, env or None, args.cwd)
-    finally:
-        backend.close()
     if args.json:
         render.print_json(r)
         return 0
@@ -371,11 +359,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    backend = _backend(args)
-    try:
+    with _backend(args) as backend:
         r = backend.eval(args.id, args.code)
-    finally:
-        backend.close()
     if args.json:
         render.print_json(r)
         return 0
@@ -390,13 +375,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
-    backend = _backend(args)
-    try:
+    with _backend(args) as backend:
         t0 = time.perf_counter()
         r = backend.ping(args.id)
         ms = (time.perf_counter() - t0) * 1000
-    finally:
-        backend.close()
     render.out.print(f"pong from {args.id} in {ms:.1f} ms: {r}")
     return 0
 
@@ -406,8 +388,7 @@ def cmd_kill(args: argparse.Namespace) -> int:
         raise Usage("name sandbox ids, or --all, or --tag T")
     if args.all and (args.ids or args.tag):
         raise Usage("--all takes no ids and no --tag")
-    backend = _backend(args)
-    try:
+    with _backend(args) as backend:
         ids = list(args.ids)
         if args.all or args.tag:
             ids += [
@@ -417,8 +398,6 @@ def cmd_kill(args: argparse.Namespace) -> int:
         for sandbox_id in ids:
             backend.kill(sandbox_id)
             render.out.print(f"killed {sandbox_id}")
-    finally:
-        backend.close()
     if not ids:
         render.err.print("no sandboxes to kill")
     return 0

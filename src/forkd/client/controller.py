@@ -543,6 +543,12 @@ class _Base:
             headers["Authorization"] = f"Bearer {self.token}"
         return {"base_url": self.base_url, "headers": headers, "timeout": self.timeout}
 
+    def _request_kwargs(self, req: _Request[Any]) -> dict[str, Any]:
+        return {
+            "params": req.params, "json": req.json, "content": req.content,
+            "headers": req.headers, "timeout": self._timeout_for(req),
+        }  # fmt: skip
+
     def _timeout_for(self, req: _Request[Any]) -> float:
         return max(self.timeout, req.min_timeout or 0.0)
 
@@ -607,15 +613,7 @@ class Controller(_Base):
 
     def _send(self, req: _Request[_T]) -> _T:
         try:
-            resp = self._http.request(
-                req.method,
-                req.path,
-                params=req.params,
-                json=req.json,
-                content=req.content,
-                headers=req.headers,
-                timeout=self._timeout_for(req),
-            )
+            resp = self._http.request(req.method, req.path, **self._request_kwargs(req))
         except httpx.TransportError as exc:
             raise self._transport_error(req, exc) from exc
         return self._finish(req, resp)
@@ -697,15 +695,7 @@ class AsyncController(_Base):
 
     async def _send(self, req: _Request[_T]) -> _T:
         try:
-            resp = await self._http.request(
-                req.method,
-                req.path,
-                params=req.params,
-                json=req.json,
-                content=req.content,
-                headers=req.headers,
-                timeout=self._timeout_for(req),
-            )
+            resp = await self._http.request(req.method, req.path, **self._request_kwargs(req))
         except httpx.TransportError as exc:
             raise self._transport_error(req, exc) from exc
         return self._finish(req, resp)

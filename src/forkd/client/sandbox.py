@@ -149,6 +149,28 @@ def _check_connection_args(controller: object, base_url: str | None, token: str 
 # --------------------------------------------------------------------------------------------
 
 
+class _SandboxBase(Generic[_C]):
+    """What a sandbox object is, whichever client drives it."""
+
+    def __init__(self, info: JSONDict, lease: _Lease[_C], timeout: float | None) -> None:
+        self.info: JSONDict = info
+        self.id: str = str(info["id"])
+        self.timeout = timeout
+        self.created_at = time.time()
+        self._lease: _Lease[_C] = lease
+        self.controller: _C = lease.acquire()
+        self._released = False
+
+    @property
+    def sandbox_id(self) -> str:
+        return self.id
+
+    @property
+    def template(self) -> str | None:
+        tag = self.info.get("snapshot_tag")
+        return str(tag) if tag is not None else None
+
+
 class Commands:
     """``sandbox.commands``."""
 
@@ -206,7 +228,7 @@ class Files:
         self._sb.controller.remove_file(self._sb.id, path, recursive=recursive)
 
 
-class Sandbox:
+class Sandbox(_SandboxBase[Controller]):
     """One running forkd sandbox (a forked microVM). Build with :meth:`create` or :meth:`connect`.
 
     Attributes:
@@ -218,29 +240,11 @@ class Sandbox:
     """
 
     def __init__(
-        self,
-        info: JSONDict,
-        lease: _Lease[Controller],
-        timeout: float | None = None,
+        self, info: JSONDict, lease: _Lease[Controller], timeout: float | None = None
     ) -> None:
-        self.info: JSONDict = info
-        self.id: str = str(info["id"])
-        self.timeout = timeout
-        self.created_at = time.time()
-        self._lease = lease
-        self.controller: Controller = lease.acquire()
-        self._released = False
+        super().__init__(info, lease, timeout)
         self.commands = Commands(self)
         self.files = Files(self)
-
-    @property
-    def sandbox_id(self) -> str:
-        return self.id
-
-    @property
-    def template(self) -> str | None:
-        tag = self.info.get("snapshot_tag")
-        return str(tag) if tag is not None else None
 
     @classmethod
     def create(
@@ -454,34 +458,16 @@ class AsyncFiles:
         await self._sb.controller.remove_file(self._sb.id, path, recursive=recursive)
 
 
-class AsyncSandbox:
+class AsyncSandbox(_SandboxBase[AsyncController]):
     """The asyncio twin of :class:`Sandbox` (``await AsyncSandbox.create(...)``,
     ``async with``); the same attributes and methods, awaitable."""
 
     def __init__(
-        self,
-        info: JSONDict,
-        lease: _Lease[AsyncController],
-        timeout: float | None = None,
+        self, info: JSONDict, lease: _Lease[AsyncController], timeout: float | None = None
     ) -> None:
-        self.info: JSONDict = info
-        self.id: str = str(info["id"])
-        self.timeout = timeout
-        self.created_at = time.time()
-        self._lease = lease
-        self.controller: AsyncController = lease.acquire()
-        self._released = False
+        super().__init__(info, lease, timeout)
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
-
-    @property
-    def sandbox_id(self) -> str:
-        return self.id
-
-    @property
-    def template(self) -> str | None:
-        tag = self.info.get("snapshot_tag")
-        return str(tag) if tag is not None else None
 
     @classmethod
     async def create(
