@@ -84,6 +84,10 @@ def main(args: argparse.Namespace) -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    report(rows, args.iterations)
+
+
+def report(rows: list[dict[str, object]], iterations: int) -> None:
     table = ["| mode | pause p50 | pause p90 | HTTP round trip p50 | round trip p90 | total p50 |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     stats: dict[str, dict[str, float]] = {}
@@ -105,7 +109,7 @@ def main(args: argparse.Namespace) -> None:
         "",
         f"full pause / live pause: {full / live:.0f}x; "
         f"diff pause / full pause: {stats['diff']['pause_p50'] / full:.2f}",
-        f"{args.iterations} interleaved iterations, 1 GiB source, >= 512 MiB resident; "
+        f"{iterations} interleaved iterations, 1 GiB source, >= 512 MiB resident; "
         "`python bench/branch/run.py`",
     ]
     chart(rows)
@@ -123,7 +127,7 @@ def chart(rows: list[dict[str, object]]) -> None:
     for ax, key, title in ((ax1, "pause_ms", "guest pause (ms, log)"),
                            (ax2, "http_rtt_ms", "HTTP round trip (ms, log)")):  # fmt: skip
         data = [[float(r[key]) for r in rows if r["kind"] == k] for k in kinds]  # type: ignore[arg-type]
-        ax.boxplot(data, labels=kinds)
+        ax.boxplot(data, tick_labels=kinds)
         ax.set_yscale("log")
         ax.set_title(title)
     fig.suptitle("forkd BRANCH on a 1 GiB source (QEMU TCG)")
@@ -131,7 +135,15 @@ def chart(rows: list[dict[str, object]]) -> None:
     fig.savefig(RESULTS / "branch.png", dpi=110)
 
 
+def report_from_csv() -> None:
+    with (RESULTS / "branch.csv").open() as f:
+        rows: list[dict[str, object]] = list(csv.DictReader(f))
+    report(rows, len({r["iteration"] for r in rows}))
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--iterations", type=int, default=10)
-    main(p.parse_args())
+    p.add_argument("--report-only", action="store_true", help="redraw from results/branch.csv")
+    parsed = p.parse_args()
+    report_from_csv() if parsed.report_only else main(parsed)

@@ -61,3 +61,25 @@ def test_missing_memory_makes_snapshot_unbootable(tmp_path: Path) -> None:
     store.memory_of("t3").unlink()
     reason = bootability(store.load("t3"), store.devstate_path("t3"))
     assert reason and "is gone" in reason
+
+
+def test_sweep_spares_a_live_writer_and_clears_a_dead_one(tmp_path: Path) -> None:
+    import subprocess
+
+    store = _store(tmp_path)
+    store.root.mkdir(parents=True)
+    store.memory_root.mkdir(parents=True)
+    live = subprocess.Popen(["sleep", "30"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        for pid, tag in ((live.pid, "busy"), (dead.pid, "crashed")):
+            (store.root / f".staging-{pid}-{tag}-0000").mkdir()
+            (store.memory_root / f".staging-{pid}-{tag}-0000.mem").write_bytes(b"x")
+        removed = store.sweep_staging()
+        assert sorted(removed) == sorted([f".staging-{dead.pid}-crashed-0000",
+                                          f".staging-{dead.pid}-crashed-0000.mem"])  # fmt: skip
+        assert (store.root / f".staging-{live.pid}-busy-0000").is_dir()
+    finally:
+        live.kill()
+        live.wait()

@@ -6,9 +6,11 @@ from __future__ import annotations
 import ast
 import asyncio
 import dataclasses
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -140,6 +142,14 @@ async def test_branch_validation(runtime: Runtime, source: str) -> None:
     in_flight = await runtime.branch(source, tag="inflight", mode="live", wait=False)
     with pytest.raises(Conflict, match="already exists or is being written"):
         await runtime.branch(source, tag="inflight", mode="live", wait=False)
+    # Another forkd process starting up meanwhile must leave the in-flight branch alone.
+    other = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "forkd", "--local", "--home", str(runtime.settings.home),
+        "images", "--json", stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    listed, _ = await other.communicate()
+    seen = {s["tag"]: s["status"] for s in json.loads(listed)}
+    assert seen["inflight"] in ("writing", "ready")
     saved = runtime.settings
     runtime.settings = dataclasses.replace(saved, branch_concurrency=1)
     try:

@@ -104,3 +104,19 @@ def test_cli_round_trip_between_commands(runtime: Runtime, template: str) -> Non
     assert failing.returncode == 3
     assert forkd(home, "kill", sid).returncode == 0
     assert sid not in forkd(home, "ls", "--all").stdout
+
+
+def test_snapshot_compact_makes_a_forkable_copy(runtime: Runtime, template: str) -> None:
+    home = runtime.settings.home
+    made = forkd(home, "snapshot-compact", "--from", template, "--to", "pycopy")
+    assert made.returncode == 0, made.stderr
+    forked = forkd(home, "fork", "--tag", "pycopy", "--json")
+    assert forked.returncode == 0, forked.stderr
+    sid = json.loads(forked.stdout)[0]["id"]
+    assert forkd(home, "eval", sid, "WARM_MARKER").stdout.strip() == "'warm'"
+    info = json.loads(forkd(home, "snapshot-info", "pycopy", "--json").stdout)
+    assert info["parent_tag"] == template and info["bootable"] is True
+    assert forkd(home, "kill", sid).returncode == 0
+    assert forkd(home, "rmi", "pycopy").returncode == 0
+    again = forkd(home, "snapshot-compact", "--from", template, "--to", template)
+    assert again.returncode == 1 and "already exists" in again.stderr

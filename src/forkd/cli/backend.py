@@ -32,6 +32,7 @@ class Backend(Protocol):
         progress: Callable[[str], None],
     ) -> dict[str, Any]: ...
     def delete_snapshot(self, tag: str, cascade: bool, force: bool) -> None: ...
+    def compact_snapshot(self, tag: str, to: str) -> dict[str, Any]: ...
     def spawn(self, tag: str, n: int, memory_limit_mib: int | None) -> list[dict[str, Any]]: ...
     def list_sandboxes(self, include_dead: bool) -> list[dict[str, Any]]: ...
     def kill(self, sandbox_id: str) -> None: ...
@@ -90,6 +91,9 @@ class LocalBackend:
 
     def delete_snapshot(self, tag: str, cascade: bool, force: bool) -> None:
         self._run(self.runtime.delete_snapshot(tag, cascade=cascade, force=force))
+
+    def compact_snapshot(self, tag: str, to: str) -> dict[str, Any]:
+        return self._run(self.runtime.compact_snapshot(tag, to)).model_dump()
 
     def spawn(self, tag: str, n: int, memory_limit_mib: int | None) -> list[dict[str, Any]]:
         spawned = self._run(self.runtime.spawn(tag, n, memory_limit_mib=memory_limit_mib))
@@ -153,6 +157,9 @@ class RemoteBackend:
 
     def delete_snapshot(self, tag: str, cascade: bool, force: bool) -> None:
         self.c.delete_snapshot(tag, cascade=cascade, force=force)
+
+    def compact_snapshot(self, tag: str, to: str) -> dict[str, Any]:
+        return dict(self.c.compact_snapshot(tag, to))
 
     def spawn(self, tag: str, n: int, memory_limit_mib: int | None) -> list[dict[str, Any]]:
         return list(self.c.spawn_sandboxes(tag, n=n, memory_limit_mib=memory_limit_mib))

@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("tag")
     si.add_argument("--json", action="store_true")
 
+    sc = sub.add_parser("snapshot-compact", help="write a standalone copy of a snapshot")
+    sc.add_argument("--from", dest="src", required=True, metavar="TAG")
+    sc.add_argument("--to", required=True, metavar="TAG")
+
     rmi = sub.add_parser("rmi", help="delete a snapshot")
     rmi.add_argument("tag")
     g = rmi.add_mutually_exclusive_group()
@@ -328,6 +332,13 @@ def cmd_snapshot_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_snapshot_compact(args: argparse.Namespace) -> int:
+    with _backend(args) as backend:
+        info = backend.compact_snapshot(args.src, args.to)
+    render.out.print(f"snapshot {info['tag']} {info['status']}: {info['dir']}")
+    return 0
+
+
 def cmd_rmi(args: argparse.Namespace) -> int:
     with _backend(args) as backend:
         backend.delete_snapshot(args.tag, args.cascade, args.force)
@@ -451,6 +462,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "image": cmd_image, "snapshot": cmd_snapshot, "fork": cmd_fork, "spawn": cmd_fork,
     "ls": cmd_ls, "images": cmd_images, "snapshot-info": cmd_snapshot_info, "rmi": cmd_rmi,
+    "snapshot-compact": cmd_snapshot_compact,
     "exec": cmd_exec, "eval": cmd_eval, "ping": cmd_ping, "kill": cmd_kill,
     "doctor": cmd_doctor, "daemon": cmd_daemon, "serve": cmd_daemon, "mcp": cmd_mcp,
     "demo": cmd_demo,

@@ -53,6 +53,7 @@ from forkd.vmm.spec import RunPaths
 
 AGENT_CONNECT_TIMEOUT_S = 10.0
 UNRECORDED_GRACE_S = 120.0
+ADOPT_QMP_TIMEOUT_S = 5.0
 CHILD_HANDSHAKE_TIMEOUT_S = 60.0
 MAX_PARALLEL_LAUNCHES = 16
 
@@ -108,21 +109,41 @@ class Runtime:
         self.snapshots.sweep_staging()
         known = {row.tag for row in self.registry.list_snapshots()}
         for row in self.registry.list_snapshots():
-            if row.status == "writing":
+            writer = row.extra.get("writer_pid")
+            writer_gone = (
+                not isinstance(writer, int) or writer == os.getpid() or not pid_alive(writer)
+            )
+            if row.status == "writing" and writer_gone:
                 self._fail_snapshot(row, "forkd stopped while this snapshot was being written")
         for tag in self.snapshots.tags_on_disk():
             if tag not in known:
                 manifest = self.snapshots.load(tag)
                 self.registry.put_snapshot(_row_from_manifest(manifest))
         self._sweep_orphan_run_dirs()
-        for sb in self.registry.list_sandboxes():
-            if sb.state == "dead":
-                continue
-            paths = RunPaths(Path(sb.run_dir))
-            if not pid_runs_in(sb.pid, paths):
-                self._mark_dead(sb.id, "QEMU process is gone (found at start-up)")
-            elif self._watch:
-                self._watch_pid(sb.id, sb.pid)
+        alive = [sb for sb in self.registry.list_sandboxes() if sb.state != "dead"]
+        await asyncio.gather(*(self._adopt(sb) for sb in alive))
+
+    async def _adopt(self, sb: SandboxRow) -> None:
+        """Keep a recorded sandbox only if its QEMU is verifiably ours: the pid runs with this
+        run dir on its command line and (in the daemon) answers QMP."""
+        paths = RunPaths(Path(sb.run_dir))
+        if not pid_runs_in(sb.pid, paths):
+            self._mark_dead(sb.id, "QEMU process is gone (found at start-up)")
+            return
+        if not self._watch:
+            # A one-shot CLI process must not probe QMP: QEMU serves one monitor client at a
+            # time, and a daemon mid-branch holds it.
+            return
+        qemu = QemuProcess(sb.pid, paths)
+        try:
+            await asyncio.wait_for(qemu.execute("query-status"), ADOPT_QMP_TIMEOUT_S)
+        except (ForkdError, TimeoutError) as exc:
+            # Not killed: it may be another client's; `forkd kill` stops it for good.
+            self._mark_dead(sb.id, f"QEMU pid {sb.pid} does not answer QMP: {exc or 'timeout'}")
+            return
+        finally:
+            await qemu.close_qmp()
+        self._watch_pid(sb.id, sb.pid)
 
     def _sweep_orphan_run_dirs(self) -> None:
         """Kill and remove child run dirs nobody owns: pre-launched children whose owning process
@@ -217,7 +238,8 @@ class Runtime:
         validate_mem_mib(mem_mib)
         built = self.images.get(image)
         row = SnapshotRow(tag=tag, status="writing", created_at_unix=now_unix(),
-                          extra={"image": image, "mem_mib": mem_mib})  # fmt: skip
+                          extra={"image": image, "mem_mib": mem_mib,
+                                 "writer_pid": os.getpid()})  # fmt: skip
         if self.snapshots.exists(tag) or not self.registry.reserve_snapshot(row):
             raise Conflict(
                 f"snapshot {tag!r} already exists: delete it first or choose another tag"
@@ -476,7 +498,7 @@ class Runtime:
         snapshot_row = SnapshotRow(
             tag=tag, status="writing", created_at_unix=now_unix(), branched_from=sandbox_id,
             parent_tag=parent_tag or row.snapshot_tag, mode=resolved,
-            extra={"image": base.image_name, "mem_mib": base.mem_mib},
+            extra={"image": base.image_name, "mem_mib": base.mem_mib, "writer_pid": os.getpid()},
         )  # fmt: skip
         if self.snapshots.exists(tag) or not self.registry.reserve_snapshot(snapshot_row):
             raise Conflict(f"snapshot {tag!r} already exists or is being written")
@@ -631,7 +653,8 @@ class Runtime:
         manifest = self._ready_manifest(tag)
         row = SnapshotRow(tag=to, status="writing", created_at_unix=now_unix(),
                           parent_tag=tag, extra={"image": manifest.image_name,
-                                                 "mem_mib": manifest.mem_mib})  # fmt: skip
+                                                 "mem_mib": manifest.mem_mib,
+                                                 "writer_pid": os.getpid()})  # fmt: skip
         if self.snapshots.exists(to) or not self.registry.reserve_snapshot(row):
             raise Conflict(f"snapshot {to!r} already exists")
         staging = self.snapshots.begin(to)

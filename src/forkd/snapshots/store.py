@@ -18,6 +18,7 @@ from forkd.config import Settings
 from forkd.errors import Conflict, NotFound
 from forkd.snapshots.manifest import MANIFEST_NAME, SnapshotManifest
 from forkd.validate import validate_tag
+from forkd.vmm.qemu import pid_alive
 
 DEVSTATE_NAME = "devstate"
 STAGING_PREFIX = ".staging-"
@@ -68,9 +69,11 @@ class SnapshotStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.memory_root.mkdir(parents=True, exist_ok=True)
         suffix = secrets.token_hex(4)
-        staging_dir = self.root / f"{STAGING_PREFIX}{tag}-{suffix}"
+        # The writer's pid is in the name: only a dead writer's leftovers are ever swept.
+        name = f"{STAGING_PREFIX}{os.getpid()}-{tag}-{suffix}"
+        staging_dir = self.root / name
         staging_dir.mkdir()
-        return Staging(tag, staging_dir, self.memory_root / f"{STAGING_PREFIX}{tag}-{suffix}.mem")
+        return Staging(tag, staging_dir, self.memory_root / f"{name}.mem")
 
     def commit(self, staging: Staging, manifest: SnapshotManifest) -> SnapshotManifest:
         """Move memory and the staging dir into place; the manifest is written last."""
@@ -107,24 +110,36 @@ class SnapshotStore:
         shutil.rmtree(self.dir_of(tag), ignore_errors=True)
 
     def sweep_staging(self) -> list[str]:
-        """Delete leftovers of snapshots whose construction never finished."""
+        """Delete leftovers of snapshots whose writer died before finishing them."""
         removed: list[str] = []
         for root in (self.root, self.memory_root):
             if not root.is_dir():
                 continue
             for entry in root.iterdir():
-                if entry.name.startswith(STAGING_PREFIX):
-                    if entry.is_dir():
-                        shutil.rmtree(entry, ignore_errors=True)
-                    else:
-                        entry.unlink(missing_ok=True)
-                    removed.append(entry.name)
+                if not entry.name.startswith(STAGING_PREFIX):
+                    continue
+                writer = staging_writer(entry.name)
+                if writer is not None and writer != os.getpid() and pid_alive(writer):
+                    continue
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry.name)
         return removed
 
     def tags_on_disk(self) -> list[str]:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if (p / MANIFEST_NAME).is_file())
+
+
+def staging_writer(name: str) -> int | None:
+    """The pid that is writing the staging entry ``name`` (None for an unreadable name)."""
+    try:
+        return int(name[len(STAGING_PREFIX) :].split("-", 1)[0])
+    except ValueError:
+        return None
 
 
 def bootability(manifest: SnapshotManifest, devstate: Path) -> str | None:
