@@ -727,6 +727,10 @@ class Runtime:
 
     async def agent(self, sandbox_id: str) -> AgentClient:
         """The (cached) agent connection of a running sandbox."""
+        client = self._agents.get(sandbox_id)
+        if self._watch and client is not None and not client.closed:
+            # The hot path: with pidfd watching, a dead sandbox's connection is already gone.
+            return client
         row = self._refresh(self._sandbox_row(sandbox_id))
         if row.state == "dead":
             raise SandboxDead(f"sandbox {sandbox_id} is dead: {row.dead_reason}")
