@@ -84,7 +84,6 @@ class Settings:
     default_exec_timeout_s: float = 30.0
     max_exec_timeout_s: float = 3600.0
     exec_output_cap_bytes: int = 4 * 1024 * 1024
-    agent_timeout_s: float = 30.0
     warm_pool_size: int = 2
     limits: Limits = field(default_factory=Limits)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shlex
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -144,7 +143,7 @@ async def start_live(
     events_cm = qemu.events("STOP", "RESUME")
     events = await events_cm.__aenter__()
     try:
-        await qemu.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(stream))}"})
+        await qemu.execute("migrate", {"uri": await qemu.file_uri(stream, write=True)})
         stats.pause_ms = await _pause_window(events, 60.0)
     except BaseException:
         await events_cm.__aexit__(None, None, None)

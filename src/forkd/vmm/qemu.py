@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shlex
 import shutil
 import signal
 import time
@@ -192,17 +191,32 @@ class QemuProcess:
         """
         await self.execute("xen-save-devices-state", {"filename": str(dest), "live": False})
 
+    async def file_uri(self, path: Path, *, write: bool) -> str:
+        """A migration URI for ``path`` that needs no helper process: the file is opened here and
+        its descriptor handed to QEMU over QMP (``getfd``). An ``exec:`` URI would make QEMU fork
+        a shell, and forking a process that maps gigabytes of guest RAM costs the guest."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC if write else os.O_RDONLY
+        fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        name = f"forkd-{path.name}-{fd}"
+        try:
+            client = await self.qmp()
+            client.send_fd_scm(fd)
+            await self.execute("getfd", {"fdname": name})
+        finally:
+            os.close(fd)
+        return f"fd:{name}"
+
     async def restore_and_run(self, devstate: Path) -> None:
         """On a ``-incoming defer`` QEMU whose x-ignore-shared is already on: load ``devstate`` and
         run as soon as it is loaded, without waiting here (``cont`` during an incoming migration
         means "start when done"). If the load fails QEMU exits, which its caller notices on the
         agent socket."""
-        await self.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(devstate))}"})
+        await self.execute("migrate-incoming", {"uri": await self.file_uri(devstate, write=False)})
         await self.cont()
 
     async def migrate_incoming(self, source: Path, *, timeout: float) -> None:
         """Load a full migration stream (RAM included) from ``source``; wait until it is in."""
-        await self.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(source))}"})
+        await self.execute("migrate-incoming", {"uri": await self.file_uri(source, write=False)})
         deadline = time.monotonic() + timeout
         while True:
             if not pid_alive(self.pid):
