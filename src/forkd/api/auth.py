@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
 import re
 import stat
 import sys
 from pathlib import Path
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from forkd.api.asgi import error_messages
 from forkd.errors import HostSetupError, InvalidInput
 
 MIN_TOKEN_BYTES = 16
@@ -106,18 +106,8 @@ def check_bind(host: str, token: str | None) -> None:
         )
 
 
-def _unauthorized(message: str) -> tuple[dict[str, object], dict[str, object]]:
-    body = json.dumps({"error": message}).encode()
-    start: dict[str, object] = {
-        "type": "http.response.start",
-        "status": 401,
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b'Bearer realm="forkd"'),
-        ],
-    }
-    return start, {"type": "http.response.body", "body": body}
+def _unauthorized(message: str) -> tuple[Message, Message]:
+    return error_messages(401, message, ((b"www-authenticate", b'Bearer realm="forkd"'),))
 
 
 _MISSING = _unauthorized("missing bearer token")

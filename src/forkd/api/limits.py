@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import json
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from forkd.api.asgi import error_messages
 from forkd.config import MiB
 
 
 def _too_large(limit: int) -> tuple[Message, Message]:
-    body = json.dumps(
-        {"error": f"request body too large: the limit is {limit} bytes ({limit // MiB} MiB)"}
-    ).encode()
-    start: Message = {
-        "type": "http.response.start",
-        "status": 413,
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ],
-    }
-    return start, {"type": "http.response.body", "body": body}
+    message = f"request body too large: the limit is {limit} bytes ({limit // MiB} MiB)"
+    return error_messages(413, message, ((b"connection", b"close"),))
 
 
 class BodyLimitMiddleware:
