@@ -99,6 +99,8 @@ class Runtime:
         self._pool = WarmPool(settings.run_dir, settings.warm_pool_size, self._launch_gate)
         self._branching: set[str] = set()
         self._source_locks: dict[str, asyncio.Lock] = {}
+        # Sources whose QEMU has background-snapshot on (a sandbox id is one QEMU process).
+        self._live_armed: set[str] = set()
         self.on_sandbox_death: Callable[[str, str], None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -515,7 +517,11 @@ class Runtime:
         try:
             await lock.acquire()
             if resolved == "live":
-                live = await start_live(qemu, base, staging, self.settings.run_dir)
+                live = await start_live(
+                    qemu, base, staging, self.settings.run_dir,
+                    armed=sandbox_id in self._live_armed,
+                )  # fmt: skip
+                self._live_armed.add(sandbox_id)
                 if not wait:
                     finishing = True
                     snapshot_row.extra["pause_ms"] = live.stats.pause_ms

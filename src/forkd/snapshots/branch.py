@@ -128,18 +128,21 @@ async def start_live(
     staging: Staging,
     run_root: Path,
     *,
+    armed: bool = False,
     on_materializer: Callable[[int], None] = lambda _pid: None,
 ) -> LiveBranch:
-    """Start a background snapshot; return once the source has resumed."""
+    """Start a background snapshot; return once the source has resumed. ``armed``: the caller
+    knows this QEMU already has the background-snapshot capability on."""
     stats = BranchStats()
     t0 = time.monotonic()
     stream = staging.dir / "live.stream"
     # Enabled once and left on: QEMU re-tests userfaultfd over all guest RAM each time it is
     # set (~15 ms), and sources never run any other outgoing migration. x-ignore-shared stays
     # off (QEMU's default): it would leave RAM out of the stream.
-    caps = await qemu.execute("query-migrate-capabilities")
-    if not any(c["capability"] == "background-snapshot" and c["state"] for c in caps):
-        await qemu.set_capabilities(background_snapshot=True)
+    if not armed:
+        caps = await qemu.execute("query-migrate-capabilities")
+        if not any(c["capability"] == "background-snapshot" and c["state"] for c in caps):
+            await qemu.set_capabilities(background_snapshot=True)
     events_cm = qemu.events("STOP", "RESUME")
     events = await events_cm.__aenter__()
     try:
