@@ -11,12 +11,6 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.6.0"
 API_VERSION = "v1"
 
-_CLIENT_NAMES = (
-    "AsyncController", "AsyncSandbox", "BranchMode", "CommandResult", "Controller",
-    "ControllerConnectionError", "ControllerError", "EvalResult", "Sandbox",
-    "SnapshotFailedError",
-)  # fmt: skip
-
 if TYPE_CHECKING:
     from forkd.client import (
         AsyncController,
@@ -33,9 +27,9 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    if name in _CLIENT_NAMES:
-        import forkd.client
+    import forkd.client
 
+    if name in forkd.client.__all__:
         return getattr(forkd.client, name)
     raise AttributeError(f"module 'forkd' has no attribute {name!r}")
 

@@ -334,8 +334,6 @@ def create_app(
         cascade: Annotated[bool, Query(description="also delete dependent snapshots")] = False,
         force: Annotated[bool, Query(description="delete even if others depend on it")] = False,
     ) -> Response:
-        if cascade and force:
-            raise InvalidInput("use either cascade or force, not both")
         call = runtime.delete_snapshot(tag, cascade=cascade, force=force)
         await bounded(call, lim.snapshot_timeout_s, f"deleting snapshot {tag!r}")
         return Response(status_code=204)
@@ -491,14 +489,6 @@ def create_app(
     ) -> Response:
         """Snapshot the running sandbox as a new template; the sandbox keeps running."""
         req = req or wire.BranchRequest()
-        if req.mode is not None and req.diff:
-            raise InvalidInput(
-                '"mode" and the legacy "diff" flag cannot be combined: send mode only'
-            )
-        if not req.wait and req.mode != "live":
-            raise InvalidInput(
-                'wait=false needs mode "live": only a live branch finishes in the background'
-            )
         t0 = time.monotonic()
         call = runtime.branch(
             sandbox_id, tag=req.tag, mode=req.mode, diff=req.diff,

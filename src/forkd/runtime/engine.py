@@ -32,7 +32,13 @@ from forkd.errors import (
 )
 from forkd.images.store import ImageStore
 from forkd.runtime import cgroups as cgroup_limits
-from forkd.runtime.pool import BASE_MANIFEST, WarmPool, launch_incoming, pool_dir_owner
+from forkd.runtime.pool import (
+    AGENT_CONNECT_TIMEOUT_S,
+    BASE_MANIFEST,
+    WarmPool,
+    launch_incoming,
+    pool_dir_owner,
+)
 from forkd.runtime.registry import Registry, SandboxRow, SnapshotRow, now_unix
 from forkd.snapshots.branch import BranchStats, pause_and_copy, start_live
 from forkd.snapshots.guestram import sparse_copy
@@ -51,7 +57,6 @@ from forkd.vmm.agent_client import AgentClient
 from forkd.vmm.qemu import QemuProcess, pid_alive, pid_runs_in
 from forkd.vmm.spec import RunPaths
 
-AGENT_CONNECT_TIMEOUT_S = 10.0
 UNRECORDED_GRACE_S = 120.0
 ADOPT_QMP_TIMEOUT_S = 5.0
 CHILD_HANDSHAKE_TIMEOUT_S = 60.0

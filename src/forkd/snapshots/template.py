@@ -14,7 +14,7 @@ from forkd.errors import InvalidInput
 from forkd.hostcmd import sha256_file
 from forkd.images.store import Image
 from forkd.snapshots.manifest import Artifact, SnapshotManifest
-from forkd.snapshots.store import DEVSTATE_NAME, SnapshotStore, Staging
+from forkd.snapshots.store import DEVSTATE_NAME, SnapshotStore
 from forkd.vmm.accel import AccelChoice
 from forkd.vmm.agent_client import AgentClient
 from forkd.vmm.qemu import QemuProcess
@@ -118,6 +118,3 @@ async def make_template(
         if agent is not None:
             await agent.close()
         shutil.rmtree(paths.dir, ignore_errors=True)
-
-
-__all__ = ["Staging", "TemplateRequest", "make_template"]
