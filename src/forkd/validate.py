@@ -61,3 +61,18 @@ def validate_mem_mib(mem_mib: object) -> int:
     if not 64 <= mem_mib <= 65536:
         raise InvalidInput(f"mem_mib must be between 64 and 65536, got {mem_mib}")
     return mem_mib
+
+
+def validate_branch_request(mode: str | None, diff: bool, wait: bool) -> str:
+    """The branch mode a request resolves to (legacy ``diff`` means "diff", else "full"), or
+    :class:`InvalidInput` for a combination forkd refuses."""
+    if mode is not None and diff:
+        raise InvalidInput('"mode" and the legacy "diff" flag cannot be combined: send mode only')
+    resolved = mode if mode is not None else ("diff" if diff else "full")
+    if resolved not in ("full", "diff", "live"):
+        raise InvalidInput(f'mode must be "full", "diff" or "live", got {resolved!r}')
+    if not wait and resolved != "live":
+        raise InvalidInput(
+            'wait=false needs mode "live": only a live branch finishes in the background'
+        )
+    return resolved

@@ -44,7 +44,7 @@ from forkd.errors import (
     SandboxDead,
 )
 from forkd.runtime.engine import Runtime
-from forkd.validate import SANDBOX_ID_RE, TAG_RE
+from forkd.validate import SANDBOX_ID_RE, TAG_RE, validate_branch_request
 
 log = logging.getLogger("forkd.api")
 
@@ -334,6 +334,8 @@ def create_app(
         cascade: Annotated[bool, Query(description="also delete dependent snapshots")] = False,
         force: Annotated[bool, Query(description="delete even if others depend on it")] = False,
     ) -> Response:
+        if cascade and force:
+            raise InvalidInput("use either cascade or force, not both")
         call = runtime.delete_snapshot(tag, cascade=cascade, force=force)
         await bounded(call, lim.snapshot_timeout_s, f"deleting snapshot {tag!r}")
         return Response(status_code=204)
@@ -489,6 +491,7 @@ def create_app(
     ) -> Response:
         """Snapshot the running sandbox as a new template; the sandbox keeps running."""
         req = req or wire.BranchRequest()
+        validate_branch_request(req.mode, req.diff, req.wait)  # 400 before the runtime is called
         t0 = time.monotonic()
         call = runtime.branch(
             sandbox_id, tag=req.tag, mode=req.mode, diff=req.diff,

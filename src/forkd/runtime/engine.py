@@ -46,6 +46,7 @@ from forkd.snapshots.manifest import Artifact, SnapshotManifest
 from forkd.snapshots.store import DEVSTATE_NAME, SnapshotStore, Staging, bootability
 from forkd.snapshots.template import TemplateRequest, artifact, make_template
 from forkd.validate import (
+    validate_branch_request,
     validate_count,
     validate_image_name,
     validate_mem_mib,
@@ -475,17 +476,7 @@ class Runtime:
         Returns with status ``ready``, or ``writing`` for a live branch with ``wait=False`` (its
         copy then finishes in the background and the status moves to ``ready`` or ``failed``).
         """
-        if mode is not None and diff:
-            raise InvalidInput(
-                '"mode" and the legacy "diff" flag cannot be combined: send mode only'
-            )
-        resolved = mode if mode is not None else ("diff" if diff else "full")
-        if resolved not in ("full", "diff", "live"):
-            raise InvalidInput(f'mode must be "full", "diff" or "live", got {resolved!r}')
-        if not wait and resolved != "live":
-            raise InvalidInput(
-                'wait=false needs mode "live": only a live branch finishes in the background'
-            )
+        resolved = validate_branch_request(mode, diff, wait)
         validate_sandbox_id(sandbox_id)
         if tag is None:
             tag = f"branch-{sandbox_id}-{int(time.time())}-{secrets.token_hex(2)}"
