@@ -12,6 +12,7 @@ from pathlib import Path
 
 from forkd.config import Settings
 from forkd.images.builder import ImageRequest, build_image
+from forkd.snapshots.memfs import release_memory_dir
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -48,7 +49,7 @@ def scratch_settings(**overrides: object) -> Iterator[Settings]:
     try:
         yield settings
     finally:
-        shutil.rmtree(settings.memory_dir, ignore_errors=True)
+        release_memory_dir(settings.memory_dir)
         shutil.rmtree(home, ignore_errors=True)
 
 
@@ -78,7 +79,8 @@ def running_daemon(settings: Settings) -> Iterator[str]:
     import httpx
 
     port = free_port()
-    env = {**os.environ, "FORKD_HOME": str(settings.home)}
+    env = {**os.environ, "FORKD_HOME": str(settings.home),
+           "FORKD_HUGE_MEMORY": "1" if settings.huge_memory else "0"}  # fmt: skip
     env.pop("FORKD_URL", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "forkd", "daemon", "--bind", f"127.0.0.1:{port}", "--kill-on-exit"],

@@ -3,7 +3,6 @@ per session (under TCG here) in a throw-away data dir; the build cache is shared
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from forkd.config import Settings
 from forkd.images.builder import ImageRequest, build_image
 from forkd.images.store import Image
 from forkd.runtime.engine import Runtime
+from forkd.snapshots.memfs import release_memory_dir
 
 TEMPLATE_TAG = "py"
 WARMUP = "import numpy\nimport random\nWARM_MARKER = 'warm'"
@@ -22,7 +22,7 @@ WARMUP = "import numpy\nimport random\nWARM_MARKER = 'warm'"
 def vm_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     settings = Settings.from_env(home=tmp_path_factory.mktemp("forkd-home"))
     yield settings
-    shutil.rmtree(settings.memory_dir, ignore_errors=True)
+    release_memory_dir(settings.memory_dir)
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,11 @@
 One source with 1 GiB of guest RAM, >= 512 MiB resident (numpy plus a 512 MiB buffer made in the
 template's warm-up); in the source a thread keeps dirtying a 16 MiB hot region of the buffer.
 Iterations interleave live-sync, live-async, diff and full; each records QEMU's pause (STOP to
-RESUME) and the HTTP round trip, waits until the snapshot is ready, then deletes it.
+RESUME) and the HTTP round trip, waits until the snapshot is ready, then deletes it. By default the
+whole protocol runs twice in one invocation, guest memory on forkd's huge-page tmpfs (the default
+as root) and on plain /dev/shm (``FORKD_HUGE_MEMORY=0``), so the two are compared side by side.
 
-    python bench/branch/run.py [--iterations 10]
+    python bench/branch/run.py [--iterations 10] [--memory both|huge|plain]
 
 Writes bench/results/branch.{csv,md,json,png}.
 """
@@ -37,6 +39,11 @@ def _dirty():
             time.sleep(0.01)
 threading.Thread(target=_dirty, daemon=True).start()
 """
+MEMORY_KINDS = ("huge", "plain")
+MEMORY_LABELS = {
+    "huge": "forkd's huge-page tmpfs (the default as root)",
+    "plain": "plain /dev/shm (FORKD_HUGE_MEMORY=0)",
+}
 KINDS = (("live-sync", "live", True), ("live-async", "live", False), ("diff", "diff", True),
          ("full", "full", True))  # fmt: skip
 
@@ -51,14 +58,27 @@ def wait_ready(c: httpx.Client, tag: str) -> dict:
 
 def main(args: argparse.Namespace) -> None:
     rows: list[dict[str, object]] = []
-    with scratch_settings() as settings, running_daemon(settings) as url:
+    for memory in MEMORY_KINDS if args.memory == "both" else (args.memory,):
+        rows += run(memory, args.iterations)
+    RESULTS.mkdir(exist_ok=True)
+    with (RESULTS / "branch.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    report(rows, args.iterations)
+
+
+def run(memory: str, iterations: int) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    settings_cm = scratch_settings(huge_memory=memory == "huge")
+    with settings_cm as settings, running_daemon(settings) as url:
         c = httpx.Client(base_url=url, timeout=1800)
         r = c.post("/v1/snapshots", json={"tag": "src", "mem_mib": 1024, "warmup": WARMUP})
         r.raise_for_status()
         sid = c.post("/v1/sandboxes", json={"snapshot_tag": "src"}).json()[0]["id"]
         c.post(f"/v1/sandboxes/{sid}/eval", json={"code": DIRTY}).raise_for_status()
         time.sleep(2)
-        for i in range(args.iterations):
+        for i in range(iterations):
             for kind, mode, wait in KINDS:
                 tag = f"b{i}-{kind}"
                 body: dict[str, object] = {"tag": tag, "mode": mode}
@@ -71,7 +91,7 @@ def main(args: argparse.Namespace) -> None:
                 info = wait_ready(c, tag)
                 assert info["status"] == "ready", info
                 rows.append({
-                    "iteration": i, "kind": kind, "http_status": resp.status_code,
+                    "memory": memory, "iteration": i, "kind": kind, "http_status": resp.status_code,
                     "pause_ms": round(info["pause_ms"], 2), "http_rtt_ms": round(rtt_ms, 2),
                     "total_ms": round(info["total_ms"], 1), "bytes_written": info["bytes_written"],
                 })  # fmt: skip
@@ -79,17 +99,27 @@ def main(args: argparse.Namespace) -> None:
                 c.delete(f"/v1/snapshots/{tag}").raise_for_status()
         alive = c.post(f"/v1/sandboxes/{sid}/eval", json={"code": "float(BUF[:16].sum())"})
         assert alive.status_code == 200
-    RESULTS.mkdir(exist_ok=True)
-    with (RESULTS / "branch.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    report(rows, args.iterations)
+    return rows
 
 
 def report(rows: list[dict[str, object]], iterations: int) -> None:
-    table = ["| mode | pause p50 | pause p90 | HTTP round trip p50 | round trip p90 | total p50 |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    table: list[str] = []
+    stats: dict[str, dict[str, dict[str, float]]] = {}
+    for memory in MEMORY_KINDS:
+        mine = [r for r in rows if r.get("memory", "plain") == memory]
+        if not mine:
+            continue
+        stats[memory] = summarize(mine)
+        table += [f"guest memory: {MEMORY_LABELS[memory]}", "", *markdown(stats[memory]), ""]
+    table.append(
+        f"{iterations} interleaved iterations per memory kind, 1 GiB source, >= 512 MiB "
+        "resident, both kinds in one run; `python bench/branch/run.py`"
+    )
+    chart(rows)
+    write_results("branch", stats, "\n".join(table) + "\n")
+
+
+def summarize(rows: list[dict[str, object]]) -> dict[str, dict[str, float]]:
     stats: dict[str, dict[str, float]] = {}
     for kind, _, _ in KINDS:
         sel = [r for r in rows if r["kind"] == kind]
@@ -99,21 +129,21 @@ def report(rows: list[dict[str, object]], iterations: int) -> None:
         stats[kind] = {"pause_p50": median(pause), "pause_p90": percentile(pause, 90),
                        "rtt_p50": median(rtt), "rtt_p90": percentile(rtt, 90),
                        "total_p50": median(total)}  # fmt: skip
-        s = stats[kind]
-        table.append(
+    return stats
+
+
+def markdown(stats: dict[str, dict[str, float]]) -> list[str]:
+    lines = ["| mode | pause p50 | pause p90 | HTTP round trip p50 | round trip p90 | total p50 |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for kind, s in stats.items():
+        lines.append(
             f"| {kind} | {s['pause_p50']:.1f} ms | {s['pause_p90']:.1f} ms | "
             f"{s['rtt_p50']:.0f} ms | {s['rtt_p90']:.0f} ms | {s['total_p50']:.0f} ms |"
         )
     live, full = stats["live-sync"]["pause_p50"], stats["full"]["pause_p50"]
-    table += [
-        "",
-        f"full pause / live pause: {full / live:.0f}x; "
-        f"diff pause / full pause: {stats['diff']['pause_p50'] / full:.2f}",
-        f"{iterations} interleaved iterations, 1 GiB source, >= 512 MiB resident; "
-        "`python bench/branch/run.py`",
-    ]
-    chart(rows)
-    write_results("branch", stats, "\n".join(table) + "\n")
+    lines += ["", f"full pause / live pause: {full / live:.0f}x; "
+              f"diff pause / full pause: {stats['diff']['pause_p50'] / full:.2f}"]  # fmt: skip
+    return lines
 
 
 def chart(rows: list[dict[str, object]]) -> None:
@@ -122,14 +152,17 @@ def chart(rows: list[dict[str, object]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    memories = [m for m in MEMORY_KINDS if any(r.get("memory", "plain") == m for r in rows)]
+    fig, axes = plt.subplots(len(memories), 2, figsize=(10, 4 * len(memories)), squeeze=False)
     kinds = [k for k, _, _ in KINDS]
-    for ax, key, title in ((ax1, "pause_ms", "guest pause (ms, log)"),
-                           (ax2, "http_rtt_ms", "HTTP round trip (ms, log)")):  # fmt: skip
-        data = [[float(r[key]) for r in rows if r["kind"] == k] for k in kinds]  # type: ignore[arg-type]
-        ax.boxplot(data, tick_labels=kinds)
-        ax.set_yscale("log")
-        ax.set_title(title)
+    for (ax1, ax2), memory in zip(axes, memories, strict=True):
+        mine = [r for r in rows if r.get("memory", "plain") == memory]
+        for ax, key, title in ((ax1, "pause_ms", "guest pause (ms, log)"),
+                               (ax2, "http_rtt_ms", "HTTP round trip (ms, log)")):  # fmt: skip
+            data = [[float(r[key]) for r in mine if r["kind"] == k] for k in kinds]  # type: ignore[arg-type]
+            ax.boxplot(data, tick_labels=kinds)
+            ax.set_yscale("log")
+            ax.set_title(f"{title}, {memory} memory")
     fig.suptitle("forkd BRANCH on a 1 GiB source (QEMU TCG)")
     fig.tight_layout()
     fig.savefig(RESULTS / "branch.png", dpi=110)
@@ -144,6 +177,7 @@ def report_from_csv() -> None:
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--memory", choices=("both", *MEMORY_KINDS), default="both")
     p.add_argument("--report-only", action="store_true", help="redraw from results/branch.csv")
     parsed = p.parse_args()
     report_from_csv() if parsed.report_only else main(parsed)

@@ -21,6 +21,15 @@ def _default_cache() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "forkd"
 
 
+def _flag(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise InvalidInput(f"{name} must be 1 or 0, got {raw!r}")
+
+
 def _default_home() -> Path:
     xdg = os.environ.get("XDG_DATA_HOME")
     base = Path(xdg) if xdg else Path.home() / ".local" / "share"
@@ -73,11 +82,14 @@ class Settings:
     ``home`` holds images, manifests, run dirs and the database; ``cache_dir`` the downloaded
     kernel and debootstrap trees (shared by every home); ``shm_dir`` (on tmpfs) holds
     guest memory files, which must live on shmem for copy-on-write forks and live BRANCH.
+    ``huge_memory``: when ``shm_dir`` is not set and forkd runs as root, mount a tmpfs with
+    transparent huge pages at the default memory dir (shorter live-BRANCH pauses).
     """
 
     home: Path = field(default_factory=_default_home)
     cache_dir: Path = field(default_factory=_default_cache)
     shm_dir: Path | None = None
+    huge_memory: bool = True
     accel: str = "auto"
     max_sandboxes: int = 256
     branch_concurrency: int = 4
@@ -97,6 +109,8 @@ class Settings:
             values["cache_dir"] = Path(cache)
         if shm := os.environ.get("FORKD_SHM_DIR"):
             values["shm_dir"] = Path(shm)
+        if huge := os.environ.get("FORKD_HUGE_MEMORY"):
+            values["huge_memory"] = _flag("FORKD_HUGE_MEMORY", huge)
         if accel := os.environ.get("FORKD_ACCEL"):
             values["accel"] = accel
         if pool := os.environ.get("FORKD_WARM_POOL"):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from forkd.config import DEFAULT_IMAGE, Settings
+from forkd.snapshots.memfs import mount_of
 from forkd.vmm.accel import detect_accel
 
 Status = Literal["PASS", "WARN", "FAIL"]
@@ -96,7 +97,8 @@ def check_tmpfs(settings: Settings) -> Check:
     except OSError as exc:
         return Check("tmpfs", "FAIL", f"{probe}: {exc}", "mount a tmpfs at /dev/shm")
     free = st.f_bavail * st.f_frsize
-    fstype = _fstype(probe)
+    mount = mount_of(probe)
+    fstype = mount.fstype if mount else "unknown"
     text = f"{probe} ({fstype}) has {free / 2**30:.1f} GiB free"
     if fstype not in ("tmpfs", "hugetlbfs"):
         return Check("tmpfs", "FAIL", text, "guest memory must live on tmpfs; set FORKD_SHM_DIR")
@@ -105,22 +107,34 @@ def check_tmpfs(settings: Settings) -> Check:
     return Check("tmpfs", "PASS", text)
 
 
-def _fstype(path: Path) -> str:
-    best, fstype = "", "unknown"
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return fstype
-    resolved = str(path.resolve())
-    for line in mounts:
-        parts = line.split()
-        if (
-            len(parts) >= 3
-            and (resolved == parts[1] or resolved.startswith(parts[1].rstrip("/") + "/"))
-            and len(parts[1]) >= len(best)
-        ):
-            best, fstype = parts[1], parts[2]
-    return fstype
+def check_huge_memory(settings: Settings) -> Check:
+    """Huge pages behind guest memory files make the live-BRANCH pause about 3x shorter."""
+    target = settings.memory_dir
+    mount = mount_of(target)
+    if mount is not None and mount.fstype == "tmpfs" and mount.huge != "never":
+        owner = " (forkd's own mount)" if mount.owned_by_forkd else ""
+        return Check("huge pages", "PASS", f"{mount.mountpoint}: huge={mount.huge}{owner}")
+    automatic = settings.huge_memory and settings.shm_dir is None
+    if automatic and os.geteuid() == 0 and not (target.exists() and any(target.iterdir())):
+        return Check(
+            "huge pages", "PASS", f"forkd mounts a huge=within_size tmpfs at {target} on first use"
+        )
+    where = str(mount.mountpoint) if mount else str(target)
+    if automatic and os.geteuid() == 0:
+        return Check(
+            "huge pages",
+            "WARN",
+            f"{where} has no transparent huge pages: live BRANCH pauses ~3x longer",
+            f"{target} already holds memory files, so forkd does not mount over it; delete "
+            "this home's snapshots and forkd mounts a huge-page tmpfs for the next one",
+        )
+    return Check(
+        "huge pages",
+        "WARN",
+        f"{where} has no transparent huge pages: live BRANCH pauses ~3x longer",
+        "run forkd as root with the default memory dir, or mount a tmpfs with "
+        "-o huge=within_size and point FORKD_SHM_DIR at it",
+    )
 
 
 def check_program(name: str, package: str, why: str) -> Check:
@@ -167,6 +181,7 @@ def run_checks(settings: Settings) -> list[Check]:
         check_accel(settings),
         check_uffd(),
         check_tmpfs(settings),
+        check_huge_memory(settings),
         check_program("debootstrap", "debootstrap", "needed to build images"),
         check_program("mkfs.ext4", "e2fsprogs", "needed to build images"),
         check_program("busybox", "busybox-static", "needed for the initramfs"),

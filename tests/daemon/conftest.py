@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +21,7 @@ import pytest
 
 from forkd.config import Settings
 from forkd.images.builder import ImageRequest, build_image
+from forkd.snapshots.memfs import release_memory_dir
 
 TEMPLATE_TAG = "py"
 WARMUP = "import numpy\nimport random\nWARM_MARKER = 'warm'"
@@ -150,7 +150,7 @@ def shutdown_daemon(daemon: DaemonProcess) -> None:
         for pid in leaked:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(Settings(home=daemon.home).memory_dir, ignore_errors=True)
+        release_memory_dir(Settings(home=daemon.home).memory_dir)
     assert not leaked, f"processes outlived the daemon:\n{leaked_info}"
 
 

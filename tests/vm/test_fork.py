@@ -11,6 +11,7 @@ import pytest
 
 from forkd.hostcmd import sha256_file
 from forkd.runtime.engine import Runtime
+from forkd.snapshots.memfs import mount_of
 from forkd.vmm.qemu import pid_alive
 
 pytestmark = pytest.mark.vm
@@ -93,3 +94,23 @@ async def test_qemu_killed_behind_our_back_is_reported_dead(
     assert (await runtime.eval(survivor.id, "1+1")).result == "2"
     await runtime.kill(victim.id)
     await runtime.kill(survivor.id)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="forkd mounts its huge-page tmpfs only as root")
+async def test_guest_memory_is_backed_by_huge_pages_as_root(
+    runtime: Runtime, template: str
+) -> None:
+    where = mount_of(runtime.settings.memory_dir)
+    assert where is not None and where.owned_by_forkd and where.huge == "within_size"
+    child = (await runtime.spawn(template, 1))[0].sandbox
+    try:
+        memory = runtime.snapshots.load(template).memory.path
+        smaps = Path(f"/proc/{child.pid}/smaps").read_text().split("\n")
+        start = next(i for i, line in enumerate(smaps) if line.endswith(memory))
+        entry = smaps[start : start + 40]
+        # 2 MiB aligned by QEMU (align=2M), so the kernel may back it with huge pages.
+        assert int(smaps[start].split("-")[0], 16) % (2 << 20) == 0
+        eligible = next(line for line in entry if line.startswith("THPeligible:"))
+        assert eligible.split()[1] == "1", entry
+    finally:
+        await runtime.kill(child.id)

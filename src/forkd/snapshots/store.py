@@ -17,6 +17,7 @@ from pathlib import Path
 from forkd.config import Settings
 from forkd.errors import Conflict, NotFound
 from forkd.snapshots.manifest import MANIFEST_NAME, SnapshotManifest
+from forkd.snapshots.memfs import prepare_memory_dir
 from forkd.validate import validate_tag
 from forkd.vmm.qemu import pid_alive
 
@@ -41,6 +42,7 @@ class SnapshotStore:
     def __init__(self, settings: Settings) -> None:
         self.root = settings.snapshots_dir
         self.memory_root = settings.memory_dir
+        self._mount_huge = settings.huge_memory and settings.shm_dir is None
 
     def dir_of(self, tag: str) -> Path:
         return self.root / validate_tag(tag)
@@ -67,7 +69,7 @@ class SnapshotStore:
                 f"snapshot {tag!r} already exists: delete it first or choose another tag"
             )
         self.root.mkdir(parents=True, exist_ok=True)
-        self.memory_root.mkdir(parents=True, exist_ok=True)
+        prepare_memory_dir(self.memory_root, mount_huge=self._mount_huge)
         suffix = secrets.token_hex(4)
         # The writer's pid is in the name: only a dead writer's leftovers are ever swept.
         name = f"{STAGING_PREFIX}{os.getpid()}-{tag}-{suffix}"

@@ -97,8 +97,11 @@ def instance_args(
     share_flag = "on" if share else "off"
     args = [
         *machine_args,
+        # align=2M: QEMU otherwise offsets guest RAM by a guard page, and a mapping that is not
+        # 2 MiB aligned never gets huge pages from a huge-page tmpfs (see snapshots/memfs.py).
         "-object",
-        f"memory-backend-file,id=mem,size={mem_mib}M,mem-path={memory_path},share={share_flag}",
+        f"memory-backend-file,id=mem,size={mem_mib}M,mem-path={memory_path},share={share_flag}"
+        ",align=2M",
         "-chardev", f"socket,id=agent,path={paths.agent},server=on,wait=off",
         "-chardev", f"socket,id=qmp,path={paths.qmp},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
