@@ -122,6 +122,12 @@ class Settings:
         return cls(**values)  # type: ignore[arg-type]
 
     @property
+    def mounts_huge_memory(self) -> bool:
+        """Whether forkd may mount its huge-page tmpfs at ``memory_dir`` (never over a dir the
+        user chose)."""
+        return self.huge_memory and self.shm_dir is None
+
+    @property
     def memory_dir(self) -> Path:
         """tmpfs folder for guest memory files; unique per home so two homes never collide."""
         if self.shm_dir is not None:

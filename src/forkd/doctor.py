@@ -114,27 +114,23 @@ def check_huge_memory(settings: Settings) -> Check:
     if mount is not None and mount.fstype == "tmpfs" and mount.huge != "never":
         owner = " (forkd's own mount)" if mount.owned_by_forkd else ""
         return Check("huge pages", "PASS", f"{mount.mountpoint}: huge={mount.huge}{owner}")
-    automatic = settings.huge_memory and settings.shm_dir is None
-    if automatic and os.geteuid() == 0 and not (target.exists() and any(target.iterdir())):
+    as_root = settings.mounts_huge_memory and os.geteuid() == 0
+    if as_root and not (target.exists() and any(target.iterdir())):
         return Check(
             "huge pages", "PASS", f"forkd mounts a huge=within_size tmpfs at {target} on first use"
         )
-    where = str(mount.mountpoint) if mount else str(target)
-    if automatic and os.geteuid() == 0:
-        return Check(
-            "huge pages",
-            "WARN",
-            f"{where} has no transparent huge pages: live BRANCH pauses ~3x longer",
-            f"{target} already holds memory files, so forkd does not mount over it; delete "
-            "this home's snapshots and forkd mounts a huge-page tmpfs for the next one",
-        )
-    return Check(
-        "huge pages",
-        "WARN",
-        f"{where} has no transparent huge pages: live BRANCH pauses ~3x longer",
-        "run forkd as root with the default memory dir, or mount a tmpfs with "
-        "-o huge=within_size and point FORKD_SHM_DIR at it",
+    fix = (
+        f"{target} already holds memory files, so forkd does not mount over it; delete this "
+        "home's snapshots and forkd mounts a huge-page tmpfs for the next one"
+        if as_root
+        else "run forkd as root with the default memory dir, or mount a tmpfs with "
+        "-o huge=within_size and point FORKD_SHM_DIR at it"
     )
+    where = mount.mountpoint if mount else target
+    return Check(
+        "huge pages", "WARN",
+        f"{where} has no transparent huge pages: live BRANCH pauses ~3x longer", fix,
+    )  # fmt: skip
 
 
 def check_program(name: str, package: str, why: str) -> Check:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -42,8 +43,8 @@ class MountInfo:
 
 
 def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as octal.
-    return field.encode().decode("unicode_escape")
+    # mountinfo escapes space, tab, newline and backslash as \ooo; everything else is verbatim.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
 
 
 def parse_mountinfo(text: str) -> list[MountInfo]:
@@ -110,19 +111,11 @@ def prepare_memory_dir(path: Path, *, mount_huge: bool) -> None:
 
 def release_memory_dir(path: Path) -> None:
     """Delete ``path`` with everything in it, unmounting forkd's own tmpfs there first."""
-    if not path.is_dir():
-        return
-    for entry in path.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
     where = mount_of(path)
     if where is not None and where.owned_by_forkd and where.mountpoint == path.resolve():
-        # Lazy: a QEMU that is still exiting may hold a mapping for a moment; the tmpfs goes
-        # away with it instead of failing with EBUSY and staying mounted.
+        # Lazy: a QEMU that is still exiting may hold a mapping for a moment; the tmpfs (and
+        # every file in it) goes away with it instead of failing with EBUSY.
         subprocess.run(
             ["umount", "--lazy", str(path)], check=False, capture_output=True, timeout=30
         )
-    with contextlib.suppress(OSError):
-        path.rmdir()
+    shutil.rmtree(path, ignore_errors=True)

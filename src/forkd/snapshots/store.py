@@ -42,7 +42,8 @@ class SnapshotStore:
     def __init__(self, settings: Settings) -> None:
         self.root = settings.snapshots_dir
         self.memory_root = settings.memory_dir
-        self._mount_huge = settings.huge_memory and settings.shm_dir is None
+        self._mount_huge = settings.mounts_huge_memory
+        self._memory_prepared = False
 
     def dir_of(self, tag: str) -> Path:
         return self.root / validate_tag(tag)
@@ -69,7 +70,10 @@ class SnapshotStore:
                 f"snapshot {tag!r} already exists: delete it first or choose another tag"
             )
         self.root.mkdir(parents=True, exist_ok=True)
-        prepare_memory_dir(self.memory_root, mount_huge=self._mount_huge)
+        if not self._memory_prepared:
+            prepare_memory_dir(self.memory_root, mount_huge=self._mount_huge)
+            self._memory_prepared = True
+        self.memory_root.mkdir(parents=True, exist_ok=True)
         suffix = secrets.token_hex(4)
         # The writer's pid is in the name: only a dead writer's leftovers are ever swept.
         name = f"{STAGING_PREFIX}{os.getpid()}-{tag}-{suffix}"
