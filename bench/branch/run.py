@@ -39,6 +39,7 @@ def _dirty():
             time.sleep(0.01)
 threading.Thread(target=_dirty, daemon=True).start()
 """
+SETTLE_S = 1.0
 MEMORY_KINDS = ("huge", "plain")
 MEMORY_LABELS = {
     "huge": "forkd's huge-page tmpfs (the default as root)",
@@ -97,6 +98,9 @@ def run(memory: str, iterations: int) -> list[dict[str, object]]:
                 })  # fmt: skip
                 print(rows[-1], flush=True)
                 c.delete(f"/v1/snapshots/{tag}").raise_for_status()
+                # The daemon hashes a finished snapshot in the background: let that end so each
+                # measurement starts on a quiet machine.
+                time.sleep(SETTLE_S)
         alive = c.post(f"/v1/sandboxes/{sid}/eval", json={"code": "float(BUF[:16].sum())"})
         assert alive.status_code == 200
     return rows

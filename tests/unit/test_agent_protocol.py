@@ -253,6 +253,29 @@ async def test_eval_expression_and_statements(client: AgentClient) -> None:
     assert r.result == "'xxx'"
 
 
+async def test_eval_single_lines_that_look_like_expressions(client: AgentClient) -> None:
+    """One-line code takes a direct-compile path; every shape must still mean what Python says."""
+    cases = {
+        "t_one_ann: int": None,  # an annotation is a statement even without "="
+        "dict(a=1)": "{'a': 1}",  # "=" inside a call
+        "(t_one_w := 3) + 1": "4",
+        "2 >= 1 != 0": "True",
+        "# only a comment": None,
+        "lambda: 1": None,  # checked below: a function repr
+    }
+    for code, want in cases.items():
+        r = await client.eval(code)
+        assert r.error is None, (code, r.error)
+        if code.startswith("lambda"):
+            assert r.result is not None and r.result.startswith("<function <lambda>")
+        else:
+            assert r.result == want, code
+    assert (await client.eval("t_one_w")).result == "3"
+    r = await client.eval("1 / 0")
+    assert r.error == "ZeroDivisionError: division by zero"
+    assert r.traceback is not None and "1 / 0" in r.traceback and "agent.py" not in r.traceback
+
+
 async def test_eval_namespace_persists(client: AgentClient) -> None:
     await client.eval("import math\ndef t_ns_f(x):\n    return math.sqrt(x) + t_ns_k\nt_ns_k = 1")
     r = await client.eval("t_ns_f(16)")

@@ -10,7 +10,7 @@ from forkd.errors import InvalidInput
 from forkd.images.initramfs import CpioEntry, encode_newc
 from forkd.validate import validate_count, validate_sandbox_id, validate_tag
 from forkd.vmm.accel import detect_accel
-from forkd.vmm.spec import MachineSpec, RunPaths, instance_args
+from forkd.vmm.spec import MachineSpec, RunPaths, instance_args, without_boot_files
 
 
 @pytest.mark.parametrize("tag", ["py", "A-b_9", "x" * 64])
@@ -90,6 +90,16 @@ def test_child_argv_differs_from_parent_only_in_instance_parts(tmp_path: Path) -
     assert parent[: len(machine)] == child[: len(machine)] == machine
     assert any("share=on" in a for a in parent) and any("share=off" in a for a in child)
     assert child[-2:] == ["-incoming", "defer"] and "-incoming" not in parent
+
+
+def test_restored_children_skip_the_boot_files(tmp_path: Path) -> None:
+    spec = MachineSpec(tmp_path / "k", tmp_path / "i", tmp_path / "r", 256, ("-accel", "tcg"))
+    machine = spec.machine_args()
+    child = without_boot_files(machine)
+    assert not {"-kernel", "-initrd", "-append"} & set(child)
+    assert not any(str(tmp_path / "k") in a or str(tmp_path / "i") in a for a in child)
+    # everything else (devices, memory size, accelerator) is kept, in order
+    assert [a for a in machine if a in child] == child and len(machine) - len(child) == 6
 
 
 def test_memory_dir_is_on_shm_and_unique_per_home(tmp_path: Path) -> None:

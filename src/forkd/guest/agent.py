@@ -425,6 +425,42 @@ def _exc_text(e: BaseException) -> str:
     return "%s: %s" % (type(e).__name__, msg) if msg else type(e).__name__
 
 
+_STATEMENT_WORDS = frozenset(
+    {"assert", "async", "break", "class", "continue", "def", "del", "for", "from", "global",
+     "if", "import", "nonlocal", "pass", "raise", "return", "try", "while", "with"}
+)  # fmt: skip
+
+
+def _plain_expression(code: str) -> bool:
+    """True if ``code`` is most likely one expression (no line break, ``;``, assignment or
+    statement keyword): then it compiles directly, without a round trip through Python AST
+    objects. That saves ~1,400 freshly translated blocks in a child's first eval under TCG; the
+    check itself stays cheap (no ``re``: the regex engine would need translating too)."""
+    text = code.strip()
+    if not text or "\n" in text or ";" in text or text[0] == "@":
+        return False
+    for op in ("==", "!=", "<=", ">="):
+        text = text.replace(op, "")
+    return "=" not in text and text.split(None, 1)[0].rstrip(":") not in _STATEMENT_WORDS
+
+
+def _compile_eval(code: str, filename: str):
+    """Statements with an optional trailing expression whose value is the result, as (body,
+    tail) code objects. One parse, no SyntaxError round trip: raising one costs milliseconds
+    under emulation."""
+    if _plain_expression(code):
+        try:
+            return None, compile(code, filename, "eval")
+        except SyntaxError:
+            pass  # a statement after all (``x: int``): the general path decides
+    tree = ast.parse(code, filename, "exec")
+    tail = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = tree.body.pop()
+        tail = compile(ast.Expression(body=last.value), filename, "eval")
+    return (compile(tree, filename, "exec") if tree.body else None), tail
+
+
 def op_eval(req: dict) -> dict:
     code = _arg_str(req, "code", required=True)
     filename = _eval_filename(code)
@@ -432,18 +468,10 @@ def op_eval(req: dict) -> dict:
     result = None
     error = None
     tb_text = None
-    # Statements with an optional trailing expression whose value is the result. One parse, no
-    # SyntaxError round trip: raising one costs milliseconds under emulation.
-    body = None
-    tail = None
     try:
-        tree = ast.parse(code, filename, "exec")
-        if tree.body and isinstance(tree.body[-1], ast.Expr):
-            last = tree.body.pop()
-            tail = compile(ast.Expression(body=last.value), filename, "eval")
-        if tree.body:
-            body = compile(tree, filename, "exec")
+        body, tail = _compile_eval(code, filename)
     except BaseException as e:  # SyntaxError, ValueError (null bytes), RecursionError, ...
+        body = tail = None
         error = _exc_text(e)
         tb_text = _format_exc(e, skip_first=True)
     if error is None:
@@ -585,6 +613,15 @@ def op_reseed(req: dict) -> dict:
     return reseed(_arg_b64(req, "entropy_b64", required=True))
 
 
+_urandom = []  # one descriptor, opened before the template is taken: children skip the lookup
+
+
+def _urandom_fd() -> int:
+    if not _urandom:
+        _urandom.append(os.open("/dev/urandom", os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)))
+    return _urandom[0]
+
+
 def reseed(data: bytes) -> dict:
     """Mix host entropy into the kernel pool (credited, CRNG reseeded at once) and reseed the
     interpreter's generators. No hashing here: under emulation a first use of hashlib costs tens of
@@ -593,21 +630,18 @@ def reseed(data: bytes) -> dict:
         raise _bad("reseed needs at least 32 bytes of entropy")
     credited = 0
     reseeded = False
-    fd = os.open("/dev/urandom", os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+    fd = _urandom_fd()
     try:
+        fcntl.ioctl(fd, RNDADDENTROPY, struct.pack("ii", len(data) * 8, len(data)) + data)
+        credited = len(data) * 8
+    except OSError:
+        os.write(fd, data)  # unprivileged: mixed in, not credited
+    if credited:
         try:
-            fcntl.ioctl(fd, RNDADDENTROPY, struct.pack("ii", len(data) * 8, len(data)) + data)
-            credited = len(data) * 8
+            fcntl.ioctl(fd, RNDRESEEDCRNG)
+            reseeded = True
         except OSError:
-            os.write(fd, data)  # unprivileged: mixed in, not credited
-        if credited:
-            try:
-                fcntl.ioctl(fd, RNDRESEEDCRNG)
-                reseeded = True
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
+            pass
     # Host bytes XOR fresh kernel bytes: the generators diverge even if the kernel did not.
     mixed = (
         int.from_bytes(data[:32], "little") ^ int.from_bytes(os.urandom(32), "little")
@@ -849,6 +883,7 @@ def serve(args) -> int:
         eof_exits = False
         _log("serving on %s (pid %d)" % (path, os.getpid()))
     sigio = False if eof_exits else arm_sigio(fd)
+    _urandom_fd()
     Agent(fd, eof_exits, sigio).serve()
     if sock is not None:
         sock.close()

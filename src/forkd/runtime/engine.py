@@ -520,8 +520,6 @@ class Runtime:
                 self._live_armed.add(sandbox_id)
                 if not wait:
                     finishing = True
-                    snapshot_row.extra["pause_ms"] = live.stats.pause_ms
-                    self.registry.put_snapshot(snapshot_row)
                     task = asyncio.ensure_future(
                         self._finish_branch(
                             live.finish(),

@@ -20,7 +20,7 @@ from pathlib import Path
 from forkd.snapshots.manifest import SnapshotManifest
 from forkd.vmm.agent_client import AgentClient, AgentSocket
 from forkd.vmm.qemu import QemuProcess
-from forkd.vmm.spec import RunPaths, instance_args
+from forkd.vmm.spec import RunPaths, instance_args, without_boot_files
 
 AGENT_CONNECT_TIMEOUT_S = 10.0
 BASE_MANIFEST = "base-manifest.json"
@@ -72,8 +72,8 @@ async def launch_incoming(
     name = f"{POOL_PREFIX}{os.getpid()}-{secrets.token_hex(4)}" if pooled else sandbox_id
     paths = RunPaths(run_root / name)
     argv = instance_args(
-        manifest.machine_args, mem_mib=manifest.mem_mib, memory_path=Path(manifest.memory.path),
-        share=False, paths=paths, incoming=True,
+        without_boot_files(manifest.machine_args), mem_mib=manifest.mem_mib,
+        memory_path=Path(manifest.memory.path), share=False, paths=paths, incoming=True,
     )  # fmt: skip
     qemu = await QemuProcess.launch(argv, paths)
     try:

@@ -33,6 +33,7 @@ from forkd.vmm.spec import RunPaths, instance_args
 
 Mode = Literal["full", "diff", "live"]
 LIVE_TIMEOUT_S = 600.0
+PAUSE_TIMEOUT_S = 60.0
 MATERIALIZE_TIMEOUT_S = 600.0
 
 
@@ -54,19 +55,33 @@ def _event_time(event: dict[str, Any]) -> float:
     return float(ts["seconds"]) + float(ts["microseconds"]) / 1e6
 
 
-async def _pause_window(events: asyncio.Queue[dict[str, Any]], timeout: float) -> float:
-    """Milliseconds between QEMU's STOP and RESUME events (QEMU's own clock)."""
-    stop_at: float | None = None
-    deadline = time.monotonic() + timeout
+async def _next_event(
+    events: asyncio.Queue[dict[str, Any]], name: str, deadline: float
+) -> dict[str, Any]:
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise VMError("QEMU did not report STOP and RESUME in time")
-        event = await asyncio.wait_for(events.get(), remaining)
-        if event["event"] == "STOP":
-            stop_at = _event_time(event)
-        elif event["event"] == "RESUME" and stop_at is not None:
-            return (_event_time(event) - stop_at) * 1000
+            raise VMError(f"QEMU did not report {name} in time")
+        try:
+            event = await asyncio.wait_for(events.get(), remaining)
+        except TimeoutError:
+            continue
+        if event["event"] == name:
+            return event
+
+
+async def _pause_window(events: asyncio.Queue[dict[str, Any]], timeout: float) -> float:
+    """Milliseconds between QEMU's STOP and RESUME events (QEMU's own clock)."""
+    deadline = time.monotonic() + timeout
+    stop = await _next_event(events, "STOP", deadline)
+    return await _resumed_after(events, stop, deadline)
+
+
+async def _resumed_after(
+    events: asyncio.Queue[dict[str, Any]], stop: dict[str, Any], deadline: float
+) -> float:
+    resume = await _next_event(events, "RESUME", deadline)
+    return (_event_time(resume) - _event_time(stop)) * 1000
 
 
 async def pause_and_copy(
@@ -116,7 +131,8 @@ async def pause_and_copy(
 
 @dataclass
 class LiveBranch:
-    """A live branch whose pause is over; ``finish()`` completes the copy and materializes."""
+    """A live branch whose snapshot instant has passed; ``finish()`` waits for the source to
+    resume, completes the copy and materializes."""
 
     stats: BranchStats
     finish: Callable[[], Awaitable[BranchStats]]
@@ -131,8 +147,9 @@ async def start_live(
     armed: bool = False,
     on_materializer: Callable[[int], None] = lambda _pid: None,
 ) -> LiveBranch:
-    """Start a background snapshot; return once the source has resumed. ``armed``: the caller
-    knows this QEMU already has the background-snapshot capability on."""
+    """Start a background snapshot; return as soon as the source is stopped at the snapshot
+    instant (it resumes milliseconds later, on its own). ``armed``: the caller knows this QEMU
+    already has the background-snapshot capability on."""
     stats = BranchStats()
     t0 = time.monotonic()
     stream = staging.dir / "live.stream"
@@ -145,18 +162,25 @@ async def start_live(
             await qemu.set_capabilities(background_snapshot=True)
     events_cm = qemu.events("STOP", "RESUME")
     events = await events_cm.__aenter__()
+    deadline = time.monotonic() + PAUSE_TIMEOUT_S
     try:
         await qemu.execute("migrate", {"uri": await qemu.file_uri(stream, write=True)})
-        stats.pause_ms = await _pause_window(events, 60.0)
+        # The snapshot instant: once the guest is stopped, nothing it does later can reach the
+        # snapshot, so the caller may go on while QEMU saves devices, arms write protection and
+        # resumes. finish() records the pause when RESUME arrives.
+        stop = await _next_event(events, "STOP", deadline)
     except BaseException:
         await events_cm.__aexit__(None, None, None)
         with contextlib.suppress(Exception):
             await qemu.execute("migrate_cancel")
         raise
-    await events_cm.__aexit__(None, None, None)
-    stats.phases["pause_return_ms"] = (time.monotonic() - t0) * 1000
+    stats.phases["stop_return_ms"] = (time.monotonic() - t0) * 1000
 
     async def finish() -> BranchStats:
+        try:
+            stats.pause_ms = await _resumed_after(events, stop, deadline)
+        finally:
+            await events_cm.__aexit__(None, None, None)
         info = await qemu.wait_migration(timeout=LIVE_TIMEOUT_S, what="live snapshot")
         downtime = info.get("downtime")
         if stats.pause_ms is None and downtime is not None:
