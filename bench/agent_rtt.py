@@ -21,13 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import median, percentile, running_daemon, scratch_settings, write_results
 
+from forkd.config import Settings
 from forkd.runtime.engine import Runtime
 
 WARMUP = "import numpy"
 
 
-async def direct(settings: object, calls: int) -> list[float]:
-    rt = Runtime(dataclasses.replace(settings, warm_pool_size=0))  # type: ignore[type-var]
+async def direct(settings: Settings, calls: int) -> list[float]:
+    rt = Runtime(dataclasses.replace(settings, warm_pool_size=0))
     await rt.start()
     try:
         sid = (await rt.spawn("bench", 1))[0].sandbox.id

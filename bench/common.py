@@ -98,7 +98,8 @@ def running_daemon(settings: Settings) -> Iterator[str]:
             except httpx.HTTPError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"daemon did not start: {proc.stderr.read().decode()[-2000:]}")
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise RuntimeError(f"daemon did not start: {err[-2000:]}")
             time.sleep(0.1)
         yield url
     finally:

@@ -19,12 +19,15 @@ import csv
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import RESULTS, median, percentile, running_daemon, scratch_settings, write_results
+
+from forkd.snapshots.memfs import access_samplers, free_page_reporting
 
 WARMUP = "import numpy\nBUF = numpy.ones(64 << 20)  # 512 MiB resident\n"
 DIRTY = """
@@ -49,9 +52,9 @@ KINDS = (("live-sync", "live", True), ("live-async", "live", False), ("diff", "d
          ("full", "full", True))  # fmt: skip
 
 
-def wait_ready(c: httpx.Client, tag: str) -> dict:
+def wait_ready(c: httpx.Client, tag: str) -> dict[str, Any]:
     while True:
-        info = c.get(f"/v1/snapshots/{tag}/info").json()
+        info: dict[str, Any] = c.get(f"/v1/snapshots/{tag}/info").json()
         if info["status"] != "writing":
             return info
         time.sleep(0.05)
@@ -115,9 +118,14 @@ def report(rows: list[dict[str, object]], iterations: int) -> None:
             continue
         stats[memory] = summarize(mine)
         table += [f"guest memory: {MEMORY_LABELS[memory]}", "", *markdown(stats[memory]), ""]
+    samplers = access_samplers()
     table.append(
         f"{iterations} interleaved iterations per memory kind, 1 GiB source, >= 512 MiB "
-        "resident, both kinds in one run; `python bench/branch/run.py`"
+        "resident, both kinds in one run; `python bench/branch/run.py`. Host facts that change "
+        "huge-page costs (docs/branch.md): DAMON access sampling "
+        + (", ".join(s.label for s in samplers) if samplers else "none")
+        + "; free page reporting to a hypervisor "
+        + ("on" if free_page_reporting() else "off")
     )
     chart(rows)
     write_results("branch", stats, "\n".join(table) + "\n")

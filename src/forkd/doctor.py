@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from forkd.config import DEFAULT_IMAGE, Settings
-from forkd.snapshots.memfs import mount_of
+from forkd.snapshots.memfs import AccessSampler, access_samplers, free_page_reporting, mount_of
 from forkd.vmm.accel import detect_accel
 
 Status = Literal["PASS", "WARN", "FAIL"]
@@ -133,6 +133,37 @@ def check_huge_memory(settings: Settings) -> Check:
     )  # fmt: skip
 
 
+def check_access_sampling(huge_memory: bool, samplers: list[AccessSampler]) -> Check:
+    """DAMON's access sampling makes QEMU's pass over guest RAM before a live branch slower when
+    guest memory is in huge folios (docs/branch.md)."""
+    if not samplers:
+        return Check("page sampling", "PASS", "no DAMON worker samples page access")
+    detail = f"DAMON {', '.join(s.label for s in samplers)} samples page access"
+    if not huge_memory:
+        return Check("page sampling", "PASS", f"{detail}; guest memory in 4 KiB pages: no effect")
+    return Check(
+        "page sampling", "WARN", detail,
+        "it clears accessed bits a whole huge page at a time, and QEMU's pass over guest RAM "
+        "before a live branch sets them again (~45 ms per GiB measured on a PVM host instead of "
+        "~4, docs/branch.md); FORKD_HUGE_MEMORY=0: wait=false returns sooner, pauses ~2x longer",
+    )  # fmt: skip
+
+
+def check_page_reporting(huge_memory: bool, reporting: bool) -> Check:
+    """Free page reporting makes the first touch of huge-page guest memory vary 25x."""
+    if not reporting:
+        return Check("free page reporting", "PASS", "off: free memory stays with this host")
+    detail = "on: this host hands free 2 MiB blocks back to its hypervisor after a few seconds"
+    if not huge_memory:
+        return Check("free page reporting", "PASS", f"{detail}; guest memory in 4 KiB pages")
+    return Check(
+        "free page reporting", "WARN", detail,
+        "huge-page guest memory that lands on such a block pays the hypervisor on first touch "
+        "(~1.6 s per GiB measured on one host, against 0.06 s): full BRANCH pauses and new "
+        "templates vary with it (docs/branch.md)",
+    )  # fmt: skip
+
+
 def check_program(name: str, package: str, why: str) -> Check:
     path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
     if path:
@@ -171,13 +202,16 @@ def check_kvm_device() -> Check:
 
 
 def run_checks(settings: Settings) -> list[Check]:
+    huge = check_huge_memory(settings)
     return [
         check_qemu(),
         check_kvm_device(),
         check_accel(settings),
         check_uffd(),
         check_tmpfs(settings),
-        check_huge_memory(settings),
+        huge,
+        check_access_sampling(huge.status == "PASS", access_samplers()),
+        check_page_reporting(huge.status == "PASS", free_page_reporting()),
         check_program("debootstrap", "debootstrap", "needed to build images"),
         check_program("mkfs.ext4", "e2fsprogs", "needed to build images"),
         check_program("busybox", "busybox-static", "needed for the initramfs"),

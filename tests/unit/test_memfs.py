@@ -8,9 +8,13 @@ from pathlib import Path
 import pytest
 
 from forkd.config import Settings
+from forkd.doctor import check_access_sampling, check_page_reporting
 from forkd.errors import InvalidInput
 from forkd.snapshots.memfs import (
     MOUNT_SOURCE,
+    AccessSampler,
+    access_samplers,
+    free_page_reporting,
     mount_of,
     parse_mountinfo,
     prepare_memory_dir,
@@ -111,3 +115,69 @@ def test_store_mounts_only_for_the_default_memory_dir(tmp_path: Path) -> None:
     finally:
         release_memory_dir(explicit.memory_root)
         release_memory_dir(default.memory_root)
+
+
+def _fake_host(tmp_path: Path) -> tuple[Path, Path]:
+    proc, admin = tmp_path / "proc", tmp_path / "kdamonds"
+    for pid, comm in ((1, "init"), (77, "kdamond.0"), (90, "kdamond.1"), (91, "python3")):
+        (proc / str(pid)).mkdir(parents=True)
+        (proc / str(pid) / "comm").write_text(comm + "\n")
+    (proc / "self").mkdir()  # not a pid: ignored
+    for n, state, pid in ((0, "on", 77), (1, "off", 0)):
+        intervals = admin / str(n) / "contexts" / "0" / "monitoring_attrs" / "intervals"
+        intervals.mkdir(parents=True)
+        (admin / str(n) / "state").write_text(state + "\n")
+        (admin / str(n) / "pid").write_text(f"{pid}\n")
+        (admin / str(n) / "contexts" / "0" / "operations").write_text("paddr\n")
+        (intervals / "sample_us").write_text("500000\n")
+    return proc, admin
+
+
+def test_access_samplers_lists_running_kdamonds_with_their_setup(tmp_path: Path) -> None:
+    proc, admin = _fake_host(tmp_path)
+    samplers = access_samplers(proc, admin)
+    # kdamond.1 runs but its sysfs entry is off: it belongs to a module (e.g. DAMON_RECLAIM).
+    assert samplers == [
+        AccessSampler("kdamond.0", "paddr", 500.0),
+        AccessSampler("kdamond.1", None, None),
+    ]
+
+
+def test_no_damon_means_no_samplers(tmp_path: Path) -> None:
+    (tmp_path / "proc" / "1").mkdir(parents=True)
+    (tmp_path / "proc" / "1" / "comm").write_text("init\n")
+    assert access_samplers(tmp_path / "proc", tmp_path / "absent") == []
+
+
+def test_doctor_warns_about_sampling_only_over_huge_pages() -> None:
+    sampler = [AccessSampler("kdamond.0", "paddr", 500.0)]
+    assert check_access_sampling(True, []).status == "PASS"
+    plain = check_access_sampling(False, sampler)
+    assert plain.status == "PASS" and "kdamond.0 (paddr, every 500 ms)" in plain.detail
+    huge = check_access_sampling(True, sampler)
+    assert huge.status == "WARN" and "FORKD_HUGE_MEMORY=0" in huge.hint
+    unknown = check_access_sampling(True, [AccessSampler("kdamond.1")])
+    assert unknown.status == "WARN" and "DAMON kdamond.1 samples" in unknown.detail
+
+
+def _virtio(root: Path, name: str, device_id: int, features: str) -> None:
+    (root / name).mkdir(parents=True)
+    (root / name / "device").write_text(f"0x{device_id:04x}\n")
+    (root / name / "features").write_text(features + "\n")
+
+
+def test_free_page_reporting_reads_the_balloon_feature_bit(tmp_path: Path) -> None:
+    _virtio(tmp_path, "virtio1", 2, "0010001" + "0" * 57)  # a block device: bit 5 means nothing
+    assert not free_page_reporting(tmp_path)
+    _virtio(tmp_path, "virtio0", 5, "0110000" + "0" * 57)  # balloon without reporting
+    assert not free_page_reporting(tmp_path)
+    (tmp_path / "virtio0" / "features").write_text("0110010" + "0" * 57 + "\n")
+    assert free_page_reporting(tmp_path)
+    assert not free_page_reporting(tmp_path / "absent")
+
+
+def test_doctor_warns_about_page_reporting_only_over_huge_pages() -> None:
+    assert check_page_reporting(True, False).status == "PASS"
+    assert check_page_reporting(False, True).status == "PASS"
+    warned = check_page_reporting(True, True)
+    assert warned.status == "WARN" and "first touch" in warned.hint

@@ -1,4 +1,5 @@
-"""The tmpfs that holds guest memory files, and its transparent huge pages.
+"""The tmpfs that holds guest memory files, its transparent huge pages, and the host facts that
+change what huge pages cost (DAMON access sampling, free page reporting to a hypervisor).
 
 A live BRANCH write-protects all of guest RAM while the guest is paused. The kernel does that per
 folio, so memory files whose page cache is made of 2 MiB folios cut that pause to about a third
@@ -21,6 +22,10 @@ from pathlib import Path
 
 MOUNT_SOURCE = "forkd-mem"
 HUGE_OPTION = "within_size"
+DAMON_ADMIN = Path("/sys/kernel/mm/damon/admin/kdamonds")
+VIRTIO_DEVICES = Path("/sys/bus/virtio/devices")
+VIRTIO_ID_BALLOON = 5
+VIRTIO_BALLOON_F_REPORTING = 5
 
 
 @dataclass(frozen=True)
@@ -119,3 +124,67 @@ def release_memory_dir(path: Path) -> None:
             ["umount", "--lazy", str(path)], check=False, capture_output=True, timeout=30
         )
     shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class AccessSampler:
+    """A running DAMON worker (``kdamond.N``). It samples page access by clearing accessed bits,
+    every page-table entry of a sampled folio at once, so over huge folios it touches 512 entries
+    per sample; the next sweep over guest RAM (QEMU's pre-pass before a live branch) pays to set
+    them again."""
+
+    name: str
+    operations: str | None = None  # paddr, vaddr or fvaddr; None when not set up through sysfs
+    sample_ms: float | None = None
+
+    @property
+    def label(self) -> str:
+        """``kdamond.0 (paddr, every 500 ms)``"""
+        every = f"every {self.sample_ms:g} ms" if self.sample_ms else None
+        setup = [x for x in (self.operations, every) if x]
+        return self.name + (f" ({', '.join(setup)})" if setup else "")
+
+
+def access_samplers(proc: Path = Path("/proc"), admin: Path = DAMON_ADMIN) -> list[AccessSampler]:
+    """The DAMON workers running on this host, with their setup where the admin sysfs has it."""
+    setups: dict[int, tuple[str | None, float | None]] = {}
+    for kdamond in admin.glob("[0-9]*"):
+        try:
+            if (kdamond / "state").read_text().strip() != "on":
+                continue
+            pid = int((kdamond / "pid").read_text())
+            ctx = kdamond / "contexts" / "0"
+            ops = (ctx / "operations").read_text().strip() or None
+            sample_us = int((ctx / "monitoring_attrs" / "intervals" / "sample_us").read_text())
+        except (OSError, ValueError):
+            continue
+        setups[pid] = (ops, sample_us / 1000)
+    samplers: list[AccessSampler] = []
+    for comm in proc.glob("[0-9]*/comm"):
+        try:
+            name = comm.read_text().strip()
+            pid = int(comm.parent.name)
+        except (OSError, ValueError):
+            continue  # the process exited meanwhile
+        if name.startswith("kdamond"):
+            samplers.append(AccessSampler(name, *setups.get(pid, (None, None))))
+    return sorted(samplers, key=lambda s: s.name)
+
+
+def free_page_reporting(devices: Path = VIRTIO_DEVICES) -> bool:
+    """Whether this host is itself a VM that hands free memory back to its hypervisor (virtio
+    balloon free page reporting). Reported blocks are 2 MiB and larger, so huge-page guest memory
+    allocated from them pays the hypervisor's fault on first touch."""
+    for device in devices.glob("*"):
+        try:
+            if int((device / "device").read_text(), 16) != VIRTIO_ID_BALLOON:
+                continue
+            features = (device / "features").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if (
+            len(features) > VIRTIO_BALLOON_F_REPORTING
+            and features[VIRTIO_BALLOON_F_REPORTING] == "1"
+        ):
+            return True
+    return False
