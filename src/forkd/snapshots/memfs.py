@@ -182,6 +182,7 @@ def free_page_reporting(devices: Path = VIRTIO_DEVICES) -> bool:
             features = (device / "features").read_text().strip()
         except (OSError, ValueError):
             continue
+        # sysfs prints the negotiated feature bits as a string of 0/1, bit 0 first.
         if (
             len(features) > VIRTIO_BALLOON_F_REPORTING
             and features[VIRTIO_BALLOON_F_REPORTING] == "1"
