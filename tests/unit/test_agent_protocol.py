@@ -293,9 +293,12 @@ async def test_eval_exception(client: AgentClient) -> None:
     assert "ValueError: boom" in r.traceback and "t_exc_f" in r.traceback
     assert "raise ValueError('boom')" in r.traceback
     assert "agent.py" not in r.traceback
-    r = await client.eval("1 +")
-    assert r.error is not None and r.error.startswith("SyntaxError")
-    assert r.exit_code == 1
+    for bad in ("1 +", "X := 100", "x = (1,\ny = 2"):  # direct-compile path and ast path
+        r = await client.eval(bad)
+        assert r.error is not None and r.error.startswith("SyntaxError"), bad
+        assert r.exit_code == 1
+        assert r.traceback is not None and "SyntaxError" in r.traceback
+        assert "agent.py" not in r.traceback and "ast.py" not in r.traceback, r.traceback
     r = await client.eval("import sys\nsys.exit(4)")
     assert r.error == "SystemExit: 4"
     assert (await client.ping())["pong"]

@@ -473,7 +473,8 @@ def op_eval(req: dict) -> dict:
     except BaseException as e:  # SyntaxError, ValueError (null bytes), RecursionError, ...
         body = tail = None
         error = _exc_text(e)
-        tb_text = _format_exc(e, skip_first=True)
+        # Like Python's own REPL: the offending line and caret, not the agent's compile frames.
+        tb_text = "".join(traceback.format_exception_only(type(e), e))
     if error is None:
         _tls.buf = out
         try:
