@@ -12,9 +12,10 @@ from forkd.cli.main import main
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["snapshot", "--tag", "t", "--diff"], "--diff only apply with --from-sandbox"),
-        (["snapshot", "--tag", "t", "--live"], "--live only apply with --from-sandbox"),
-        (["snapshot", "--tag", "t", "--no-wait"], "--no-wait only apply with --from-sandbox"),
+        (["snapshot", "--tag", "t", "--diff"], "--diff only applies with --from-sandbox"),
+        (["snapshot", "--tag", "t", "--live"], "--live only applies with --from-sandbox"),
+        (["snapshot", "--tag", "t", "--no-wait"], "--no-wait only applies with --from-sandbox"),
+        (["snapshot", "--live", "--no-wait"], "--live, --no-wait only apply with --from-sandbox"),
         (
             ["snapshot", "--from-sandbox", "sb-1", "--live", "--diff"],
             "--live conflicts with --diff",

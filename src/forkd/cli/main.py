@@ -255,7 +255,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
                                     ("--no-wait", args.no_wait)) if on]  # fmt: skip
     if args.from_sandbox is None:
         if branch_flags:
-            raise Usage(f"{', '.join(branch_flags)} only apply with --from-sandbox ID")
+            verb = "applies" if len(branch_flags) == 1 else "apply"
+            raise Usage(f"{', '.join(branch_flags)} only {verb} with --from-sandbox ID")
         if not args.tag:
             raise Usage("--tag is required to make a template (e.g. forkd snapshot --tag py)")
     else:
