@@ -39,3 +39,15 @@ def test_refused_flag_combinations(
     err = capsys.readouterr().err
     assert message in err
     assert not (tmp_path / "h" / "snapshots").exists()
+
+
+def test_tables_never_shorten_ids_or_tags(capsys: pytest.CaptureFixture[str]) -> None:
+    from forkd.cli import render
+
+    tag = "branch-sb-92f2e8c56804-1796135977-389c"
+    rows = [{"tag": tag, "status": "ready", "from": "sb-92f2e8c56804", "note": "x" * 90}]
+    columns = [("tag", "TAG"), ("status", "STATUS"), ("from", "FROM"), ("note", "NOTE")]
+    render.table(rows, columns, empty="none")
+    out = capsys.readouterr().out
+    assert tag in out and "sb-92f2e8c56804" in out and "x" * 90 in out
+    assert "…" not in out

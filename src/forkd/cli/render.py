@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 out = Console(highlight=False, soft_wrap=True)
@@ -29,4 +30,7 @@ def table(
         t.add_column(title)
     for row in rows:
         t.add_row(*("" if row.get(key) is None else str(row.get(key)) for key, _ in columns))
-    out.print(t)
+    # Ids and tags are copied by people and parsed by scripts: never cut a cell to fit the
+    # terminal (or the 80 columns rich assumes for a pipe); a long line wraps instead.
+    natural = Measurement.get(out, out.options.update_width(1 << 16), t).maximum
+    Console(highlight=False, soft_wrap=True, width=max(out.width, natural)).print(t)
