@@ -51,3 +51,18 @@ def test_tables_never_shorten_ids_or_tags(capsys: pytest.CaptureFixture[str]) ->
     out = capsys.readouterr().out
     assert tag in out and "sb-92f2e8c56804" in out and "x" * 90 in out
     assert "…" not in out
+
+
+def test_tables_show_unix_times_as_local_time(capsys: pytest.CaptureFixture[str]) -> None:
+    import time
+
+    from forkd.cli import render
+
+    ts = 1_796_135_919
+    render.table(
+        [{"id": "sb-1", "created_at_unix": ts}],
+        [("id", "ID"), ("created_at_unix", "CREATED")],
+        empty="none",
+    )
+    out = capsys.readouterr().out
+    assert time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) in out and str(ts) not in out
