@@ -276,8 +276,8 @@ class Runtime:
         dependents = self._dependents(tag)
         if dependents and not (cascade or force):
             raise Conflict(
-                f"snapshot {tag!r} has dependent snapshots {', '.join(dependents)}: pass "
-                "cascade=true to delete them too, or force=true to delete only this one"
+                f"snapshot {tag!r} has dependent snapshots {', '.join(dependents)}: delete with "
+                "cascade to remove them too, or with force to delete only this one"
             )
         if cascade:
             for dep in dependents:
