@@ -108,7 +108,7 @@ def check_tmpfs(settings: Settings) -> Check:
 
 
 def check_huge_memory(settings: Settings) -> Check:
-    """Huge pages behind guest memory files make the live-BRANCH pause about 3x shorter."""
+    """Huge pages behind guest memory files make the live-BRANCH pause about 2x shorter."""
     target = settings.memory_dir
     mount = mount_of(target)
     if mount is not None and mount.fstype == "tmpfs" and mount.huge != "never":
@@ -129,7 +129,7 @@ def check_huge_memory(settings: Settings) -> Check:
     where = mount.mountpoint if mount else target
     return Check(
         "huge pages", "WARN",
-        f"{where} has no transparent huge pages: live BRANCH pauses ~3x longer", fix,
+        f"{where} has no transparent huge pages: live BRANCH pauses ~2x longer", fix,
     )  # fmt: skip
 
 

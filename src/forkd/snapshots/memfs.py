@@ -2,7 +2,7 @@
 change what huge pages cost (DAMON access sampling, free page reporting to a hypervisor).
 
 A live BRANCH write-protects all of guest RAM while the guest is paused. The kernel does that per
-folio, so memory files whose page cache is made of 2 MiB folios cut that pause to about a third
+folio, so memory files whose page cache is made of 2 MiB folios cut that pause to about half
 (see bench/results/branch.md). ``/dev/shm`` is normally mounted without huge pages, so when forkd
 runs as root and uses its default memory dir, it mounts its own small tmpfs there with
 ``huge=within_size`` before the first memory file is written. Anything else (an explicit
