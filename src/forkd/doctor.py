@@ -144,7 +144,7 @@ def check_access_sampling(huge_memory: bool, samplers: list[AccessSampler]) -> C
     return Check(
         "page sampling", "WARN", detail,
         "it clears accessed bits a whole huge page at a time, and QEMU's pass over guest RAM "
-        "before a live branch sets them again (~45 ms per GiB measured on a PVM host instead of "
+        "before a live branch sets them again (~45 ms per GiB measured in a VM host instead of "
         "~4, docs/branch.md); FORKD_HUGE_MEMORY=0: wait=false returns sooner, pauses ~2x longer",
     )  # fmt: skip
 
