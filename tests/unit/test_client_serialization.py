@@ -649,6 +649,9 @@ def test_sandbox_branch_and_fork(daemon: FakeDaemon, ctl: Controller) -> None:
     assert body(spawn_req) == {"snapshot_tag": "branch-auto", "n": 2, "per_child_netns": False}
     assert [k.id for k in kids] == ["sb-1", "sb-2"]
     assert all(k.template == "branch-auto" and k.controller is ctl for k in kids)
+    daemon.requests.clear()
+    sb.fork(1)  # the default: a diff branch, the shortest pause among modes that finish first
+    assert body(daemon.requests[0]) == {"mode": "diff"}
 
 
 def test_fork_waits_for_a_writing_branch(daemon: FakeDaemon, ctl: Controller) -> None:

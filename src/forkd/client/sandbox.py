@@ -347,13 +347,16 @@ class Sandbox(_SandboxBase[Controller]):
         self,
         n: int = 1,
         *,
-        mode: BranchMode | str | None = None,
+        mode: BranchMode | str = BranchMode.DIFF,
         tag: str | None = None,
         memory_limit_mib: int | None = None,
         live_fork: bool = False,
     ) -> list[Sandbox]:
         """Branch this sandbox, then spawn ``n`` children from the branch.
 
+        ``mode`` defaults to ``diff``: a pause close to ``live``'s (only what this sandbox wrote
+        is copied while it is paused) with a round trip close to ``full``'s (no materializing);
+        the README's BRANCH table has the numbers.
         Each child starts from this sandbox's exact state at branch time. The branch snapshot
         stays registered afterwards (the children's memory is mapped from it); delete it with
         ``controller.delete_snapshot(tag, cascade=True)`` when done. Children share this
@@ -553,7 +556,7 @@ class AsyncSandbox(_SandboxBase[AsyncController]):
         self,
         n: int = 1,
         *,
-        mode: BranchMode | str | None = None,
+        mode: BranchMode | str = BranchMode.DIFF,
         tag: str | None = None,
         memory_limit_mib: int | None = None,
         live_fork: bool = False,
