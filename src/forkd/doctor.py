@@ -133,16 +133,25 @@ def check_huge_memory(settings: Settings) -> Check:
     )  # fmt: skip
 
 
+def _huge_page_caveat(
+    name: str, found: str | None, absent: str, huge_memory: bool, hint: str
+) -> Check:
+    """A host fact that only matters for huge-page guest memory: WARN with ``hint`` when it is
+    ``found`` and guest memory uses huge pages, PASS otherwise."""
+    if found is None:
+        return Check(name, "PASS", absent)
+    if not huge_memory:
+        return Check(name, "PASS", f"{found}; guest memory in 4 KiB pages, which it barely affects")
+    return Check(name, "WARN", found, hint)
+
+
 def check_access_sampling(huge_memory: bool, samplers: list[AccessSampler]) -> Check:
     """DAMON's access sampling makes QEMU's pass over guest RAM before a live branch slower when
     guest memory is in huge folios (docs/branch.md)."""
-    if not samplers:
-        return Check("page sampling", "PASS", "no DAMON worker samples page access")
-    detail = f"DAMON {', '.join(s.label for s in samplers)} samples page access"
-    if not huge_memory:
-        return Check("page sampling", "PASS", f"{detail}; guest memory in 4 KiB pages: no effect")
-    return Check(
-        "page sampling", "WARN", detail,
+    found = f"DAMON {', '.join(s.label for s in samplers)} samples page access"
+    return _huge_page_caveat(
+        "page sampling", found if samplers else None, "no DAMON worker samples page access",
+        huge_memory,
         "it clears accessed bits a whole huge page at a time, and QEMU's pass over guest RAM "
         "before a live branch sets them again (~45 ms per GiB measured in a VM host instead of "
         "~4, docs/branch.md); FORKD_HUGE_MEMORY=0: wait=false returns sooner, pauses ~2x longer",
@@ -151,13 +160,10 @@ def check_access_sampling(huge_memory: bool, samplers: list[AccessSampler]) -> C
 
 def check_page_reporting(huge_memory: bool, reporting: bool) -> Check:
     """Free page reporting makes the first touch of huge-page guest memory vary 25x."""
-    if not reporting:
-        return Check("free page reporting", "PASS", "off: free memory stays with this host")
-    detail = "on: this host hands free 2 MiB blocks back to its hypervisor after a few seconds"
-    if not huge_memory:
-        return Check("free page reporting", "PASS", f"{detail}; guest memory in 4 KiB pages")
-    return Check(
-        "free page reporting", "WARN", detail,
+    found = "on: this host hands free 2 MiB blocks back to its hypervisor after a few seconds"
+    return _huge_page_caveat(
+        "free page reporting", found if reporting else None,
+        "off: free memory stays with this host", huge_memory,
         "huge-page guest memory that lands on such a block pays the hypervisor on first touch "
         "(~1.6 s per GiB measured on one host, against 0.06 s): full BRANCH pauses and new "
         "templates vary with it (docs/branch.md)",
