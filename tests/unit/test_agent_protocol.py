@@ -572,3 +572,14 @@ async def test_client_connect_retries_then_gives_up(tmp_path: Path) -> None:
     server = await starter
     async with server, c:
         assert (await c.request("ping"))["pong"] is True
+
+
+# ----------------------------------------------------------------------------- clock
+
+
+async def test_test_mode_agent_never_sets_the_host_clock(client: AgentClient) -> None:
+    # Every hello carries the host's wall clock; the guest steps to it, the host-side test agent
+    # (this one) must refuse, or every unit-test run as root would step the host's own clock.
+    assert client.hello["clock_set"] is False
+    answer = await client.set_clock()
+    assert answer["clock_set"] is False and "test mode" in answer["clock_error"]

@@ -614,6 +614,20 @@ def op_reseed(req: dict) -> dict:
     return reseed(_arg_b64(req, "entropy_b64", required=True))
 
 
+def set_clock(wall_ns) -> dict:
+    """Step the wall clock to the host's. A restored guest's clock resumes from the instant its
+    template was taken (QEMU's virtual clock stands still while a VM is stopped), so a child
+    forked today from yesterday's template would otherwise believe it is yesterday."""
+    if isinstance(wall_ns, bool) or not isinstance(wall_ns, int) or wall_ns <= 0:
+        raise _bad("wall_ns must be a positive integer (ns since the epoch)")
+    before = time.time_ns()
+    try:
+        time.clock_settime_ns(time.CLOCK_REALTIME, wall_ns)
+    except OSError as e:
+        return {"clock_set": False, "clock_error": str(e)}
+    return {"clock_set": True, "clock_step_ms": round((wall_ns - before) / 1e6, 3)}
+
+
 _urandom = []  # one descriptor, opened before the template is taken: children skip the lookup
 
 
@@ -676,8 +690,18 @@ OPS = {
 class Agent:
     """The reader loop, session tracking and the single locked writer of one port."""
 
-    def __init__(self, fd: int, eof_exits: bool, sigio: bool = False) -> None:
+    def set_clock(self, req: dict) -> dict:
+        if not self.sets_clock:
+            return {"clock_set": False, "clock_error": "test mode never sets the clock"}
+        try:
+            return set_clock(req.get("wall_ns"))
+        except Exception as e:
+            return {"clock_set": False, "clock_error": _exc_text(e)}
+
+    def __init__(self, fd: int, eof_exits: bool, sigio: bool = False, sets_clock=False) -> None:
         self.fd = fd
+        # Only the guest's agent steps the clock: the test mode runs on the host.
+        self.sets_clock = sets_clock
         self.eof_exits = eof_exits
         self.sigio = sigio
         self.session = None
@@ -753,6 +777,9 @@ class Agent:
                 "ready": True,
                 "session": session,
             }
+            if req.get("wall_ns") is not None:
+                # Before the hello is answered, so no user request ever sees a stale clock.
+                resp.update(self.set_clock(req))
             entropy = req.get("entropy_b64")
             if entropy is not None:
                 # A fork's first message: fresh randomness before any other request runs.
@@ -772,6 +799,9 @@ class Agent:
         session = self.session
         if op == "ping":
             self.send(dict(op_ping(req), id=rid, ok=True), session)
+            return
+        if op == "set_clock":
+            self.send(dict(self.set_clock(req), id=rid, ok=True), session)
             return
         handler = OPS.get(op) if isinstance(op, str) else None
         if handler is None:
@@ -885,7 +915,7 @@ def serve(args) -> int:
         _log("serving on %s (pid %d)" % (path, os.getpid()))
     sigio = False if eof_exits else arm_sigio(fd)
     _urandom_fd()
-    Agent(fd, eof_exits, sigio).serve()
+    Agent(fd, eof_exits, sigio, sets_clock=not args.connect_unix).serve()
     if sock is not None:
         sock.close()
     return 0

@@ -555,6 +555,7 @@ class Runtime:
         finally:
             await qemu.close_qmp()
             lock.release()
+            self._resync_clock_soon(sandbox_id)
 
     async def _finish_branch(
         self,
@@ -578,6 +579,22 @@ class Runtime:
             self._branching.discard(snapshot_row.tag)
             await qemu.close_qmp()
             lock.release()
+            self._resync_clock_soon(source.id)
+
+    def _resync_clock_soon(self, sandbox_id: str) -> None:
+        """Step a branch source's clock forward by its pause, off the caller's path.
+
+        QEMU's virtual clock stands still while the guest is stopped, so each pause would
+        otherwise leave the source's wall clock that much behind the host's.
+        """
+
+        async def resync() -> None:
+            with contextlib.suppress(ForkdError, OSError):
+                await (await self.agent(sandbox_id)).set_clock(timeout=AGENT_CONNECT_TIMEOUT_S)
+
+        task = asyncio.ensure_future(resync())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _branch_done(
         self,

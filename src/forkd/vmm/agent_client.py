@@ -13,6 +13,7 @@ import base64
 import contextlib
 import json
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -380,6 +381,10 @@ class AgentClient:
         args = {"entropy_b64": base64.b64encode(entropy).decode("ascii")}
         return await self.call("reseed", args, timeout=timeout)
 
+    async def set_clock(self, *, timeout: float | None = 10.0) -> dict[str, Any]:
+        """Step the guest's wall clock to the host's (``clock_set``, ``clock_step_ms``)."""
+        return await self.call("set_clock", {"wall_ns": time.time_ns()}, timeout=timeout)
+
 
 @dataclass
 class AgentSocket:
@@ -392,7 +397,8 @@ class AgentSocket:
     async def handshake(self, *, timeout: float, entropy: bytes | None = None) -> AgentClient:
         """Say hello with a fresh session; :class:`AgentError` if not answered in time.
 
-        ``entropy`` (a fork's first message) reseeds the guest before the hello is answered.
+        ``entropy`` (a fork's first message) reseeds the guest before the hello is answered;
+        every hello also sets the guest's wall clock to the host's.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -402,11 +408,15 @@ class AgentSocket:
         hello: dict[str, Any] = {"id": hello_id, "op": "hello", "session": session}
         if entropy is not None:
             hello["entropy_b64"] = base64.b64encode(entropy).decode("ascii")
-        hello_line = b"\n" + _encode(hello)
+
+        def hello_line() -> bytes:
+            # The host's wall clock as of this send (a resent hello carries a fresh one).
+            return b"\n" + _encode(dict(hello, wall_ns=time.time_ns()))
+
         unknown = 0
         junk = 0
         try:
-            writer.write(hello_line)
+            writer.write(hello_line())
             await writer.drain()
             next_send = loop.time() + HELLO_RESEND_S
             while True:
@@ -420,7 +430,7 @@ class AgentSocket:
                 except TimeoutError:
                     if loop.time() >= next_send:
                         # The first hello may have been lost (agent not yet listening).
-                        writer.write(hello_line)
+                        writer.write(hello_line())
                         await writer.drain()
                         next_send = loop.time() + HELLO_RESEND_S
                     continue
