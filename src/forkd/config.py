@@ -97,6 +97,8 @@ class Settings:
     max_exec_timeout_s: float = 3600.0
     exec_output_cap_bytes: int = 4 * 1024 * 1024
     warm_pool_size: int = 2
+    # egress of a sandbox (and template warm-up) whose request names none: "none" or "internet"
+    default_egress: str = "none"
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
@@ -117,9 +119,18 @@ class Settings:
             values["warm_pool_size"] = int(pool)
         if maxsb := os.environ.get("FORKD_MAX_SANDBOXES"):
             values["max_sandboxes"] = int(maxsb)
+        if egress := os.environ.get("FORKD_DEFAULT_EGRESS"):
+            values["default_egress"] = egress
         values["limits"] = Limits.from_env()
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
+
+    def __post_init__(self) -> None:
+        if self.default_egress not in ("none", "internet"):
+            raise InvalidInput(
+                f"default egress must be 'none' or 'internet' (an allow-list is per sandbox), "
+                f"got {self.default_egress!r}"
+            )
 
     @property
     def mounts_huge_memory(self) -> bool:

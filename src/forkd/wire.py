@@ -53,6 +53,42 @@ class SnapshotDetail(SnapshotInfo):
     memory_path: str | None = None
 
 
+class NetworkRequest(BaseModel):
+    """A sandbox's egress policy: ``none`` (default), ``internet`` or ``allowlist``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    egress: Literal["none", "internet", "allowlist"] | None = None
+    allow: list[str] = Field(
+        default_factory=list,
+        description="domains (example.com, *.example.com), IPv4 CIDRs, host:PORT (host loopback)",
+    )
+    host_ca: bool = Field(
+        default=False,
+        description="give the guest the host's CA bundle (hosts behind a TLS-inspecting proxy)",
+    )
+
+
+class SandboxNetwork(BaseModel):
+    egress: Literal["none", "internet", "allowlist"]
+    allow: list[str] = Field(default_factory=list)
+    guest_ip: str
+    host_alias: str = Field(description="where the guest reaches allow-listed host:PORT services")
+
+
+class PortRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    port: int = Field(ge=1, le=65535, description="TCP port inside the guest")
+
+
+class PortInfo(BaseModel):
+    port: int
+    host: str
+    host_port: int
+    url: str
+
+
 class SandboxInfo(BaseModel):
     """A running child VM."""
 
@@ -70,6 +106,7 @@ class SandboxInfo(BaseModel):
     state: Literal["running", "dead"] = "running"
     dead_reason: str | None = None
     run_dir: str | None = None  # QMP and agent sockets, serial.log, qemu.log
+    network: SandboxNetwork | None = None
 
 
 class CreateSnapshotRequest(BaseModel):
@@ -86,6 +123,7 @@ class CreateSnapshotRequest(BaseModel):
     image: str | None = None
     mem_mib: int | None = None
     warmup: str | None = None
+    network: NetworkRequest | None = Field(default=None, description="egress of the warm-up")
 
 
 class SpawnRequest(BaseModel):
@@ -98,6 +136,10 @@ class SpawnRequest(BaseModel):
     prewarm: bool = False
     live_fork: bool = False
     hugepages: bool = False
+    network: NetworkRequest | None = None
+    allow_internet_access: bool | None = Field(
+        default=None, description="E2B-style shorthand: true is egress internet, false none"
+    )
 
 
 class ExecRequest(BaseModel):

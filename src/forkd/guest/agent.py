@@ -610,6 +610,25 @@ def op_remove_file(req: dict) -> dict:
     return {"removed": True}
 
 
+def op_set_env(req: dict) -> dict:
+    """Change the agent's own environment, which eval code sees and every exec inherits (the
+    host sets proxy variables this way when a sandbox's egress goes through its proxy)."""
+    changes = req.get("env")
+    if not isinstance(changes, dict):
+        raise _bad("argument 'env' must be an object")
+    for key, value in changes.items():
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
+            raise _bad("bad environment variable name %r" % (key,))
+        if value is not None and (not isinstance(value, str) or "\0" in value):
+            raise _bad("environment variable %r must be a string or null" % key)
+    for key, value in changes.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    return {"changed": len(changes)}
+
+
 def op_reseed(req: dict) -> dict:
     return reseed(_arg_b64(req, "entropy_b64", required=True))
 
@@ -681,6 +700,7 @@ OPS = {
     "list_files": op_list_files,
     "remove_file": op_remove_file,
     "reseed": op_reseed,
+    "set_env": op_set_env,
 }
 
 

@@ -22,6 +22,22 @@ mount -t tmpfs -o mode=0755 tmpfs /rw || fail "cannot mount tmpfs"
 mkdir -p /rw/upper /rw/work
 mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot \
   || fail "cannot mount overlay"
+# forkd.net=ADDR/PREFIX,GATEWAY on the kernel command line: the template's NIC (children inherit
+# the configured kernel state with their parent's RAM, so this runs once per template).
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in forkd.net=*) net="${arg#forkd.net=}" ;; esac
+done
+if [ -n "$net" ]; then
+  i=0
+  while [ ! -e /sys/class/net/eth0 ] && [ "$i" -lt 300 ]; do i=$((i + 1)); usleep 10000; done
+  { ip link set eth0 up && ip addr add "${net%%,*}" dev eth0 \
+    && ip route add default via "${net#*,}" dev eth0; } \
+    || echo "forkd-init: eth0 configuration failed ($net)"
+  # Until the host applies a sandbox's egress policy, names resolve nowhere (fail fast).
+  rm -f /newroot/etc/resolv.conf /newroot/etc/hosts
+  echo "nameserver 127.0.0.1" > /newroot/etc/resolv.conf
+  printf '127.0.0.1 localhost\n127.0.1.1 forkd\n' > /newroot/etc/hosts
+fi
 mkdir -p /newroot/dev /newroot/proc /newroot/sys /newroot/tmp /newroot/run
 mount --move /dev /newroot/dev
 mount --move /proc /newroot/proc

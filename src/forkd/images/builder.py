@@ -16,8 +16,11 @@ from forkd.images import initramfs, kernel, rootfs
 from forkd.images.store import Image, ImageManifest, ImageStore, now_unix
 from forkd.validate import validate_image_name
 
-BUILDER_VERSION = "1"
-DEFAULT_PACKAGES: dict[str, tuple[str, ...]] = {"python": ("python3-numpy",)}
+BUILDER_VERSION = "2"
+# pip and the CA store so a sandbox with egress can install packages (network.md).
+DEFAULT_PACKAGES: dict[str, tuple[str, ...]] = {
+    "python": ("ca-certificates", "python3-numpy", "python3-pip")
+}
 
 Progress = Callable[[str], None]
 
@@ -89,6 +92,9 @@ def build_image(settings: Settings, request: ImageRequest, progress: Progress) -
             kernel_identity=guest_kernel.identity,
             created_at_unix=now_unix(),
             rootfs_bytes=(workdir / "rootfs.img").stat().st_size,
+            # the distribution kernel's virtio_net ships as a module; a user kernel has it built in
+            network=request.kernel_path is not None
+            or any(m.name.startswith("virtio_net.") for m in guest_kernel.modules),
         )
         progress("done")
         return store.publish(request.name, workdir, manifest)

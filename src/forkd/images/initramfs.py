@@ -16,7 +16,7 @@ from forkd.hostcmd import require_program
 
 BUSYBOX_APPLETS = (
     "sh", "mount", "insmod", "switch_root", "usleep", "mkdir", "cat", "echo", "ip",
-    "hostname", "poweroff", "sleep", "ls",
+    "hostname", "poweroff", "sleep", "ls", "rm", "printf",
 )  # fmt: skip
 
 

@@ -23,6 +23,10 @@ GUEST_MODULES = (
     "virtio_blk",
     "virtio_console",
     "overlay",
+    # the guest NIC (virtio_net needs the failover pair first)
+    "failover",
+    "net_failover",
+    "virtio_net",
 )
 
 
@@ -55,7 +59,10 @@ def fetch_distribution_kernel(cache_dir: Path) -> Kernel:
     """Download and unpack the cloud kernel package into ``cache_dir/kernels`` (cached)."""
     package = resolve_kernel_package()
     target = cache_dir / "kernels" / package
-    if not (target / "done").exists():
+    # The marker names the modules extracted: a new module list re-extracts the cached package.
+    marker = "\n".join(GUEST_MODULES) + "\n"
+    done = target / "done"
+    if not done.exists() or done.read_text() != marker:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             tmpdir = Path(tmp)
@@ -90,7 +97,7 @@ def fetch_distribution_kernel(cache_dir: Path) -> Kernel:
                 if found:
                     shutil.copy2(found[0], target / "modules" / found[0].name)
             (target / "package").write_text(debs[0].name + "\n")
-            (target / "done").write_text("ok\n")
+            done.write_text(marker)
     identity = (target / "package").read_text().strip()
     modules = tuple(
         p for name in GUEST_MODULES for p in sorted((target / "modules").glob(f"{name}.ko*"))

@@ -19,6 +19,9 @@ SLIM_PATHS = (
 )  # fmt: skip
 
 
+PIP_CONF = "[global]\nbreak-system-packages = true\nroot-user-action = ignore\n"
+
+
 def tree_key(packages: tuple[str, ...]) -> str:
     """Cache key of a debootstrap tree: suite and the sorted package set."""
     spec = SUITE + "\n" + "\n".join(sorted(set(BASE_PACKAGES + packages)))
@@ -75,6 +78,11 @@ def build_root_image(tree: Path, dest: Path, *, agent: Path, workdir: Path) -> N
         (stage / ".forkd-complete").unlink(missing_ok=True)
         (stage / "opt" / "forkd").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(agent, stage / "opt" / "forkd" / "agent.py")
+        # The root is a throw-away overlay per sandbox: pip may install into the system Python.
+        # (A hard-linked staging tree: replace files, never write through existing links.)
+        pip_conf = stage / "etc" / "pip.conf"
+        pip_conf.unlink(missing_ok=True)
+        pip_conf.write_text(PIP_CONF)
         size_mib = tree_size_bytes(stage) * 13 // 10 // (1024 * 1024) + 64
         run(
             [mkfs, "-q", "-F", "-L", "forkd-root", "-d", stage, dest, f"{size_mib}M"],

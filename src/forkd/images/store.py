@@ -29,6 +29,8 @@ class ImageManifest(BaseModel):
     initrd: str = "initrd.img"
     rootfs: str = "rootfs.img"
     rootfs_bytes: int = 0
+    # whether the guest can drive the NIC (images built before networking cannot)
+    network: bool = False
 
 
 class Image:

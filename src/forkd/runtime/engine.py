@@ -30,8 +30,10 @@ from forkd.errors import (
     Unavailable,
     VMError,
 )
-from forkd.images.store import ImageStore
+from forkd.images.store import Image, ImageStore
+from forkd.net.policy import EgressPolicy
 from forkd.runtime import cgroups as cgroup_limits
+from forkd.runtime.network import SandboxNetworks
 from forkd.runtime.pool import (
     AGENT_CONNECT_TIMEOUT_S,
     BASE_MANIFEST,
@@ -55,6 +57,7 @@ from forkd.validate import (
 )
 from forkd.vmm.accel import AccelChoice, detect_accel
 from forkd.vmm.agent_client import AgentClient
+from forkd.vmm.netdev import GuestNetwork
 from forkd.vmm.qemu import QemuProcess, pid_alive, pid_runs_in
 from forkd.vmm.spec import RunPaths
 
@@ -107,6 +110,11 @@ class Runtime:
         self._source_locks: dict[str, asyncio.Lock] = {}
         # Sources whose QEMU has background-snapshot on (a sandbox id is one QEMU process).
         self._live_armed: set[str] = set()
+        self.networks = SandboxNetworks(
+            self.registry,
+            default="internet" if settings.default_egress == "internet" else "none",
+            long_lived=watch,
+        )
         self.on_sandbox_death: Callable[[str, str], None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -130,6 +138,8 @@ class Runtime:
         self._sweep_orphan_run_dirs()
         alive = [sb for sb in self.registry.list_sandboxes() if sb.state != "dead"]
         await asyncio.gather(*(self._adopt(sb) for sb in alive))
+        running = {sb.id for sb in self.registry.list_sandboxes() if sb.state != "dead"}
+        await self.networks.sweep(running)
 
     async def _adopt(self, sb: SandboxRow) -> None:
         """Keep a recorded sandbox only if its QEMU is verifiably ours: the pid runs with this
@@ -238,13 +248,17 @@ class Runtime:
         image: str = DEFAULT_IMAGE,
         mem_mib: int = DEFAULT_MEM_MIB,
         warmup: str | None = None,
+        network: wire.NetworkRequest | None = None,
         progress: Progress = _quiet,
     ) -> wire.SnapshotInfo:
-        """Boot a parent from ``image``, warm it with ``warmup``, and save template ``tag``."""
+        """Boot a parent from ``image``, warm it with ``warmup`` (with ``network``'s egress), and
+        save template ``tag``."""
         validate_tag(tag)
         validate_image_name(image)
         validate_mem_mib(mem_mib)
         built = self.images.get(image)
+        nic = GuestNetwork() if built.manifest.network else None
+        policy = self.networks.check(tag, nic, network, None)
         row = SnapshotRow(tag=tag, status="writing", created_at_unix=now_unix(),
                           extra={"image": image, "mem_mib": mem_mib,
                                  "writer_pid": os.getpid()})  # fmt: skip
@@ -252,15 +266,48 @@ class Runtime:
             raise Conflict(
                 f"snapshot {tag!r} already exists: delete it first or choose another tag"
             )
+        key = f"tpl-{secrets.token_hex(6)}"
         try:
-            req = TemplateRequest(tag, image, built, mem_mib, warmup, self.accel)
+            req = self._template_request(tag, image, built, mem_mib, warmup, nic, policy, key)
+            await self.networks.prepare(key, policy, nic)
             manifest = await make_template(self.snapshots, self.settings.run_dir, req, progress)
         except BaseException:
             self.registry.delete_snapshot(tag)
             raise
+        finally:
+            await self.networks.release(key)
         ready = _row_from_manifest(manifest)
         self.registry.put_snapshot(ready)
         return self._snapshot_info(ready)
+
+    def _template_request(
+        self,
+        tag: str,
+        image: str,
+        built: Image,
+        mem_mib: int,
+        warmup: str | None,
+        nic: GuestNetwork | None,
+        policy: EgressPolicy,
+        key: str,
+    ) -> TemplateRequest:
+        """A template whose warm-up has open egress is guarded like a sandbox (under ``key``)
+        and reset to the neutral guest configuration before it is saved."""
+        if nic is None or (policy.restricted and not policy.host_ca):
+            return TemplateRequest(tag, image, built, mem_mib, warmup, self.accel, network=nic)
+        networks = self.networks
+
+        async def on_launch(pid: int) -> None:
+            networks.enter(key, policy, pid)
+
+        async def on_agent(agent: AgentClient) -> None:
+            await networks.configure_guest(key, agent, nic, policy)
+
+        return TemplateRequest(
+            tag, image, built, mem_mib, warmup, self.accel, network=nic,
+            warmup_unrestricted=not policy.restricted, on_launch=on_launch, on_agent=on_agent,
+            after_warmup=networks.neutralize_guest,
+        )  # fmt: skip
 
     async def delete_snapshot(
         self, tag: str, *, cascade: bool = False, force: bool = False
@@ -338,14 +385,20 @@ class Runtime:
         for row in self.registry.list_sandboxes():
             row = self._refresh(row)
             if include_dead or row.state != "dead":
-                out.append(_sandbox_info(row))
+                out.append(self._info(row))
         return out
 
     def get_sandbox(self, sandbox_id: str) -> wire.SandboxInfo:
-        return _sandbox_info(self._refresh(self._sandbox_row(sandbox_id)))
+        return self._info(self._refresh(self._sandbox_row(sandbox_id)))
 
     async def spawn(
-        self, tag: str, n: int = 1, *, memory_limit_mib: int | None = None
+        self,
+        tag: str,
+        n: int = 1,
+        *,
+        memory_limit_mib: int | None = None,
+        network: wire.NetworkRequest | None = None,
+        allow_internet_access: bool | None = None,
     ) -> list[Spawned]:
         """Fork ``n`` children from template ``tag``: all start, or none is left running."""
         validate_tag(tag)
@@ -357,6 +410,7 @@ class Runtime:
                 f"memory_limit_mib must be between 64 and 1048576, got {memory_limit_mib}"
             )
         manifest = self._ready_manifest(tag)
+        policy = self.networks.policy_for(manifest, network, allow_internet_access)
         cgroups = cgroup_limits.require() if memory_limit_mib is not None else None
         running = sum(1 for r in self.registry.list_sandboxes() if r.state != "dead")
         if running + n > self.settings.max_sandboxes:
@@ -365,7 +419,7 @@ class Runtime:
                 f"{self.settings.max_sandboxes} (--max-sandboxes)"
             )
         results = await asyncio.gather(
-            *(self._fork_one(tag, manifest, memory_limit_mib, cgroups) for _ in range(n)),
+            *(self._fork_one(tag, manifest, memory_limit_mib, cgroups, policy) for _ in range(n)),
             return_exceptions=True,
         )
         self._pool.refill(manifest)
@@ -383,15 +437,19 @@ class Runtime:
         manifest: SnapshotManifest,
         memory_limit_mib: int | None,
         cgroups: cgroup_limits.MemoryCgroups | None,
+        policy: EgressPolicy,
     ) -> Spawned:
         agent: AgentClient | None = None
         async with self._launch_gate:
             t0 = time.monotonic()
-            child = self._pool.take(manifest)
+            # Pooled children run a restricted backend (fixed at launch): only for egress none.
+            child = self._pool.take(manifest) if policy.restricted else None
             pooled = child is not None
             if child is None:
                 try:
-                    child = await launch_incoming(self.settings.run_dir, manifest)
+                    child = await launch_incoming(
+                        self.settings.run_dir, manifest, restrict_network=policy.restricted
+                    )
                 except ForkdError:
                     raise
                 except Exception as exc:
@@ -404,6 +462,9 @@ class Runtime:
                 ))  # fmt: skip
                 if cgroups is not None and memory_limit_mib is not None:
                     cgroups.limit(sandbox_id, qemu.pid, memory_limit_mib)
+                # The guard is in place before the guest runs a single instruction.
+                await self.networks.prepare(sandbox_id, policy, manifest.network)
+                self.networks.enter(sandbox_id, policy, qemu.pid)
                 t1 = time.monotonic()
                 await qemu.restore_and_run(self.snapshots.devstate_path(tag))
                 await qemu.close_qmp()
@@ -413,6 +474,11 @@ class Runtime:
                 )
                 if not agent.hello.get("reseeded"):
                     raise AgentError(f"the child's agent could not reseed: {agent.hello}")
+                if manifest.network is not None:
+                    await self.networks.configure_guest(
+                        sandbox_id, agent, manifest.network, policy,
+                        template_open=(manifest.egress or {}).get("egress", "none") != "none",
+                    )  # fmt: skip
                 t3 = time.monotonic()
             except BaseException as exc:
                 qemu_said = "" if qemu.alive() else qemu.log_tail()
@@ -421,6 +487,7 @@ class Runtime:
                 await child.discard()
                 if cgroups is not None:
                     cgroups.remove(sandbox_id)
+                await self.networks.release(sandbox_id)
                 self.registry.delete_sandbox(sandbox_id)
                 if not isinstance(exc, Exception):
                     raise
@@ -439,7 +506,45 @@ class Runtime:
             qemu_up_ms=(t1 - t0) * 1000, restore_ms=(t2 - t1) * 1000,
             agent_ms=(t3 - t2) * 1000, total_ms=(t3 - t0) * 1000, pooled=pooled,
         )  # fmt: skip
-        return Spawned(_sandbox_info(row), timing)
+        return Spawned(self._info(row), timing)
+
+    def _info(self, row: SandboxRow) -> wire.SandboxInfo:
+        info = _sandbox_info(row)
+        if row.state != "dead" and (net := self.networks.info(row.id)) is not None:
+            info.network, info.guest_addr = net, net.guest_ip
+        return info
+
+    # --- ports -----------------------------------------------------------------------------
+
+    async def expose_port(self, sandbox_id: str, port: int) -> wire.PortInfo:
+        """Forward guest TCP ``port`` to the host's 127.0.0.1 (idempotent per port)."""
+        row = self._running_row(sandbox_id)
+        agent = await self.agent(sandbox_id)
+        async with self._source_locks.setdefault(sandbox_id, asyncio.Lock()):
+            qemu = QemuProcess(row.pid, RunPaths(Path(row.run_dir)))
+            try:
+                return await self.networks.expose(sandbox_id, qemu, agent, port)
+            finally:
+                await qemu.close_qmp()
+
+    def list_ports(self, sandbox_id: str) -> list[wire.PortInfo]:
+        self._running_row(sandbox_id)
+        return self.networks.ports(sandbox_id)
+
+    async def unexpose_port(self, sandbox_id: str, port: int) -> None:
+        row = self._running_row(sandbox_id)
+        async with self._source_locks.setdefault(sandbox_id, asyncio.Lock()):
+            qemu = QemuProcess(row.pid, RunPaths(Path(row.run_dir)))
+            try:
+                await self.networks.unexpose(sandbox_id, qemu, port)
+            finally:
+                await qemu.close_qmp()
+
+    def _running_row(self, sandbox_id: str) -> SandboxRow:
+        row = self._refresh(self._sandbox_row(sandbox_id))
+        if row.state == "dead":
+            raise SandboxDead(f"sandbox {sandbox_id} is dead: {row.dead_reason}")
+        return row
 
     async def kill(self, sandbox_id: str) -> None:
         """Stop the sandbox's QEMU and remove its run dir and record."""
@@ -452,6 +557,7 @@ class Runtime:
         shutil.rmtree(paths.dir, ignore_errors=True)
         if row.memory_limit_mib is not None and (cgroups := cgroup_limits.detect()) is not None:
             cgroups.remove(sandbox_id)
+        await self.networks.release(sandbox_id)
         self.registry.delete_sandbox(sandbox_id)
 
     # --- branch ----------------------------------------------------------------------------
@@ -614,6 +720,7 @@ class Runtime:
             "memory": Artifact(path=str(staging.memory), bytes=staging.memory.stat().st_size),
             "devstate": Artifact(path=DEVSTATE_NAME, bytes=staging.devstate.stat().st_size),
             "timings_ms": {**timings, **stats.phases},
+            "egress": self.networks.policy_of(source.id).to_wire(),
         })  # fmt: skip
         manifest = self.snapshots.commit(staging, manifest)
         extra = dict(snapshot_row.extra)
@@ -800,6 +907,11 @@ class Runtime:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         self._unwatch(sandbox_id)
+        # Its QEMU is gone: the guard, proxy and forwards go too (the record stays, dead).
+        with contextlib.suppress(RuntimeError):  # no loop: start-up's sweep releases it
+            release = asyncio.get_running_loop().create_task(self.networks.release(sandbox_id))
+            self._background.add(release)
+            release.add_done_callback(self._background.discard)
         if self.on_sandbox_death is not None:
             self.on_sandbox_death(sandbox_id, reason)
 

@@ -61,7 +61,11 @@ def pool_dir_owner(name: str) -> int | None:
 
 
 async def launch_incoming(
-    run_root: Path, manifest: SnapshotManifest, *, pooled: bool = False
+    run_root: Path,
+    manifest: SnapshotManifest,
+    *,
+    pooled: bool = False,
+    restrict_network: bool = True,
 ) -> Prelaunched:
     """Start a child QEMU for ``manifest`` up to the point where only the restore is left.
 
@@ -74,6 +78,7 @@ async def launch_incoming(
     argv = instance_args(
         without_boot_files(manifest.machine_args), mem_mib=manifest.mem_mib,
         memory_path=Path(manifest.memory.path), share=False, paths=paths, incoming=True,
+        restrict_network=restrict_network,
     )  # fmt: skip
     qemu = await QemuProcess.launch(argv, paths)
     try:

@@ -36,6 +36,13 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     branch_count INTEGER NOT NULL DEFAULT 0,
     last_branch_memory_path TEXT
 );
+CREATE TABLE IF NOT EXISTS sandbox_networks (
+    id TEXT PRIMARY KEY,
+    policy TEXT NOT NULL,
+    ports TEXT NOT NULL DEFAULT '[]',
+    proxy_port INTEGER,
+    nic TEXT
+);
 """
 
 
@@ -63,6 +70,17 @@ class SandboxRow:
     memory_limit_mib: int | None = None
     branch_count: int = 0
     last_branch_memory_path: str | None = None
+
+
+@dataclass
+class NetworkRow:
+    """A sandbox's egress policy (wire form), its forwarded ports and its proxy's port."""
+
+    id: str
+    policy: dict[str, Any]
+    ports: list[dict[str, Any]] = field(default_factory=list)
+    proxy_port: int | None = None
+    nic: dict[str, Any] | None = None  # the guest's addresses (GuestNetwork), None: no NIC
 
 
 class Registry:
@@ -128,6 +146,29 @@ class Registry:
 
     def delete_sandbox(self, sandbox_id: str) -> None:
         self._db.execute("DELETE FROM sandboxes WHERE id=?", (sandbox_id,))
+
+    # --- sandbox networks ------------------------------------------------------------------
+
+    def put_network(self, row: NetworkRow) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO sandbox_networks VALUES (?,?,?,?,?)",
+            (row.id, json.dumps(row.policy), json.dumps(row.ports), row.proxy_port,
+             json.dumps(row.nic) if row.nic is not None else None),
+        )  # fmt: skip
+
+    def get_network(self, sandbox_id: str) -> NetworkRow | None:
+        r = self._db.execute("SELECT * FROM sandbox_networks WHERE id=?", (sandbox_id,)).fetchone()
+        if r is None:
+            return None
+        return NetworkRow(id=r["id"], policy=json.loads(r["policy"]), ports=json.loads(r["ports"]),
+                          proxy_port=r["proxy_port"],
+                          nic=json.loads(r["nic"]) if r["nic"] else None)  # fmt: skip
+
+    def network_ids(self) -> list[str]:
+        return [r["id"] for r in self._db.execute("SELECT id FROM sandbox_networks")]
+
+    def delete_network(self, sandbox_id: str) -> None:
+        self._db.execute("DELETE FROM sandbox_networks WHERE id=?", (sandbox_id,))
 
     def mark_dead(self, sandbox_id: str, reason: str) -> None:
         self._db.execute(

@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from forkd.vmm.netdev import GuestNetwork
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 
@@ -40,6 +42,10 @@ class SnapshotManifest(BaseModel):
     initrd: str
     rootfs: str
     warmup: str | None = None
+    # the guest NIC's addresses (None: a template made without a NIC, e.g. before networking)
+    network: GuestNetwork | None = None
+    # a branch's egress policy ({"egress", "allow"}), inherited by its children unless overridden
+    egress: dict[str, object] | None = None
     # lineage (branches)
     branched_from: str | None = None
     parent_tag: str | None = None

@@ -6,7 +6,7 @@ import asyncio
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from forkd.snapshots.manifest import Artifact, SnapshotManifest
 from forkd.snapshots.store import DEVSTATE_NAME, SnapshotStore
 from forkd.vmm.accel import AccelChoice
 from forkd.vmm.agent_client import AgentClient
+from forkd.vmm.netdev import GuestNetwork
 from forkd.vmm.qemu import QemuProcess
 from forkd.vmm.spec import MachineSpec, RunPaths, instance_args
 
@@ -34,6 +35,13 @@ class TemplateRequest:
     mem_mib: int
     warmup: str | None
     accel: AccelChoice
+    network: GuestNetwork | None = None
+    # warm-up egress: an unrestricted backend, guarded by the hooks (QEMU's pid before the guest
+    # runs any user code; the agent before the warm-up, and again after it, to reset the guest)
+    warmup_unrestricted: bool = False
+    on_launch: Callable[[int], Awaitable[None]] | None = None
+    on_agent: Callable[[AgentClient], Awaitable[None]] | None = None
+    after_warmup: Callable[[AgentClient], Awaitable[None]] | None = None
 
 
 async def qemu_version(qemu: QemuProcess) -> str:
@@ -58,6 +66,7 @@ async def make_template(
         rootfs=req.image.rootfs,
         mem_mib=req.mem_mib,
         accel_args=tuple(req.accel.qemu_args()),
+        nic=req.network,
     )
     machine = spec.machine_args()
     qemu: QemuProcess | None = None
@@ -68,11 +77,15 @@ async def make_template(
         progress("booting parent VM")
         argv = instance_args(
             machine, mem_mib=req.mem_mib, memory_path=staging.memory, share=True, paths=paths,
-            incoming=False,
+            incoming=False, restrict_network=not req.warmup_unrestricted,
         )  # fmt: skip
         qemu = await QemuProcess.launch(argv, paths)
+        if req.on_launch is not None:
+            await req.on_launch(qemu.pid)
         agent = await AgentClient.connect(paths.agent, timeout=BOOT_TIMEOUT_S)
         timings["boot_ms"] = (time.monotonic() - t0) * 1000
+        if req.on_agent is not None:
+            await req.on_agent(agent)
         if req.warmup:
             progress("running warm-up in the guest")
             t1 = time.monotonic()
@@ -80,6 +93,8 @@ async def make_template(
             if result.error:
                 raise InvalidInput(f"warm-up failed in the guest: {result.error}")
             timings["warmup_ms"] = (time.monotonic() - t1) * 1000
+        if req.after_warmup is not None:
+            await req.after_warmup(agent)
         progress("saving template")
         t2 = time.monotonic()
         # The agent stays connected while the state is saved: restored agents then sit blocked in
@@ -106,6 +121,7 @@ async def make_template(
             initrd=str(req.image.initrd),
             rootfs=str(req.image.rootfs),
             warmup=req.warmup,
+            network=req.network,
             timings_ms=timings,
         )
         return store.commit(staging, manifest)

@@ -381,6 +381,12 @@ class AgentClient:
         args = {"entropy_b64": base64.b64encode(entropy).decode("ascii")}
         return await self.call("reseed", args, timeout=timeout)
 
+    async def set_env(
+        self, env: Mapping[str, str | None], *, timeout: float | None = 10.0
+    ) -> dict[str, Any]:
+        """Set (or with ``None`` unset) variables in the agent's own environment."""
+        return await self.call("set_env", {"env": dict(env)}, timeout=timeout)
+
     async def set_clock(self, *, timeout: float | None = 10.0) -> dict[str, Any]:
         """Step the guest's wall clock to the host's (``clock_set``, ``clock_step_ms``)."""
         return await self.call("set_clock", {"wall_ns": time.time_ns()}, timeout=timeout)

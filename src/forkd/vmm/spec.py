@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forkd.guest import AGENT_PORT_NAME
+from forkd.vmm.netdev import NETDEV_ID, GuestNetwork, backend_args
 
 KERNEL_CMDLINE = (
     "console=ttyS0 rdinit=/init quiet loglevel=3 panic=-1 tsc=reliable no_timer_check "
@@ -55,8 +56,13 @@ class MachineSpec:
     mem_mib: int
     accel_args: tuple[str, ...]
     cpus: int = 1
+    nic: GuestNetwork | None = None
 
     def machine_args(self) -> list[str]:
+        cmdline = (
+            KERNEL_CMDLINE if self.nic is None else f"{KERNEL_CMDLINE} {self.nic.kernel_cmdline()}"
+        )
+
         args = [
             # No built-in devices the guest never uses: less to start and to restore per child.
             "-machine", "q35,memory-backend=mem,sata=off,smbus=off,usb=off,vmport=off,smm=off,"
@@ -71,7 +77,7 @@ class MachineSpec:
             "-global", "migration.send-configuration=off",
             "-kernel", str(self.kernel),
             "-initrd", str(self.initrd),
-            "-append", KERNEL_CMDLINE,
+            "-append", cmdline,
             # drop-cache=off: by default every restored QEMU evicts the image from the host page
             # cache (meant for migration over shared storage); children share one read-only image.
             "-drive", f"file={self.rootfs},format=raw,if=none,id=root,readonly=on,"
@@ -82,6 +88,8 @@ class MachineSpec:
             "-device", "virtio-serial-pci,id=vs0,max_ports=2",
             "-device", f"virtserialport,bus=vs0.0,chardev=agent,name={AGENT_PORT_NAME}",
         ]  # fmt: skip
+        if self.nic is not None:
+            args += self.nic.device_args()
         # No vmgenid device: the agent reseeds every child before any user code runs, and the
         # device's ACPI notification alone costs each child ~1,500 freshly translated blocks of
         # guest AML interpreter under TCG (the 6.1 cloud kernel has no driver to use it).
@@ -89,6 +97,11 @@ class MachineSpec:
 
 
 BOOT_FILE_OPTIONS = ("-kernel", "-initrd", "-append")
+
+
+def has_nic(machine_args: list[str]) -> bool:
+    """Whether a machine (as recorded in a manifest) has the guest NIC."""
+    return any(f"netdev={NETDEV_ID}," in arg for arg in machine_args)
 
 
 def without_boot_files(machine_args: list[str]) -> list[str]:
@@ -114,8 +127,10 @@ def instance_args(
     share: bool,
     paths: RunPaths,
     incoming: bool,
+    restrict_network: bool = True,
 ) -> list[str]:
-    """argv after the binary: the machine plus this process's memory, sockets, logs."""
+    """argv after the binary: the machine plus this process's memory, sockets, logs, and (for a
+    machine with a NIC) its own network backend, restricted unless the host guards egress."""
     share_flag = "on" if share else "off"
     args = [
         *machine_args,
@@ -132,6 +147,8 @@ def instance_args(
         "-pidfile", str(paths.pidfile),
         "-daemonize",
     ]  # fmt: skip
+    if has_nic(machine_args):
+        args += backend_args(restrict=restrict_network)
     if incoming:
         # -S: after the load the VM stays paused unless told to run (children are, with an early
         # ``cont``; the live-branch materializer is not).
