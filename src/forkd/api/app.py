@@ -53,6 +53,7 @@ JSON = "application/json"
 
 _SNAPSHOT_LIST = TypeAdapter(list[wire.SnapshotInfo])
 _SANDBOX_LIST = TypeAdapter(list[wire.SandboxInfo])
+_PORT_LIST = TypeAdapter(list[wire.PortInfo])
 _SPAWNED_LIST = TypeAdapter(list[SpawnedSandbox])
 _ANY = TypeAdapter(Any)
 
@@ -309,12 +310,15 @@ def create_app(
                 f"images (used image {image!r}; see 'forkd image build')"
             )
         if req.tap is not None:
-            warnings.append("tap is ignored: templates have no guest network in this build")
+            warnings.append(
+                "tap is ignored: every template gets its own user-mode NIC (see 'network')"
+            )
         call = runtime.create_snapshot(
             req.tag,
             image=image,
             mem_mib=req.mem_mib if req.mem_mib is not None else DEFAULT_MEM_MIB,
             warmup=req.warmup,
+            network=req.network,
         )
         info = await bounded(call, lim.snapshot_timeout_s, f"creating snapshot {req.tag!r}")
         if warnings:
@@ -390,7 +394,10 @@ def create_app(
         """
         n = req.n if 1 <= req.n <= 1000 else 1
         seconds = lim.spawn_timeout_s + lim.spawn_per_child_s * n
-        call = runtime.spawn(req.snapshot_tag, req.n, memory_limit_mib=req.memory_limit_mib)
+        call = runtime.spawn(
+            req.snapshot_tag, req.n, memory_limit_mib=req.memory_limit_mib,
+            network=req.network, allow_internet_access=req.allow_internet_access,
+        )  # fmt: skip
         spawned = await bounded(call, seconds, f"forking {req.n} from {req.snapshot_tag!r}")
         out = []
         for s in spawned:
@@ -422,6 +429,41 @@ def create_app(
     async def kill_sandbox(sandbox_id: str) -> Response:
         """Stop the sandbox's VM and forget it (a dead one is just forgotten)."""
         await bounded(runtime.kill(sandbox_id), lim.kill_timeout_s, f"killing {sandbox_id}")
+        return Response(status_code=204)
+
+    @app.post(
+        "/v1/sandboxes/{sandbox_id}/ports",
+        status_code=201,
+        response_model=wire.PortInfo,
+        responses=_errors(*_SANDBOX_OP),
+        tags=["network"],
+    )
+    async def expose_port(sandbox_id: str, req: wire.PortRequest) -> Response:
+        """Forward guest TCP ``port`` to a new port on the host's 127.0.0.1 (gone with the
+        sandbox). A service bound to the guest's loopback only gets 409 saying how to bind."""
+        call = runtime.expose_port(sandbox_id, req.port)
+        info = await on_sandbox(sandbox_id, call, lim.agent_call_timeout_s, f"port {req.port}")
+        return _json(info, 201)
+
+    @app.get(
+        "/v1/sandboxes/{sandbox_id}/ports",
+        response_model=list[wire.PortInfo],
+        responses=_errors(*_BASE, 400, 404, 410),
+        tags=["network"],
+    )
+    async def list_ports(sandbox_id: str) -> Response:
+        return _json_list(_PORT_LIST, runtime.list_ports(sandbox_id))
+
+    @app.delete(
+        "/v1/sandboxes/{sandbox_id}/ports/{port}",
+        status_code=204,
+        response_class=Response,
+        responses=_errors(*_SANDBOX_OP),
+        tags=["network"],
+    )
+    async def remove_port(sandbox_id: str, port: int) -> Response:
+        call = runtime.unexpose_port(sandbox_id, port)
+        await on_sandbox(sandbox_id, call, lim.agent_call_timeout_s, f"removing port {port}")
         return Response(status_code=204)
 
     @app.post(

@@ -30,10 +30,17 @@ class Backend(Protocol):
         mem_mib: int,
         warmup: str | None,
         progress: Callable[[str], None],
+        network: dict[str, Any] | None = None,
     ) -> dict[str, Any]: ...
     def delete_snapshot(self, tag: str, cascade: bool, force: bool) -> None: ...
     def compact_snapshot(self, tag: str, to: str) -> dict[str, Any]: ...
-    def spawn(self, tag: str, n: int, memory_limit_mib: int | None) -> list[dict[str, Any]]: ...
+    def spawn(
+        self, tag: str, n: int, memory_limit_mib: int | None,
+        network: dict[str, Any] | None = None,
+    ) -> list[dict[str, Any]]: ...  # fmt: skip
+    def expose_port(self, sandbox_id: str, port: int) -> dict[str, Any]: ...
+    def list_ports(self, sandbox_id: str) -> list[dict[str, Any]]: ...
+    def remove_port(self, sandbox_id: str, port: int) -> None: ...
     def list_sandboxes(self, include_dead: bool) -> list[dict[str, Any]]: ...
     def kill(self, sandbox_id: str) -> None: ...
     def ping(self, sandbox_id: str) -> dict[str, Any]: ...
@@ -81,12 +88,14 @@ class LocalBackend:
         mem_mib: int,
         warmup: str | None,
         progress: Callable[[str], None],
+        network: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         info = self._run(
             self.runtime.create_snapshot(
-                tag, image=image, mem_mib=mem_mib, warmup=warmup, progress=progress
+                tag, image=image, mem_mib=mem_mib, warmup=warmup, progress=progress,
+                network=_network(network),
             )
-        )
+        )  # fmt: skip
         return info.model_dump()
 
     def delete_snapshot(self, tag: str, cascade: bool, force: bool) -> None:
@@ -95,9 +104,23 @@ class LocalBackend:
     def compact_snapshot(self, tag: str, to: str) -> dict[str, Any]:
         return self._run(self.runtime.compact_snapshot(tag, to)).model_dump()
 
-    def spawn(self, tag: str, n: int, memory_limit_mib: int | None) -> list[dict[str, Any]]:
-        spawned = self._run(self.runtime.spawn(tag, n, memory_limit_mib=memory_limit_mib))
+    def spawn(
+        self, tag: str, n: int, memory_limit_mib: int | None,
+        network: dict[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:  # fmt: skip
+        spawned = self._run(self.runtime.spawn(
+            tag, n, memory_limit_mib=memory_limit_mib, network=_network(network)
+        ))  # fmt: skip
         return [{**s.sandbox.model_dump(), "fork_timing_ms": _timing(s.timing)} for s in spawned]
+
+    def expose_port(self, sandbox_id: str, port: int) -> dict[str, Any]:
+        return self._run(self.runtime.expose_port(sandbox_id, port)).model_dump()
+
+    def list_ports(self, sandbox_id: str) -> list[dict[str, Any]]:
+        return [p.model_dump() for p in self.runtime.list_ports(sandbox_id)]
+
+    def remove_port(self, sandbox_id: str, port: int) -> None:
+        self._run(self.runtime.unexpose_port(sandbox_id, port))
 
     def list_sandboxes(self, include_dead: bool) -> list[dict[str, Any]]:
         return [s.model_dump() for s in self.runtime.list_sandboxes(include_dead=include_dead)]
@@ -151,9 +174,12 @@ class RemoteBackend:
         mem_mib: int,
         warmup: str | None,
         progress: Callable[[str], None],
+        network: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         progress("daemon is booting and warming the parent")
-        return dict(self.c.create_snapshot(tag, image=image, mem_mib=mem_mib, warmup=warmup))
+        return dict(self.c.create_snapshot(
+            tag, image=image, mem_mib=mem_mib, warmup=warmup, network=network
+        ))  # fmt: skip
 
     def delete_snapshot(self, tag: str, cascade: bool, force: bool) -> None:
         self.c.delete_snapshot(tag, cascade=cascade, force=force)
@@ -161,8 +187,22 @@ class RemoteBackend:
     def compact_snapshot(self, tag: str, to: str) -> dict[str, Any]:
         return dict(self.c.compact_snapshot(tag, to))
 
-    def spawn(self, tag: str, n: int, memory_limit_mib: int | None) -> list[dict[str, Any]]:
-        return list(self.c.spawn_sandboxes(tag, n=n, memory_limit_mib=memory_limit_mib))
+    def spawn(
+        self, tag: str, n: int, memory_limit_mib: int | None,
+        network: dict[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:  # fmt: skip
+        return list(self.c.spawn_sandboxes(
+            tag, n=n, memory_limit_mib=memory_limit_mib, network=network
+        ))  # fmt: skip
+
+    def expose_port(self, sandbox_id: str, port: int) -> dict[str, Any]:
+        return dict(self.c.expose_port(sandbox_id, port))
+
+    def list_ports(self, sandbox_id: str) -> list[dict[str, Any]]:
+        return list(self.c.list_ports(sandbox_id))
+
+    def remove_port(self, sandbox_id: str, port: int) -> None:
+        self.c.remove_port(sandbox_id, port)
 
     def list_sandboxes(self, include_dead: bool) -> list[dict[str, Any]]:
         return list(self.c.list_sandboxes(include_dead=include_dead))
@@ -186,6 +226,19 @@ class RemoteBackend:
         self, sandbox_id: str, tag: str | None, mode: str | None, diff: bool, wait: bool
     ) -> dict[str, Any]:
         return dict(self.c.branch_sandbox(sandbox_id, tag=tag, diff=diff, mode=mode, wait=wait))
+
+
+def _network(network: dict[str, Any] | None) -> Any:
+    """The wire model of a CLI-built ``network`` (validated like a request body)."""
+    if network is None:
+        return None
+    from forkd.errors import InvalidInput
+    from forkd.wire import NetworkRequest
+
+    try:
+        return NetworkRequest.model_validate(network)
+    except ValueError as exc:
+        raise InvalidInput(f"network: {exc}") from exc
 
 
 def _timing(t: Any) -> dict[str, float]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from forkd import __version__
-from forkd.cli import render
+from forkd.cli import netcmds, render
 from forkd.cli.backend import Backend, choose_backend
 from forkd.config import DEFAULT_IMAGE, DEFAULT_MEM_MIB, Settings
 from forkd.errors import ForkdError, InvalidInput
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-wait", action="store_true", help="with --live: return while memory is copied"
     )
     s.add_argument("--json", action="store_true")
+    netcmds.add_network_args(s, what="the warm-up")
 
     for name, helptext in (("fork", "fork N children from a template"), ("spawn", "same as fork")):
         f = sub.add_parser(name, help=helptext)
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         f.add_argument("-n", type=int, default=1)
         f.add_argument("--memory-limit-mib", type=int)
         f.add_argument("--json", action="store_true")
+        netcmds.add_network_args(f, what="the children")
+    netcmds.add_parsers(sub)
 
     ls = sub.add_parser("ls", help="list sandboxes")
     ls.add_argument("--json", action="store_true")
@@ -141,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
         dm.add_argument("--kill-on-exit", action="store_true", help="kill sandboxes on shutdown")
         dm.add_argument("--max-sandboxes", type=int)
         dm.add_argument("--branch-concurrency", type=int)
+        dm.add_argument(
+            "--default-egress", choices=("none", "internet"),
+            help="egress of sandboxes whose request names none (default none; env "
+            "FORKD_DEFAULT_EGRESS)",
+        )  # fmt: skip
 
     m = sub.add_parser("mcp", help="run the MCP server (stdio by default)")
     m.add_argument("--http", action="store_true", help="serve streamable HTTP instead of stdio")
@@ -266,14 +274,17 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             raise Usage(
                 "--no-wait requires --live (only a live branch can finish in the background)"
             )
-        if args.image or args.mem_mib or args.warmup:
-            raise Usage("--image, --mem-mib and --warmup apply to templates, not to --from-sandbox")
+        if args.image or args.mem_mib or args.warmup or netcmds.network_from_args(args):
+            raise Usage(
+                "--image, --mem-mib, --warmup and the network flags apply to templates, not to "
+                "--from-sandbox"
+            )
     with _backend(args) as backend:
         if args.from_sandbox is None:
             step = _step_printer()
             info = backend.create_snapshot(
                 args.tag, args.image or DEFAULT_IMAGE, args.mem_mib or DEFAULT_MEM_MIB,
-                args.warmup, step,
+                args.warmup, step, netcmds.network_from_args(args),
             )  # fmt: skip
         else:
             info = backend.branch(
@@ -291,7 +302,9 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 def cmd_fork(args: argparse.Namespace) -> int:
     with _backend(args) as backend:
         t0 = time.monotonic()
-        children = backend.spawn(args.tag, args.n, args.memory_limit_mib)
+        children = backend.spawn(
+            args.tag, args.n, args.memory_limit_mib, netcmds.network_from_args(args)
+        )
         wall_ms = (time.monotonic() - t0) * 1000
     if args.json:
         render.print_json(children)
@@ -437,6 +450,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         "home": Path(args.home) if args.home else None,
         "max_sandboxes": args.max_sandboxes,
         "branch_concurrency": args.branch_concurrency,
+        "default_egress": args.default_egress,
     }
     settings = Settings.from_env(**overrides)
     opts = DaemonOptions(
@@ -454,6 +468,16 @@ def cmd_mcp(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_port(args: argparse.Namespace) -> int:
+    with _backend(args) as backend:
+        return netcmds.cmd_port(args, backend)
+
+
+def cmd_snapshot_diff(args: argparse.Namespace) -> int:
+    with _backend(args) as backend:
+        return netcmds.cmd_snapshot_diff(args, backend)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from forkd.demo import run_demo
 
@@ -466,7 +490,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "snapshot-compact": cmd_snapshot_compact,
     "exec": cmd_exec, "eval": cmd_eval, "ping": cmd_ping, "kill": cmd_kill,
     "doctor": cmd_doctor, "daemon": cmd_daemon, "serve": cmd_daemon, "mcp": cmd_mcp,
-    "demo": cmd_demo,
+    "demo": cmd_demo, "port": cmd_port, "snapshot-diff": cmd_snapshot_diff,
 }  # fmt: skip
 
 

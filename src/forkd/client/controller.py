@@ -233,6 +233,7 @@ class _Endpoints:
         rw: bool | None = None,
         tap: str | None = None,
         boot_wait_secs: int | None = None,
+        network: Mapping[str, Any] | None = None,
     ) -> _Request[JSONDict]:
         """``POST /v1/snapshots``: boot a fresh VM, warm it, snapshot it as template ``tag``.
 
@@ -241,7 +242,8 @@ class _Endpoints:
         ``kernel`` + ``rootfs`` host paths (with ``rw``, ``tap``, ``boot_wait_secs``). Only the
         arguments you pass are sent. Returns the SnapshotInfo; if its ``status`` is
         ``"writing"``, follow up with :meth:`wait_for_snapshot`. The request may take minutes;
-        its timeout is at least 600 s.
+        its timeout is at least 600 s. ``network`` (``{"egress", "allow", "host_ca"}``) is the
+        warm-up's egress, so a warm-up may ``pip install``.
         """
         body: JSONDict = {"tag": tag}
         optional: dict[str, Any] = {
@@ -253,6 +255,7 @@ class _Endpoints:
             "rw": rw,
             "tap": tap,
             "boot_wait_secs": boot_wait_secs,
+            "network": dict(network) if network is not None else None,
         }
         body.update({k: v for k, v in optional.items() if v is not None})
         return _Request(
@@ -305,13 +308,19 @@ class _Endpoints:
         prewarm: bool = False,
         live_fork: bool = False,
         hugepages: bool = False,
+        network: Mapping[str, Any] | None = None,
+        allow_internet_access: bool | None = None,
     ) -> _Request[list[JSONDict]]:
         """``POST /v1/sandboxes``: fork ``n`` (1..1000) children from a snapshot.
 
         ``live_fork``, ``prewarm`` and ``hugepages`` are sent only when true and accepted for
         compatibility (every sandbox can be live-branched here); ``memory_limit_mib`` caps each
         child's cgroup memory. Returns one SandboxInfo dict per
-        child (``id``, ``snapshot_tag``, ``pid``, ``guest_addr``...).
+        child (``id``, ``snapshot_tag``, ``pid``, ``guest_addr``, ``network``...).
+
+        ``network``: egress policy ``{"egress": "none"|"internet"|"allowlist", "allow": [...],
+        "host_ca": bool}``; ``allow_internet_access`` is E2B's shorthand for internet/none.
+        Without either a child inherits its branch source's policy, else the daemon default.
         """
         body: JSONDict = {"snapshot_tag": snapshot_tag, "n": n, "per_child_netns": per_child_netns}
         if memory_limit_mib is not None:
@@ -323,6 +332,10 @@ class _Endpoints:
             body["live_fork"] = True
         if hugepages:
             body["hugepages"] = True
+        if network is not None:
+            body["network"] = dict(network)
+        if allow_internet_access is not None:
+            body["allow_internet_access"] = allow_internet_access
         return _Request("POST", "/v1/sandboxes", _parse_list, json=body)
 
     @staticmethod
@@ -335,6 +348,25 @@ class _Endpoints:
     def get_sandbox(sandbox_id: str) -> _Request[JSONDict]:
         """``GET /v1/sandboxes/{id}``: one sandbox's SandboxInfo."""
         return _Request("GET", f"/v1/sandboxes/{_seg(sandbox_id)}", _parse_dict)
+
+    @staticmethod
+    def expose_port(sandbox_id: str, port: int) -> _Request[JSONDict]:
+        """``POST /v1/sandboxes/{id}/ports``: forward guest TCP ``port`` to the host's loopback;
+        returns ``{"port", "host", "host_port", "url"}`` (the same forward if asked again)."""
+        return _Request(
+            "POST", f"/v1/sandboxes/{_seg(sandbox_id)}/ports", _parse_dict, json={"port": port}
+        )
+
+    @staticmethod
+    def list_ports(sandbox_id: str) -> _Request[list[JSONDict]]:
+        """``GET /v1/sandboxes/{id}/ports``: the sandbox's forwards."""
+        return _Request("GET", f"/v1/sandboxes/{_seg(sandbox_id)}/ports", _parse_list)
+
+    @staticmethod
+    def remove_port(sandbox_id: str, port: int) -> _Request[None]:
+        """``DELETE /v1/sandboxes/{id}/ports/{port}``: stop forwarding guest ``port``."""
+        return _Request("DELETE", f"/v1/sandboxes/{_seg(sandbox_id)}/ports/{int(port)}",
+                        _parse_none)  # fmt: skip
 
     @staticmethod
     def kill_sandbox(sandbox_id: str) -> _Request[None]:
@@ -629,6 +661,9 @@ class Controller(_Base):
     list_sandboxes = _sync(_Endpoints.list_sandboxes)
     get_sandbox = _sync(_Endpoints.get_sandbox)
     kill_sandbox = _sync(_Endpoints.kill_sandbox)
+    expose_port = _sync(_Endpoints.expose_port)
+    list_ports = _sync(_Endpoints.list_ports)
+    remove_port = _sync(_Endpoints.remove_port)
     branch_sandbox = _sync(_Endpoints.branch_sandbox)
     exec_command = _sync(_Endpoints.exec_command)
     eval_code = _sync(_Endpoints.eval_code)
@@ -711,6 +746,9 @@ class AsyncController(_Base):
     list_sandboxes = _async(_Endpoints.list_sandboxes)
     get_sandbox = _async(_Endpoints.get_sandbox)
     kill_sandbox = _async(_Endpoints.kill_sandbox)
+    expose_port = _async(_Endpoints.expose_port)
+    list_ports = _async(_Endpoints.list_ports)
+    remove_port = _async(_Endpoints.remove_port)
     branch_sandbox = _async(_Endpoints.branch_sandbox)
     exec_command = _async(_Endpoints.exec_command)
     eval_code = _async(_Endpoints.eval_code)

@@ -257,6 +257,8 @@ class Sandbox(_SandboxBase[Controller]):
         controller: Controller | None = None,
         memory_limit_mib: int | None = None,
         live_fork: bool = False,
+        allow_internet_access: bool | None = None,
+        network: Mapping[str, Any] | None = None,
     ) -> Sandbox:
         """Fork one new sandbox from the snapshot tagged ``template``.
 
@@ -266,15 +268,17 @@ class Sandbox(_SandboxBase[Controller]):
         ``controller=`` (shared, left open) or ``base_url=``/``token=`` (default
         ``$FORKD_URL``/``$FORKD_TOKEN``; the SDK then closes its controller when the last
         sandbox using it is killed or closed). ``live_fork`` is accepted for compatibility;
-        every sandbox can ``branch(mode="live")``.
+        every sandbox can ``branch(mode="live")``. ``allow_internet_access`` (E2B's name) or
+        ``network`` (``{"egress", "allow", "host_ca"}``) set its egress; default none.
         """
         _check_connection_args(controller, base_url, token)
         ctl = controller if controller is not None else Controller(base_url, token)
         lease = _Lease(ctl, owned=controller is None)
         try:
             infos = ctl.spawn_sandboxes(
-                template, n=1, memory_limit_mib=memory_limit_mib, live_fork=live_fork
-            )
+                template, n=1, memory_limit_mib=memory_limit_mib, live_fork=live_fork,
+                network=network, allow_internet_access=allow_internet_access,
+            )  # fmt: skip
         except BaseException:
             if lease.owned:
                 ctl.close()
@@ -370,6 +374,12 @@ class Sandbox(_SandboxBase[Controller]):
             branch_tag, n=n, memory_limit_mib=memory_limit_mib, live_fork=live_fork
         )
         return [type(self)(info, self._lease, self.timeout) for info in infos]
+
+    def get_host(self, port: int) -> str:
+        """``host:port`` on this machine's loopback where guest TCP ``port`` answers (E2B's
+        name; the forward is made on first use and goes with the sandbox)."""
+        info = self.controller.expose_port(self.id, port)
+        return f"{info['host']}:{info['host_port']}"
 
     def kill(self) -> bool:
         """Stop the sandbox. False if the daemon no longer knew it (already gone)."""
@@ -483,6 +493,8 @@ class AsyncSandbox(_SandboxBase[AsyncController]):
         controller: AsyncController | None = None,
         memory_limit_mib: int | None = None,
         live_fork: bool = False,
+        allow_internet_access: bool | None = None,
+        network: Mapping[str, Any] | None = None,
     ) -> AsyncSandbox:
         """Fork one new sandbox from ``template``; see :meth:`Sandbox.create` (``timeout`` is
         recorded only: nothing enforces it)."""
@@ -491,8 +503,9 @@ class AsyncSandbox(_SandboxBase[AsyncController]):
         lease = _Lease(ctl, owned=controller is None)
         try:
             infos = await ctl.spawn_sandboxes(
-                template, n=1, memory_limit_mib=memory_limit_mib, live_fork=live_fork
-            )
+                template, n=1, memory_limit_mib=memory_limit_mib, live_fork=live_fork,
+                network=network, allow_internet_access=allow_internet_access,
+            )  # fmt: skip
         except BaseException:
             if lease.owned:
                 await ctl.aclose()
@@ -570,6 +583,11 @@ class AsyncSandbox(_SandboxBase[AsyncController]):
             branch_tag, n=n, memory_limit_mib=memory_limit_mib, live_fork=live_fork
         )
         return [type(self)(info, self._lease, self.timeout) for info in infos]
+
+    async def get_host(self, port: int) -> str:
+        """``host:port`` where guest TCP ``port`` answers; see :meth:`Sandbox.get_host`."""
+        info = await self.controller.expose_port(self.id, port)
+        return f"{info['host']}:{info['host_port']}"
 
     async def kill(self) -> bool:
         """Stop the sandbox. False if the daemon no longer knew it (already gone)."""

@@ -524,6 +524,8 @@ class Runtime:
             qemu = QemuProcess(row.pid, RunPaths(Path(row.run_dir)))
             try:
                 return await self.networks.expose(sandbox_id, qemu, agent, port)
+            except VMError as exc:
+                raise self._dead_if_gone(sandbox_id, qemu, exc) from exc
             finally:
                 await qemu.close_qmp()
 
@@ -537,8 +539,17 @@ class Runtime:
             qemu = QemuProcess(row.pid, RunPaths(Path(row.run_dir)))
             try:
                 await self.networks.unexpose(sandbox_id, qemu, port)
+            except VMError as exc:
+                raise self._dead_if_gone(sandbox_id, qemu, exc) from exc
             finally:
                 await qemu.close_qmp()
+
+    def _dead_if_gone(self, sandbox_id: str, qemu: QemuProcess, exc: ForkdError) -> ForkdError:
+        """A QMP failure because the VM just died is a 410, not a host fault."""
+        if qemu.alive():
+            return exc
+        self._mark_dead(sandbox_id, "QEMU process exited (killed or crashed)")
+        return SandboxDead(f"sandbox {sandbox_id} is dead: QEMU process exited")
 
     def _running_row(self, sandbox_id: str) -> SandboxRow:
         row = self._refresh(self._sandbox_row(sandbox_id))
