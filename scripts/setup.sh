@@ -11,7 +11,8 @@ case "$action" in demo|test|install) ;; *) echo "usage: $0 demo|test|install" >&
 log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
 # --- host packages (only the package manager's default sources) ---------------------------------
-packages=(qemu-system-x86 qemu-utils debootstrap e2fsprogs busybox-static ca-certificates)
+# nftables: the egress guard of sandboxes with internet or allow-list egress (docs/network.md)
+packages=(qemu-system-x86 qemu-utils debootstrap e2fsprogs busybox-static ca-certificates nftables)
 command -v python3 >/dev/null || packages+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
 if [ "$action" = test ] && ! command -v npm >/dev/null; then packages+=(nodejs npm); fi

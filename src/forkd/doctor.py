@@ -193,7 +193,48 @@ def check_images(settings: Settings) -> list[Check]:
               ", ".join(names) if names else "no image built",
               "" if DEFAULT_IMAGE in names else f"run 'forkd image build {DEFAULT_IMAGE}'"),
     ]  # fmt: skip
+    without_nic = [name for name, image in store.list() if not image.manifest.network]
+    if without_nic:
+        hint = "rebuild with 'forkd image build NAME' for templates with a NIC"
+        old = ", ".join(without_nic)
+        out.append(Check("image network", "WARN", f"built before guest networking: {old}", hint))
     return out
+
+
+def check_network_backend() -> Check:
+    """The guest NIC's mechanism: QEMU's user-mode (slirp) backend, one private NAT per QEMU."""
+    path = shutil.which("qemu-system-x86_64")
+    if path is None:
+        return Check("guest network", "FAIL", "no QEMU", "apt-get install qemu-system-x86")
+    try:
+        out = subprocess.run([path, "-netdev", "help"], capture_output=True, text=True,
+                             timeout=20, check=False).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        return Check("guest network", "WARN", f"cannot ask QEMU for its backends: {exc}")
+    if "user" not in out.split():
+        hint = "install a QEMU built with libslirp (Debian's qemu-system-x86 is)"
+        return Check("guest network", "FAIL",
+                     "this QEMU has no user-mode (slirp) network backend", hint)  # fmt: skip
+    return Check("guest network", "PASS",
+                 "user-mode NIC per sandbox (QEMU's slirp: a private NAT in each QEMU process); "
+                 "egress none: backend restricted, ingress forwards only")  # fmt: skip
+
+
+def check_egress_guard() -> Check:
+    from forkd.net.guard import cgroup2_root, probe
+
+    why = probe()
+    release = tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
+    if why is None and release < (5, 13):
+        why = f"kernel {os.uname().release} lacks nftables 'socket cgroupv2' (needs 5.13+)"
+    if why is not None:
+        hint = "sandboxes still get egress none; as root: apt-get install nftables"
+        return Check("egress guard", "WARN",
+                     f"egress internet/allowlist unavailable: {why}", hint)  # fmt: skip
+    return Check("egress guard", "PASS",
+                 f"nftables on each QEMU's cgroup ({cgroup2_root()}): internet (public "
+                 "addresses only) and allowlist (domains via a per-sandbox proxy, CIDRs, "
+                 "host:PORT) are enforced")  # fmt: skip
 
 
 def check_kvm_device() -> Check:
@@ -221,5 +262,7 @@ def run_checks(settings: Settings) -> list[Check]:
         check_program("debootstrap", "debootstrap", "needed to build images"),
         check_program("mkfs.ext4", "e2fsprogs", "needed to build images"),
         check_program("busybox", "busybox-static", "needed for the initramfs"),
+        check_network_backend(),
+        check_egress_guard(),
         *check_images(settings),
     ]

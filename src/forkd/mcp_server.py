@@ -47,6 +47,7 @@ TOOL_NAMES = (
     "spawn_sandboxes",
     "list_sandboxes",
     "get_sandbox",
+    "expose_port",
     "kill_sandbox",
     "exec_command",
     "eval_code",
@@ -264,8 +265,22 @@ def create_server(
         ] = False,
         per_child_netns: Annotated[
             bool,
-            Field(description="Give each sandbox its own network namespace (host-prepared)."),
+            Field(description="Accepted for compatibility: every sandbox has its own NAT."),
         ] = False,
+        egress: Annotated[
+            Literal["none", "internet", "allowlist"] | None,
+            Field(
+                description="What the sandboxes may reach: none (default), internet (public "
+                "addresses), or allowlist (only the 'allow' entries)."
+            ),
+        ] = None,
+        allow: Annotated[
+            list[str] | None,
+            Field(
+                description="For egress allowlist: domains (example.com, *.example.com), IPv4 "
+                "CIDRs, or host:PORT for a service on the host's loopback (reached at 10.0.2.2)."
+            ),
+        ] = None,
     ) -> CallToolResult:
         """Start n new sandboxes, each an exact copy-on-write fork of a snapshot.
 
@@ -282,6 +297,7 @@ def create_server(
                     memory_limit_mib=memory_limit_mib,
                     prewarm=prewarm,
                     live_fork=live_fork,
+                    network=_network(egress, allow),
                 )
             )
 
@@ -296,6 +312,18 @@ def create_server(
         """Details of one sandbox: snapshot_tag, state ("running"/"dead"), pid, branches."""
         with _daemon_errors():
             return await ctl.get_sandbox(sandbox_id)
+
+    @server.tool(annotations=_ADDITIVE)
+    async def expose_port(
+        sandbox_id: SandboxId,
+        port: Annotated[
+            int, Field(description="TCP port a server in the sandbox listens on.", ge=1, le=65535)
+        ],
+    ) -> dict[str, Any]:
+        """Make a server inside the sandbox reachable from this host: returns its "url" on the
+        host's 127.0.0.1. The server must listen on 0.0.0.0 in the sandbox."""
+        with _daemon_errors():
+            return await ctl.expose_port(sandbox_id, port)
 
     @server.tool(annotations=_DESTRUCTIVE)
     async def kill_sandbox(sandbox_id: SandboxId) -> dict[str, Any]:
@@ -515,6 +543,14 @@ def create_server(
         }
 
     return server
+
+
+def _network(egress: str | None, allow: list[str] | None) -> dict[str, Any] | None:
+    if egress is None and not allow:
+        return None
+    out: dict[str, Any] = {"allow": list(allow or [])}
+    out["egress"] = egress or "allowlist"
+    return out
 
 
 def _is_loopback(host: str) -> bool:

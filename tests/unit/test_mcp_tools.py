@@ -215,3 +215,21 @@ def test_run_refuses_bad_transport_and_remote_http() -> None:
         run("carrier-pigeon")
     with pytest.raises(ValueError, match="non-loopback"):
         run("streamable-http", host="0.0.0.0")
+
+
+async def test_spawn_egress_and_expose_port_reach_the_daemon() -> None:
+    daemon = Recorder(answer=[{"id": "sb-1", "snapshot_tag": "py", "pid": 1}])
+    forward = {"port": 8000, "host": "127.0.0.1", "host_port": 4000, "url": "http://127.0.0.1:4000"}
+    daemon.answers["/v1/sandboxes/sb-1/ports"] = httpx.Response(201, json=forward)
+    async with Client(create_server(daemon.controller())) as client:
+        await client.call_tool(
+            "spawn_sandboxes", {"snapshot_tag": "py", "allow": ["host:8080", "example.com"]}
+        )
+        assert daemon.body()["network"] == {"egress": "allowlist",
+                                            "allow": ["host:8080", "example.com"]}  # fmt: skip
+        await client.call_tool("spawn_sandboxes", {"snapshot_tag": "py"})
+        assert "network" not in daemon.body()
+        result = await client.call_tool("expose_port", {"sandbox_id": "sb-1", "port": 8000})
+        assert not result.is_error and "http://127.0.0.1:4000" in text(result)
+        assert daemon.requests[-1].url.path == "/v1/sandboxes/sb-1/ports"
+        assert daemon.body() == {"port": 8000}
