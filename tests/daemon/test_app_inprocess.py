@@ -207,7 +207,10 @@ async def test_routes_answer_wire_shapes(client: httpx.AsyncClient, fake: FakeRu
     )
     assert r.status_code == 201
     assert [s["fork_timing_ms"]["qemu_up_ms"] for s in r.json()] == [1.0, 1.0]
-    assert fake.calls[-1] == ("spawn", ("py", 2, {"memory_limit_mib": None}))
+    assert fake.calls[-1] == (
+        "spawn",
+        ("py", 2, {"memory_limit_mib": None, "network": None, "allow_internet_access": None}),
+    )
 
     r = await client.post(
         "/v1/snapshots",
@@ -219,7 +222,7 @@ async def test_routes_answer_wire_shapes(client: httpx.AsyncClient, fake: FakeRu
     assert "tap is ignored" in r.json()["warning"]
     assert fake.calls[-1] == (
         "create_snapshot",
-        {"tag": "t", "image": "python", "mem_mib": 512, "warmup": None},
+        {"tag": "t", "image": "python", "mem_mib": 512, "warmup": None, "network": None},
     )
 
     r = await client.post(

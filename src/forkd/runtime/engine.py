@@ -33,7 +33,7 @@ from forkd.errors import (
 from forkd.images.store import Image, ImageStore
 from forkd.net.policy import EgressPolicy
 from forkd.runtime import cgroups as cgroup_limits
-from forkd.runtime.network import SandboxNetworks
+from forkd.runtime.network import SandboxNetworks, template_key
 from forkd.runtime.pool import (
     AGENT_CONNECT_TIMEOUT_S,
     BASE_MANIFEST,
@@ -140,6 +140,9 @@ class Runtime:
         await asyncio.gather(*(self._adopt(sb) for sb in alive))
         running = {sb.id for sb in self.registry.list_sandboxes() if sb.state != "dead"}
         await self.networks.sweep(running)
+        if self._watch:
+            for sandbox_id in running:
+                await self.networks.readopt(sandbox_id)
 
     async def _adopt(self, sb: SandboxRow) -> None:
         """Keep a recorded sandbox only if its QEMU is verifiably ours: the pid runs with this
@@ -250,15 +253,16 @@ class Runtime:
         warmup: str | None = None,
         network: wire.NetworkRequest | None = None,
         progress: Progress = _quiet,
+        nic: bool = True,
     ) -> wire.SnapshotInfo:
         """Boot a parent from ``image``, warm it with ``warmup`` (with ``network``'s egress), and
-        save template ``tag``."""
+        save template ``tag`` (with a NIC when the image supports one, unless ``nic`` is off)."""
         validate_tag(tag)
         validate_image_name(image)
         validate_mem_mib(mem_mib)
         built = self.images.get(image)
-        nic = GuestNetwork() if built.manifest.network else None
-        policy = self.networks.check(tag, nic, network, None)
+        machine_nic = GuestNetwork() if nic and built.manifest.network else None
+        policy = self.networks.check(tag, machine_nic, network, None)
         row = SnapshotRow(tag=tag, status="writing", created_at_unix=now_unix(),
                           extra={"image": image, "mem_mib": mem_mib,
                                  "writer_pid": os.getpid()})  # fmt: skip
@@ -266,10 +270,12 @@ class Runtime:
             raise Conflict(
                 f"snapshot {tag!r} already exists: delete it first or choose another tag"
             )
-        key = f"tpl-{secrets.token_hex(6)}"
+        key = template_key()
         try:
-            req = self._template_request(tag, image, built, mem_mib, warmup, nic, policy, key)
-            await self.networks.prepare(key, policy, nic)
+            req = self._template_request(
+                tag, image, built, mem_mib, warmup, machine_nic, policy, key
+            )
+            await self.networks.prepare(key, policy, machine_nic)
             manifest = await make_template(self.snapshots, self.settings.run_dir, req, progress)
         except BaseException:
             self.registry.delete_snapshot(tag)

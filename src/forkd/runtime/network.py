@@ -10,6 +10,8 @@ proxy variables, optionally the host's CA bundle) before any user code.
 from __future__ import annotations
 
 import contextlib
+import os
+import secrets
 import ssl
 from pathlib import Path
 
@@ -24,12 +26,29 @@ from forkd.runtime.registry import NetworkRow, Registry
 from forkd.snapshots.manifest import SnapshotManifest
 from forkd.vmm.agent_client import AgentClient
 from forkd.vmm.netdev import GuestNetwork
-from forkd.vmm.qemu import QemuProcess
+from forkd.vmm.qemu import QemuProcess, pid_alive
 
 GUEST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
 CA_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "CURL_CA_BUNDLE")
 MAX_PORTS = 32
+
+
+TEMPLATE_KEY_PREFIX = "tpl-"
+
+
+def template_key() -> str:
+    """The network key of a template's warm-up, naming the process that runs it."""
+    return f"{TEMPLATE_KEY_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def template_key_owner(key: str) -> int | None:
+    if not key.startswith(TEMPLATE_KEY_PREFIX):
+        return None
+    try:
+        return int(key[len(TEMPLATE_KEY_PREFIX) :].split("-", 1)[0])
+    except ValueError:
+        return None
 
 
 def host_ca_bundle() -> Path | None:
@@ -187,15 +206,35 @@ class SandboxNetworks:
                 await self._guard.remove(sandbox_id)
         self.registry.delete_network(sandbox_id)
 
+    async def readopt(self, sandbox_id: str) -> None:
+        """A restarted daemon serves a running sandbox's allow-list proxy again, on the port its
+        guard and guest already point at."""
+        row = self.registry.get_network(sandbox_id)
+        if row is None or not row.proxy_port or sandbox_id in self._proxies:
+            return
+        proxy = AllowListProxy(policy_from_wire(row.policy))
+        try:
+            await proxy.start(row.proxy_port)
+        except OSError:
+            return  # the port was taken meanwhile: its names stay unreachable, nothing opens
+        self._proxies[sandbox_id] = proxy
+
     async def sweep(self, alive: set[str]) -> None:
-        """Drop records, tables and cgroups of sandboxes that no longer run."""
-        for sandbox_id in self.registry.network_ids():
-            if sandbox_id not in alive:
-                await self.release(sandbox_id)
+        """Drop records, tables and cgroups of sandboxes that no longer run (and of template
+        warm-ups whose process is gone; another process's warm-up in progress is kept)."""
+        keep = set(alive)
+        for key in self.registry.network_ids():
+            owner = template_key_owner(key)
+            if owner is not None and owner != os.getpid() and pid_alive(owner):
+                keep.add(key)
+        for key in self.registry.network_ids():
+            if key not in keep:
+                await self.release(key)
         g = Guard.available()
         if g is not None:
+            names = {guard_mod.table_name(k) for k in keep}
             for table in g.tables():
-                if not any(guard_mod.table_name(i) == table for i in alive):
+                if table not in names:
                     g.remove_table(table)
 
     def policy_of(self, sandbox_id: str) -> EgressPolicy:
