@@ -5,8 +5,10 @@ previous state, VM included."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from forkd.client import Controller, ControllerError
 from forkd.config import Settings
 from forkd.images.builder import ImageRequest, build_image
 
@@ -245,3 +248,46 @@ def test_stale_workspace_resumes_from_its_last_suspend(
     expect(api.post("/v1/workspaces/gone/suspend"), 409, "is stale")
     ws = expect(api.post("/v1/workspaces/gone/resume"), 200)
     assert ws["status"] == "running" and "its source snapshot" in ws["warning"]
+
+
+def test_cli_and_sdk(daemon: DaemonProcess, tmp_path: Path, workspaces: list[str]) -> None:
+    """``forkd workspace ...`` over the daemon, then the Python SDK on the same workspace."""
+    workspaces.append("cli")
+
+    def forkd(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "forkd", "--daemon-url", daemon.url, "--daemon-token",
+                str(daemon.token), "--home", str(tmp_path), "workspace", *args]  # fmt: skip
+        proc = subprocess.run(argv, capture_output=True, text=True, env=clean_env(), timeout=300)
+        if check:
+            assert proc.returncode == 0, proc.stderr
+        return proc
+
+    created = json.loads(forkd("create", "cli", "--snapshot", TEMPLATE_TAG, "--json").stdout)
+    assert created["status"] == "running"
+    assert "workspace cli suspended: state ws-cli-s1" in forkd("suspend", "cli", "--diff").stdout
+    again = forkd("suspend", "cli", check=False)
+    assert again.returncode == 1 and "is suspended" in again.stderr
+    listed = json.loads(forkd("list", "--json").stdout)
+    assert [(w["name"], w["status"]) for w in listed if w["name"] == "cli"] == [
+        ("cli", "suspended"),
+    ]  # fmt: skip
+    assert "ws-cli-s1" in forkd("list").stdout
+    assert "workspace cli running: sandbox sb-" in forkd("resume", "cli").stdout
+    bad = forkd("create", "no/slash", "--snapshot", TEMPLATE_TAG, check=False)
+    assert bad.returncode == 1 and "invalid workspace name" in bad.stderr
+
+    with Controller(daemon.url, daemon.token, timeout=300) as c:
+        ws = c.get_workspace("cli")
+        assert ws["status"] == "running"
+        c.write_file(ws["live_sandbox_id"], FILE, "sdk")
+        assert c.suspend_workspace("cli")["current_state_tag"] == "ws-cli-s2"
+        with pytest.raises(ControllerError) as err:
+            c.suspend_workspace("cli")
+        assert err.value.status == 409
+        ws = c.resume_workspace("cli")
+        assert c.read_file(ws["live_sandbox_id"], FILE) == b"sdk"
+        assert "cli" in {w["name"] for w in c.list_workspaces()}
+    assert "deleted workspace cli" in forkd("delete", "cli").stdout
+    missing = forkd("delete", "cli", check=False)
+    assert missing.returncode == 1 and "'cli' not found" in missing.stderr
+    workspaces.clear()
