@@ -54,7 +54,8 @@ class Workspaces:
         for row in self._registry.list_workspaces():
             if row.name not in self._busy:
                 self._refresh(row)
-                await self._cleanup(row.name)
+                with contextlib.suppress(ForkdError, OSError):  # retried by the next suspend
+                    await self._cleanup(row.name)
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -121,8 +122,14 @@ class Workspaces:
                     f"suspend again (the next attempt writes "
                     f"{workspace_state_tag(name, row.generation + 1)!r})"
                 )
+
             # From here any snapshot named ``tag`` is this suspend's (nothing runs in between).
-            self._update(name, lambda r: setattr(r, "pending_tag", tag))
+            def stage(r: WorkspaceRow) -> None:
+                if r.pending_tag not in (None, tag):  # an older one not yet deleted
+                    r.retired.append(r.pending_tag)
+                r.pending_tag = tag
+
+            self._update(name, stage)
             try:
                 snap = await self._rt.branch(sandbox_id, tag=tag, mode="diff" if diff else "full")
             except BaseException as exc:
@@ -152,7 +159,8 @@ class Workspaces:
                     f"state saved, but sandbox {sandbox_id} could not be stopped ({exc}): "
                     "kill it with DELETE /v1/sandboxes/{id}"
                 )
-            await self._cleanup(name)
+            with contextlib.suppress(ForkdError, OSError):  # queued; retried next time
+                await self._cleanup(name)
             return _info(self._row(name), "; ".join(warnings) or None)
 
     async def resume(self, name: str) -> wire.WorkspaceInfo:
@@ -257,10 +265,13 @@ class Workspaces:
         pending = row.pending_tag
         if pending is not None and pending not in keep:
             snap = self._registry.get_snapshot(pending)
-            if snap is not None and snap.status == "writing":
-                return  # still being written by a process that is alive; later
-            if snap is not None or self._rt.snapshots.exists(pending):
-                await self._rt.delete_snapshot(pending, force=True)
+            try:
+                if snap is not None and snap.status == "writing":
+                    raise Conflict(f"snapshot {pending!r} is still being written")
+                if snap is not None or self._rt.snapshots.exists(pending):
+                    await self._rt.delete_snapshot(pending, force=True)
+            except (ForkdError, OSError):
+                pending = None  # kept for a later cleanup
         done: list[str] = []
         for tag in row.retired:
             if tag not in keep:
@@ -273,7 +284,7 @@ class Workspaces:
             done.append(tag)
 
         def cleaned(r: WorkspaceRow) -> None:
-            if r.pending_tag == pending:
+            if pending is not None and r.pending_tag == pending:
                 r.pending_tag = None
             r.retired = [t for t in r.retired if t not in done]
 
