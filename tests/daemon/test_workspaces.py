@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -291,3 +292,36 @@ def test_cli_and_sdk(daemon: DaemonProcess, tmp_path: Path, workspaces: list[str
     missing = forkd("delete", "cli", check=False)
     assert missing.returncode == 1 and "'cli' not found" in missing.stderr
     workspaces.clear()
+
+
+def test_running_workspace_keeps_its_sandbox_across_a_restart(
+    daemon: DaemonProcess, api: httpx.Client, workspaces: list[str]
+) -> None:
+    workspaces.append("live")
+    body = {"name": "live", "snapshot_tag": TEMPLATE_TAG}
+    sandbox = expect(api.post("/v1/workspaces", json=body), 201)["live_sandbox_id"]
+    write(api, sandbox, "unsaved")
+    daemon.restart()
+    with daemon.client() as api2:
+        ws = expect(api2.get("/v1/workspaces/live"), 200)
+        assert (ws["status"], ws["live_sandbox_id"]) == ("running", sandbox)
+        assert read(api2, sandbox) == "unsaved"  # re-adopted, not restarted
+
+
+def test_concurrent_suspends_one_wins_the_other_is_409(
+    api: httpx.Client, daemon: DaemonProcess, workspaces: list[str]
+) -> None:
+    workspaces.append("race")
+    expect(api.post("/v1/workspaces", json={"name": "race", "snapshot_tag": TEMPLATE_TAG}), 201)
+
+    def suspend() -> httpx.Response:
+        with daemon.client() as c:
+            return c.post("/v1/workspaces/race/suspend")
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: suspend(), range(2)))
+    assert sorted(r.status_code for r in answers) == [200, 409], [r.text for r in answers]
+    loser = next(r for r in answers if r.status_code == 409).json()["error"]
+    assert "busy: a suspend is in progress" in loser or "is suspended" in loser
+    ws = expect(api.get("/v1/workspaces/race"), 200)
+    assert (ws["status"], ws["current_state_tag"]) == ("suspended", "ws-race-s1")
