@@ -157,7 +157,7 @@ class Workspaces:
             except ForkdError as exc:
                 warnings.append(
                     f"state saved, but sandbox {sandbox_id} could not be stopped ({exc}): "
-                    "kill it with DELETE /v1/sandboxes/{id}"
+                    f"kill it with DELETE /v1/sandboxes/{sandbox_id}"
                 )
             with contextlib.suppress(ForkdError, OSError):  # queued; retried next time
                 await self._cleanup(name)
