@@ -57,6 +57,12 @@ TOOL_NAMES = (
     "write_file",
     "list_files",
     "wait_for_text",
+    "create_workspace",
+    "list_workspaces",
+    "get_workspace",
+    "suspend_workspace",
+    "resume_workspace",
+    "delete_workspace",
 )
 
 INSTRUCTIONS = """\
@@ -71,6 +77,8 @@ Typical flow:
    files) as a new snapshot, then spawn_sandboxes from that tag to fan out copies, e.g. to try
    several approaches from the same point.
 5. kill_sandbox when done: sandboxes keep running (and using memory) until killed.
+6. For work that must outlive a session, create_workspace(name, snapshot_tag): suspend_workspace
+   saves it and stops the VM, resume_workspace brings it back (with a new live_sandbox_id).
 """
 
 SandboxId = Annotated[
@@ -79,6 +87,9 @@ SandboxId = Annotated[
 SnapshotTag = Annotated[
     str,
     Field(description="Snapshot tag: 1-64 characters from A-Z a-z 0-9 _ -."),
+]
+WorkspaceName = Annotated[
+    str, Field(description="Workspace name: 1-48 characters from A-Z a-z 0-9 _ -.")
 ]
 GuestPath = Annotated[str, Field(description="Absolute path inside the sandbox, e.g. /tmp/x.txt.")]
 
@@ -541,6 +552,79 @@ def create_server(
             "elapsed_ms": int((time.monotonic() - started) * 1000),
             "last_excerpt": excerpt,
         }
+
+    # --- workspaces ------------------------------------------------------------------------
+
+    @server.tool(annotations=_ADDITIVE)
+    async def create_workspace(
+        name: WorkspaceName,
+        snapshot_tag: Annotated[
+            str, Field(description="Tag of a ready snapshot to start from (see list_snapshots).")
+        ],
+        memory_limit_mib: Annotated[
+            int | None, Field(description="Memory cap of its sandbox in MiB, kept on resume.")
+        ] = None,
+        per_child_netns: Annotated[
+            bool, Field(description="Give its sandbox its own network namespace (host-prepared).")
+        ] = False,
+    ) -> dict[str, Any]:
+        """Create a workspace: a named sandbox that can be suspended (VM stopped, state kept as a
+        snapshot) and resumed later, also after a daemon restart.
+
+        Returns the workspace; its "live_sandbox_id" is the sandbox_id to use with exec_command,
+        write_file and the other sandbox tools while it is running.
+        """
+        with _daemon_errors():
+            return await ctl.create_workspace(
+                name, snapshot_tag, per_child_netns=per_child_netns,
+                memory_limit_mib=memory_limit_mib,
+            )  # fmt: skip
+
+    @server.tool(annotations=_READ_ONLY)
+    async def list_workspaces() -> CallToolResult:
+        """List the workspaces: name, status ("running", "suspended", or "stale" = its sandbox
+        died), live_sandbox_id, current_state_tag (the latest suspend snapshot)."""
+        with _daemon_errors():
+            return _list_result(await ctl.list_workspaces())
+
+    @server.tool(annotations=_READ_ONLY)
+    async def get_workspace(name: WorkspaceName) -> dict[str, Any]:
+        """One workspace: status, live_sandbox_id (when running), current_state_tag."""
+        with _daemon_errors():
+            return await ctl.get_workspace(name)
+
+    @server.tool(annotations=_ADDITIVE)
+    async def suspend_workspace(
+        name: WorkspaceName,
+        diff: Annotated[
+            bool, Field(description="Write only memory changed since the fork (shorter pause).")
+        ] = False,
+    ) -> dict[str, Any]:
+        """Save a running workspace's exact state (memory, processes, files) and stop its VM.
+
+        If the suspend fails the workspace keeps running unchanged. Bring it back with
+        resume_workspace; its sandbox id changes then.
+        """
+        with _daemon_errors():
+            return await ctl.suspend_workspace(name, diff=diff)
+
+    @server.tool(annotations=_ADDITIVE)
+    async def resume_workspace(name: WorkspaceName) -> dict[str, Any]:
+        """Start a suspended (or stale) workspace again from its latest saved state.
+
+        Returns the workspace; use its new "live_sandbox_id" as the sandbox_id. A "warning"
+        says what was lost when a stale workspace had to fall back to an older state.
+        """
+        with _daemon_errors():
+            return await ctl.resume_workspace(name)
+
+    @server.tool(annotations=_DESTRUCTIVE)
+    async def delete_workspace(name: WorkspaceName) -> dict[str, Any]:
+        """Delete a workspace: stop its sandbox and delete its saved states (the snapshot it
+        was created from is kept)."""
+        with _daemon_errors():
+            await ctl.delete_workspace(name)
+            return {"name": name, "deleted": True}
 
     return server
 

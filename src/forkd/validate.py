@@ -76,3 +76,34 @@ def validate_branch_request(mode: str | None, diff: bool, wait: bool) -> str:
             'wait=false needs mode "live": only a live branch finishes in the background'
         )
     return resolved
+
+
+# Workspaces: each suspend writes template ``ws-<name>-s<generation>``. A name is short enough that
+# this tag fits the tag rule for every generation up to WORKSPACE_MAX_GENERATION, and the tag
+# decomposes uniquely (the generation is all digits after the last "-s"), so two workspaces never
+# derive the same tag.
+WORKSPACE_TAG_PREFIX = "ws-"
+WORKSPACE_GENERATION_DIGITS = 11
+WORKSPACE_MAX_GENERATION = 10**WORKSPACE_GENERATION_DIGITS - 1
+MAX_WORKSPACE_NAME = 64 - len(WORKSPACE_TAG_PREFIX) - len("-s") - WORKSPACE_GENERATION_DIGITS
+WORKSPACE_NAME_RE = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_WORKSPACE_NAME}}}$")
+
+
+def validate_workspace_name(name: object) -> str:
+    """Return ``name`` if it is a valid workspace name, else raise :class:`InvalidInput`."""
+    if not isinstance(name, str) or not WORKSPACE_NAME_RE.fullmatch(name):
+        raise InvalidInput(
+            f"invalid workspace name {name!r}: use 1-{MAX_WORKSPACE_NAME} characters from "
+            "A-Z a-z 0-9 _ - (its suspend snapshots are tagged ws-<name>-s<N>)"
+        )
+    return name
+
+
+def workspace_state_tag(name: str, generation: int) -> str:
+    """The tag of a workspace's ``generation``-th suspend snapshot."""
+    validate_workspace_name(name)
+    if isinstance(generation, bool) or not 1 <= generation <= WORKSPACE_MAX_GENERATION:
+        raise InvalidInput(
+            f"workspace {name!r} has used up its {WORKSPACE_MAX_GENERATION} suspend snapshots"
+        )
+    return validate_tag(f"{WORKSPACE_TAG_PREFIX}{name}-s{generation}")

@@ -205,3 +205,43 @@ class FileEntry(BaseModel):
 class FileWriteResponse(BaseModel):
     path: str
     size: int
+
+
+# --- workspaces (forkd v0.5 #116) ------------------------------------------------------------
+
+WorkspaceStatus = Literal["running", "suspended", "stale"]
+
+
+class CreateWorkspaceRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    snapshot_tag: str
+    per_child_netns: bool = False
+    memory_limit_mib: int | None = None
+
+
+class SuspendWorkspaceRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    diff: bool = False
+
+
+class WorkspaceInfo(BaseModel):
+    """A named, durable sandbox: ``running`` (``live_sandbox_id`` set), ``suspended`` (its state
+    is template ``current_state_tag``) or ``stale`` (its sandbox died while running; resume
+    starts again from the latest suspend, or from the source if it was never suspended)."""
+
+    id: str
+    name: str
+    source_snapshot_tag: str
+    current_state_tag: str | None = None
+    status: WorkspaceStatus
+    live_sandbox_id: str | None = None
+    created_at_unix: int
+    last_active_unix: int
+    last_branch_memory_path: str | None = None
+    # forkd extras
+    per_child_netns: bool = False
+    memory_limit_mib: int | None = None
+    warning: str | None = None

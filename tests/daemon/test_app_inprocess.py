@@ -179,7 +179,8 @@ async def test_error_mapping(client: httpx.AsyncClient, fake: FakeRuntime) -> No
             400,
             "either cascade or force",
         ),
-        ("POST", "/v1/workspaces/w/resume", {}, 501, "workspaces are not implemented"),
+        ("POST", "/v1/workspaces/bad%20name/resume", {}, 400, "invalid workspace name"),
+        ("POST", "/v1/workspaces", {"json": {"name": "w"}}, 400, "'snapshot_tag'"),
     ]
     for method, path, kwargs, status, fragment in cases:
         kwargs.setdefault("headers", {})

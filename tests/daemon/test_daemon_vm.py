@@ -219,12 +219,12 @@ def test_error_rows(api: httpx.Client, sandboxes: list[str], snapshots: list[str
         ("GET", f"{sb}/files/content", {"params": {"path": "/no/such"}}, 404, ""),
         ("GET", "/v1/nothing-here", {}, 404, "no such endpoint"),
         ("PATCH", "/v1/snapshots", {}, 405, "not allowed"),
-        ("GET", "/v1/workspaces", {}, 501, "workspaces are not implemented"),
-        ("POST", "/v1/workspaces", {"json": {"name": "w", "snapshot_tag": "py"}}, 501, ""),
-        ("GET", "/v1/workspaces/w", {}, 501, ""),
-        ("DELETE", "/v1/workspaces/w", {}, 501, ""),
-        ("POST", "/v1/workspaces/w/suspend", {"json": {"diff": True}}, 501, ""),
-        ("POST", "/v1/workspaces/w/resume", {}, 501, ""),
+        ("POST", "/v1/workspaces", {"json": {"name": "a b", "snapshot_tag": "py"}}, 400, "name"),
+        ("POST", "/v1/workspaces", {"json": {"name": "w", "snapshot_tag": "nope"}}, 404, ""),
+        ("GET", "/v1/workspaces/w", {}, 404, "workspace 'w' not found"),
+        ("DELETE", "/v1/workspaces/w", {}, 404, ""),
+        ("POST", "/v1/workspaces/w/suspend", {"json": {"diff": True}}, 404, ""),
+        ("POST", "/v1/workspaces/w/resume", {}, 404, ""),
     ]
     for method, path, kwargs, status, fragment in rows:
         expect(api.request(method, path, **kwargs), status, fragment)

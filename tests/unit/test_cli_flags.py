@@ -66,3 +66,18 @@ def test_tables_show_unix_times_as_local_time(capsys: pytest.CaptureFixture[str]
     )
     out = capsys.readouterr().out
     assert time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) in out and str(ts) not in out
+
+
+def test_workspace_commands_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The local backend's workspace commands: empty list, 404 and 400 as one-line errors."""
+    home = ["--local", "--home", str(tmp_path / "h")]
+    assert main([*home, "workspace", "list", "--json"]) == 0
+    assert capsys.readouterr().out.strip() == "[]"
+    assert main([*home, "workspace", "suspend", "dev"]) == 1
+    assert "workspace 'dev' not found" in capsys.readouterr().err
+    assert main([*home, "workspace", "create", "a.b", "--snapshot", "py"]) == 1
+    assert "invalid workspace name" in capsys.readouterr().err
+    assert main([*home, "workspace", "create", "dev", "--snapshot", "py"]) == 1
+    assert "snapshot 'py' not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*home, "workspace", "create", "dev"])  # --snapshot is required

@@ -495,6 +495,29 @@ def test_generated_methods_have_real_signatures() -> None:
     assert inspect.iscoroutinefunction(AsyncController.exec_command)
 
 
+def test_workspace_requests(daemon: FakeDaemon, ctl: Controller) -> None:
+    ctl.create_workspace("dev", "py")
+    assert (daemon.last.method, daemon.last.url.path) == ("POST", "/v1/workspaces")
+    assert body(daemon.last) == {"name": "dev", "snapshot_tag": "py", "per_child_netns": False}
+    ctl.create_workspace("dev", "py", per_child_netns=True, memory_limit_mib=256)
+    assert body(daemon.last) == {"name": "dev", "snapshot_tag": "py", "per_child_netns": True,
+                                 "memory_limit_mib": 256}  # fmt: skip
+    ctl.suspend_workspace("dev")
+    assert (daemon.last.url.path, body(daemon.last)) == ("/v1/workspaces/dev/suspend",
+                                                         {"diff": False})  # fmt: skip
+    assert daemon.last.extensions["timeout"]["read"] >= 120
+    ctl.suspend_workspace("dev", diff=True)
+    assert body(daemon.last) == {"diff": True}
+    ctl.resume_workspace("dev")
+    assert (daemon.last.method, daemon.last.url.path) == ("POST", "/v1/workspaces/dev/resume")
+    assert ctl.delete_workspace("dev") is None
+    assert daemon.last.method == "DELETE" and daemon.last.url.path == "/v1/workspaces/dev"
+    ctl.get_workspace("a/b")
+    assert daemon.last.url.raw_path == b"/v1/workspaces/a%2Fb"
+    with pytest.raises(ValueError):
+        ctl.get_workspace("")
+
+
 # --- async twin parity --------------------------------------------------------------------------
 
 PARITY_CALLS: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
@@ -523,6 +546,12 @@ PARITY_CALLS: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
     ("write_file", ("sb-1", "/f", b"\x01\x02"), {}),
     ("list_files", ("sb-1", "/"), {}),
     ("remove_file", ("sb-1", "/d"), {"recursive": True}),
+    ("create_workspace", ("dev", "py"), {"memory_limit_mib": 256}),
+    ("list_workspaces", (), {}),
+    ("get_workspace", ("dev",), {}),
+    ("delete_workspace", ("dev",), {}),
+    ("suspend_workspace", ("dev",), {"diff": True}),
+    ("resume_workspace", ("dev",), {}),
 ]
 
 

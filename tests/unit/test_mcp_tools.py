@@ -156,6 +156,35 @@ async def test_spawn_and_branch_serialization() -> None:
         assert daemon.body() == {"mode": "live", "wait": False}
 
 
+async def test_workspace_tools() -> None:
+    ws = {"name": "dev", "status": "running", "live_sandbox_id": "sb-1"}
+    daemon = Recorder(ws)
+    async with Client(create_server(daemon.controller())) as client:
+        result = await client.call_tool(
+            "create_workspace", {"name": "dev", "snapshot_tag": "py", "memory_limit_mib": 256}
+        )
+        assert not result.is_error and result.structured_content == ws
+        assert (daemon.requests[-1].method, daemon.requests[-1].url.path) == (
+            "POST", "/v1/workspaces",
+        )  # fmt: skip
+        assert daemon.body() == {"name": "dev", "snapshot_tag": "py", "per_child_netns": False,
+                                 "memory_limit_mib": 256}  # fmt: skip
+        await client.call_tool("suspend_workspace", {"name": "dev", "diff": True})
+        assert daemon.requests[-1].url.path == "/v1/workspaces/dev/suspend"
+        assert daemon.body() == {"diff": True}
+        await client.call_tool("resume_workspace", {"name": "dev"})
+        assert daemon.requests[-1].url.path == "/v1/workspaces/dev/resume"
+        await client.call_tool("get_workspace", {"name": "dev"})
+        assert daemon.requests[-1].method == "GET"
+        result = await client.call_tool("delete_workspace", {"name": "dev"})
+        assert daemon.requests[-1].method == "DELETE"
+        assert result.structured_content == {"name": "dev", "deleted": True}
+    daemon = Recorder({"error": "workspace 'dev' is suspended: only a running ..."}, status=409)
+    async with Client(create_server(daemon.controller())) as client:
+        result = await client.call_tool("suspend_workspace", {"name": "dev"})
+    assert result.is_error and "409" in text(result) and "is suspended" in text(result)
+
+
 async def test_empty_list_is_readable() -> None:
     daemon = Recorder([])
     async with Client(create_server(daemon.controller())) as client:

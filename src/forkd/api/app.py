@@ -34,16 +34,17 @@ from forkd.api.limits import BodyLimitMiddleware
 from forkd.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from forkd.api.metrics import Metrics
 from forkd.api.models import ForkTimingMs, Health, SpawnedSandbox, VersionInfo
+from forkd.api.workspaces import workspace_router
 from forkd.config import DEFAULT_IMAGE, DEFAULT_MEM_MIB, Limits
 from forkd.errors import (
     AgentError,
     ForkdError,
     GatewayTimeout,
     InvalidInput,
-    NotImplementedYet,
     SandboxDead,
 )
 from forkd.runtime.engine import Runtime
+from forkd.runtime.workspaces import Workspaces
 from forkd.validate import SANDBOX_ID_RE, TAG_RE, validate_branch_request
 
 log = logging.getLogger("forkd.api")
@@ -159,6 +160,7 @@ def create_app(
     lim = limits or Limits()
     audit = AuditLog(audit_log)
     metrics = Metrics(_RuntimeCounts(runtime))
+    workspaces = Workspaces(runtime)
 
     previous_hook = runtime.on_sandbox_death
 
@@ -172,6 +174,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
+        await workspaces.start()
         if on_ready is not None:
             on_ready()
         try:
@@ -195,6 +198,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.runtime = runtime
+    app.state.workspaces = workspaces
     app.state.metrics = metrics
     app.state.limits = lim
 
@@ -613,26 +617,9 @@ def create_app(
         size = await on_sandbox(sandbox_id, call, lim.agent_call_timeout_s, f"writing {path!r}")
         return _json(wire.FileWriteResponse(path=path, size=size))
 
-    # --- workspaces (forkd v0.5 has them; this build does not) --------------------------------
+    # --- workspaces (routes in forkd.api.workspaces) -----------------------------------------
 
-    not_implemented = _errors(*_BASE, 501)
-
-    async def workspaces() -> Response:
-        raise NotImplementedYet("workspaces are not implemented in this forkd build")
-
-    for name, method, route in (
-        ("list", "GET", "/v1/workspaces"),
-        ("create", "POST", "/v1/workspaces"),
-        ("get", "GET", "/v1/workspaces/{name}"),
-        ("delete", "DELETE", "/v1/workspaces/{name}"),
-        ("suspend", "POST", "/v1/workspaces/{name}/suspend"),
-        ("resume", "POST", "/v1/workspaces/{name}/resume"),
-    ):
-        app.add_api_route(
-            route, workspaces, methods=[method], response_class=Response,
-            responses=not_implemented, tags=["workspaces"], operation_id=f"workspaces_{name}",
-            summary="Not implemented in this build (501)",
-        )  # fmt: skip
+    app.include_router(workspace_router(workspaces, lim))
 
     # --- OpenAPI and middleware ---------------------------------------------------------------
 

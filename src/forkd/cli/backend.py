@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import httpx
 
 from forkd.config import DEFAULT_BIND, Settings
+
+if TYPE_CHECKING:
+    from forkd.runtime.workspaces import Workspaces
 
 T = TypeVar("T")
 
@@ -52,6 +56,13 @@ class Backend(Protocol):
     def branch(
         self, sandbox_id: str, tag: str | None, mode: str | None, diff: bool, wait: bool
     ) -> dict[str, Any]: ...
+    def create_workspace(
+        self, name: str, snapshot_tag: str, per_child_netns: bool, memory_limit_mib: int | None
+    ) -> dict[str, Any]: ...
+    def list_workspaces(self) -> list[dict[str, Any]]: ...
+    def suspend_workspace(self, name: str, diff: bool) -> dict[str, Any]: ...
+    def resume_workspace(self, name: str) -> dict[str, Any]: ...
+    def delete_workspace(self, name: str) -> None: ...
     def close(self) -> None: ...
 
 
@@ -147,6 +158,32 @@ class LocalBackend:
         info = self._run(self.runtime.branch(sandbox_id, tag=tag, mode=mode, diff=diff, wait=wait))
         return info.model_dump()
 
+    @functools.cached_property
+    def workspaces(self) -> Workspaces:
+        from forkd.runtime.workspaces import Workspaces
+
+        return Workspaces(self.runtime)
+
+    def create_workspace(
+        self, name: str, snapshot_tag: str, per_child_netns: bool, memory_limit_mib: int | None
+    ) -> dict[str, Any]:
+        call = self.workspaces.create(
+            name, snapshot_tag, per_child_netns=per_child_netns, memory_limit_mib=memory_limit_mib
+        )
+        return self._run(call).model_dump()
+
+    def list_workspaces(self) -> list[dict[str, Any]]:
+        return [w.model_dump() for w in self.workspaces.list()]
+
+    def suspend_workspace(self, name: str, diff: bool) -> dict[str, Any]:
+        return self._run(self.workspaces.suspend(name, diff=diff)).model_dump()
+
+    def resume_workspace(self, name: str) -> dict[str, Any]:
+        return self._run(self.workspaces.resume(name)).model_dump()
+
+    def delete_workspace(self, name: str) -> None:
+        self._run(self.workspaces.delete(name))
+
 
 class RemoteBackend:
     """Talks to a forkd daemon through the Python SDK's Controller."""
@@ -226,6 +263,23 @@ class RemoteBackend:
         self, sandbox_id: str, tag: str | None, mode: str | None, diff: bool, wait: bool
     ) -> dict[str, Any]:
         return dict(self.c.branch_sandbox(sandbox_id, tag=tag, diff=diff, mode=mode, wait=wait))
+
+    def create_workspace(
+        self, name: str, snapshot_tag: str, per_child_netns: bool, memory_limit_mib: int | None
+    ) -> dict[str, Any]:
+        return dict(self.c.create_workspace(name, snapshot_tag, per_child_netns, memory_limit_mib))
+
+    def list_workspaces(self) -> list[dict[str, Any]]:
+        return list(self.c.list_workspaces())
+
+    def suspend_workspace(self, name: str, diff: bool) -> dict[str, Any]:
+        return dict(self.c.suspend_workspace(name, diff=diff))
+
+    def resume_workspace(self, name: str) -> dict[str, Any]:
+        return dict(self.c.resume_workspace(name))
+
+    def delete_workspace(self, name: str) -> None:
+        self.c.delete_workspace(name)
 
 
 def _network(network: dict[str, Any] | None) -> Any:

@@ -127,6 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--all", action="store_true")
     k.add_argument("--tag", help="kill every sandbox forked from this snapshot")
 
+    ws = sub.add_parser("workspace", help="named, durable sandboxes: suspend and resume them")
+    wsub = ws.add_subparsers(dest="workspace_command", required=True, metavar="ACTION")
+    wc = wsub.add_parser("create", help="fork a sandbox from a snapshot as workspace NAME")
+    wc.add_argument("name")
+    wc.add_argument("--snapshot", "--snapshot-tag", dest="snapshot", required=True, metavar="T")
+    wc.add_argument("--per-child-netns", action="store_true")
+    wc.add_argument("--memory-limit-mib", type=int, help="kept for every resume")
+    wsp = wsub.add_parser("suspend", help="snapshot the workspace's sandbox, then stop it")
+    wsp.add_argument("name")
+    wsp.add_argument("--diff", action="store_true", help="write the snapshot in diff mode")
+    wr = wsub.add_parser("resume", help="fork a sandbox from the workspace's latest suspend")
+    wr.add_argument("name")
+    wsub.add_parser("list", help="list workspaces")
+    wdel = wsub.add_parser("delete", help="kill its sandbox and delete its suspend snapshots")
+    wdel.add_argument("name")
+    for action in (wc, wsp, wr, wsub.choices["list"]):
+        action.add_argument("--json", action="store_true")
+
     d = sub.add_parser("doctor", help="check this host")
     d.add_argument("--json", action="store_true")
 
@@ -203,6 +221,9 @@ def _step_printer() -> Callable[[str], None]:
 
 SANDBOX_COLUMNS = (("id", "ID"), ("snapshot_tag", "SNAPSHOT"), ("pid", "PID"),
                    ("state", "STATE"), ("created_at_unix", "CREATED"))  # fmt: skip
+WORKSPACE_COLUMNS = (("name", "NAME"), ("status", "STATUS"), ("source_snapshot_tag", "SOURCE"),
+                     ("current_state_tag", "STATE"), ("live_sandbox_id", "SANDBOX"),
+                     ("last_active_unix", "ACTIVE"))  # fmt: skip
 SNAPSHOT_COLUMNS = (("tag", "TAG"), ("status", "STATUS"), ("bootable", "BOOTABLE"),
                     ("mode", "MODE"), ("branched_from", "FROM"), ("image", "IMAGE"),
                     ("mem_mib", "MEM MiB"))  # fmt: skip
@@ -428,6 +449,34 @@ def cmd_kill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_workspace(args: argparse.Namespace) -> int:
+    action = args.workspace_command
+    with _backend(args) as backend:
+        if action == "list":
+            return _listing(args, backend.list_workspaces(), WORKSPACE_COLUMNS, "no workspaces")
+        if action == "delete":
+            backend.delete_workspace(args.name)
+            render.out.print(f"deleted workspace {args.name}")
+            return 0
+        if action == "create":
+            ws = backend.create_workspace(
+                args.name, args.snapshot, args.per_child_netns, args.memory_limit_mib
+            )
+        elif action == "suspend":
+            ws = backend.suspend_workspace(args.name, args.diff)
+        else:
+            ws = backend.resume_workspace(args.name)
+    if args.json:
+        render.print_json(ws)
+        return 0
+    where = (f"sandbox {ws['live_sandbox_id']}" if ws.get("live_sandbox_id")
+             else f"state {ws.get('current_state_tag')}")  # fmt: skip
+    render.out.print(f"workspace {ws['name']} {ws['status']}: {where}")
+    if ws.get("warning"):
+        render.err.print(f"forkd: warning: {ws['warning']}", markup=False)
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from forkd.doctor import run_checks
 
@@ -491,6 +540,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "exec": cmd_exec, "eval": cmd_eval, "ping": cmd_ping, "kill": cmd_kill,
     "doctor": cmd_doctor, "daemon": cmd_daemon, "serve": cmd_daemon, "mcp": cmd_mcp,
     "demo": cmd_demo, "port": cmd_port, "snapshot-diff": cmd_snapshot_diff,
+    "workspace": cmd_workspace,
 }  # fmt: skip
 
 

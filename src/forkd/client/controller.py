@@ -510,6 +510,58 @@ class _Endpoints:
             "DELETE", f"/v1/sandboxes/{_seg(sandbox_id)}/files", _parse_none, params=params
         )
 
+    # --- workspaces ------------------------------------------------------------------------
+
+    @staticmethod
+    def create_workspace(
+        name: str,
+        snapshot_tag: str,
+        per_child_netns: bool = False,
+        memory_limit_mib: int | None = None,
+    ) -> _Request[JSONDict]:
+        """``POST /v1/workspaces``: fork a sandbox from ``snapshot_tag`` and track it as the
+        durable workspace ``name`` (1-48 of ``A-Za-z0-9_-``). Returns its WorkspaceInfo
+        (``status: "running"``, ``live_sandbox_id``); ``memory_limit_mib`` is kept for every
+        resume."""
+        body: JSONDict = {
+            "name": name, "snapshot_tag": snapshot_tag, "per_child_netns": per_child_netns,
+        }  # fmt: skip
+        if memory_limit_mib is not None:
+            body["memory_limit_mib"] = memory_limit_mib
+        return _Request("POST", "/v1/workspaces", _parse_dict, json=body)
+
+    @staticmethod
+    def list_workspaces() -> _Request[list[JSONDict]]:
+        """``GET /v1/workspaces``: every workspace's WorkspaceInfo."""
+        return _Request("GET", "/v1/workspaces", _parse_list)
+
+    @staticmethod
+    def get_workspace(name: str) -> _Request[JSONDict]:
+        """``GET /v1/workspaces/{name}``: one workspace (``running``, ``suspended`` or
+        ``stale``)."""
+        return _Request("GET", f"/v1/workspaces/{_seg(name)}", _parse_dict)
+
+    @staticmethod
+    def delete_workspace(name: str) -> _Request[None]:
+        """``DELETE /v1/workspaces/{name}``: kill its sandbox, delete its suspend snapshots."""
+        return _Request("DELETE", f"/v1/workspaces/{_seg(name)}", _parse_none)
+
+    @staticmethod
+    def suspend_workspace(name: str, diff: bool = False) -> _Request[JSONDict]:
+        """``POST /v1/workspaces/{name}/suspend``: snapshot the running sandbox into
+        ``current_state_tag`` (in diff mode with ``diff``), then stop it. On failure (an
+        error is raised) the workspace keeps running on its previous state."""
+        return _Request(
+            "POST", f"/v1/workspaces/{_seg(name)}/suspend", _parse_dict, json={"diff": diff},
+            min_timeout=_BRANCH_TIMEOUT,
+        )  # fmt: skip
+
+    @staticmethod
+    def resume_workspace(name: str) -> _Request[JSONDict]:
+        """``POST /v1/workspaces/{name}/resume``: fork a sandbox from the latest suspend
+        snapshot; the answer's ``live_sandbox_id`` is the sandbox to use."""
+        return _Request("POST", f"/v1/workspaces/{_seg(name)}/resume", _parse_dict, json={})
+
 
 # --------------------------------------------------------------------------------------------
 # The two executors
@@ -672,6 +724,12 @@ class Controller(_Base):
     write_file = _sync(_Endpoints.write_file)
     list_files = _sync(_Endpoints.list_files)
     remove_file = _sync(_Endpoints.remove_file)
+    create_workspace = _sync(_Endpoints.create_workspace)
+    list_workspaces = _sync(_Endpoints.list_workspaces)
+    get_workspace = _sync(_Endpoints.get_workspace)
+    delete_workspace = _sync(_Endpoints.delete_workspace)
+    suspend_workspace = _sync(_Endpoints.suspend_workspace)
+    resume_workspace = _sync(_Endpoints.resume_workspace)
 
     def wait_for_snapshot(
         self, tag: str, timeout: float = 300.0, poll_interval: float = 0.2
@@ -757,6 +815,12 @@ class AsyncController(_Base):
     write_file = _async(_Endpoints.write_file)
     list_files = _async(_Endpoints.list_files)
     remove_file = _async(_Endpoints.remove_file)
+    create_workspace = _async(_Endpoints.create_workspace)
+    list_workspaces = _async(_Endpoints.list_workspaces)
+    get_workspace = _async(_Endpoints.get_workspace)
+    delete_workspace = _async(_Endpoints.delete_workspace)
+    suspend_workspace = _async(_Endpoints.suspend_workspace)
+    resume_workspace = _async(_Endpoints.resume_workspace)
 
     async def wait_for_snapshot(
         self, tag: str, timeout: float = 300.0, poll_interval: float = 0.2

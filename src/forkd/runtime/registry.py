@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,22 @@ CREATE TABLE IF NOT EXISTS sandbox_networks (
     ports TEXT NOT NULL DEFAULT '[]',
     proxy_port INTEGER,
     nic TEXT
+);
+CREATE TABLE IF NOT EXISTS workspaces (
+    name TEXT PRIMARY KEY,
+    id TEXT NOT NULL,
+    source_snapshot_tag TEXT NOT NULL,
+    current_state_tag TEXT,
+    status TEXT NOT NULL,
+    live_sandbox_id TEXT,
+    created_at_unix INTEGER NOT NULL,
+    last_active_unix INTEGER NOT NULL,
+    per_child_netns INTEGER NOT NULL DEFAULT 0,
+    memory_limit_mib INTEGER,
+    generation INTEGER NOT NULL DEFAULT 0,
+    last_branch_memory_path TEXT,
+    pending_tag TEXT,
+    retired TEXT NOT NULL DEFAULT '[]'
 );
 """
 
@@ -81,6 +97,34 @@ class NetworkRow:
     ports: list[dict[str, Any]] = field(default_factory=list)
     proxy_port: int | None = None
     nic: dict[str, Any] | None = None  # the guest's addresses (GuestNetwork), None: no NIC
+
+
+@dataclass
+class WorkspaceRow:
+    """A named, durable sandbox (see :mod:`forkd.runtime.workspaces`).
+
+    ``generation`` counts suspend attempts (it names the next suspend snapshot); ``pending_tag``
+    is the snapshot a suspend is writing right now; ``retired`` lists superseded suspend
+    snapshots still to be deleted.
+    """
+
+    name: str
+    id: str
+    source_snapshot_tag: str
+    status: str
+    created_at_unix: int
+    last_active_unix: int
+    current_state_tag: str | None = None
+    live_sandbox_id: str | None = None
+    per_child_netns: bool = False
+    memory_limit_mib: int | None = None
+    generation: int = 0
+    last_branch_memory_path: str | None = None
+    pending_tag: str | None = None
+    retired: list[str] = field(default_factory=list)
+
+
+_WORKSPACE_COLUMNS = tuple(f.name for f in fields(WorkspaceRow))
 
 
 class Registry:
@@ -175,6 +219,48 @@ class Registry:
             "UPDATE sandboxes SET state='dead', dead_reason=? WHERE id=? AND state!='dead'",
             (reason, sandbox_id),
         )
+
+    # --- workspaces ------------------------------------------------------------------------
+
+    def insert_workspace(self, row: WorkspaceRow) -> bool:
+        """Insert ``row`` unless the name is taken; True if this call inserted it."""
+        cur = self._db.execute(
+            f"INSERT OR IGNORE INTO workspaces ({','.join(_WORKSPACE_COLUMNS)}) "
+            f"VALUES ({','.join('?' * len(_WORKSPACE_COLUMNS))})",
+            _workspace_values(row),
+        )
+        return cur.rowcount == 1
+
+    def put_workspace(self, row: WorkspaceRow) -> None:
+        self._db.execute(
+            f"INSERT OR REPLACE INTO workspaces ({','.join(_WORKSPACE_COLUMNS)}) "
+            f"VALUES ({','.join('?' * len(_WORKSPACE_COLUMNS))})",
+            _workspace_values(row),
+        )
+
+    def get_workspace(self, name: str) -> WorkspaceRow | None:
+        r = self._db.execute("SELECT * FROM workspaces WHERE name=?", (name,)).fetchone()
+        return _workspace(r) if r else None
+
+    def list_workspaces(self) -> list[WorkspaceRow]:
+        rows = self._db.execute("SELECT * FROM workspaces ORDER BY created_at_unix, name")
+        return [_workspace(r) for r in rows]
+
+    def delete_workspace(self, name: str) -> None:
+        self._db.execute("DELETE FROM workspaces WHERE name=?", (name,))
+
+
+def _workspace_values(row: WorkspaceRow) -> tuple[object, ...]:
+    values = {**row.__dict__, "per_child_netns": int(row.per_child_netns),
+              "retired": json.dumps(row.retired)}  # fmt: skip
+    return tuple(values[c] for c in _WORKSPACE_COLUMNS)
+
+
+def _workspace(r: sqlite3.Row) -> WorkspaceRow:
+    d = dict(r)
+    d["per_child_netns"] = bool(d["per_child_netns"])
+    d["retired"] = json.loads(d.get("retired") or "[]")
+    return WorkspaceRow(**d)
 
 
 def _snapshot(r: sqlite3.Row) -> SnapshotRow:
