@@ -610,23 +610,40 @@ def op_remove_file(req: dict) -> dict:
     return {"removed": True}
 
 
-def op_set_env(req: dict) -> dict:
-    """Change the agent's own environment, which eval code sees and every exec inherits (the
-    host sets proxy variables this way when a sandbox's egress goes through its proxy)."""
-    changes = req.get("env")
+def apply_net(cfg) -> dict:
+    """Point the guest at its resolver and set proxy/CA variables in the agent's own
+    environment (eval code sees it, every later exec inherits it). The host sends this in a
+    fork's hello, so it holds before any user request runs."""
+    if not isinstance(cfg, dict):
+        raise _bad("argument 'net' must be an object")
+    nameserver = cfg.get("nameserver")
+    if nameserver is not None and (
+        not isinstance(nameserver, str) or not all(p.isdigit() for p in nameserver.split("."))
+    ):
+        raise _bad("net.nameserver must be an IPv4 address")
+    changes = cfg.get("env") or {}
     if not isinstance(changes, dict):
-        raise _bad("argument 'env' must be an object")
+        raise _bad("net.env must be an object")
     for key, value in changes.items():
         if not isinstance(key, str) or not key or "=" in key or "\0" in key:
             raise _bad("bad environment variable name %r" % (key,))
         if value is not None and (not isinstance(value, str) or "\0" in value):
             raise _bad("environment variable %r must be a string or null" % key)
+    if nameserver is not None:
+        tmp = "/etc/.resolv.conf.forkd"
+        with open(tmp, "w") as f:
+            f.write("nameserver %s\n" % nameserver)
+        os.replace(tmp, "/etc/resolv.conf")
     for key, value in changes.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    return {"changed": len(changes)}
+    return {"net_set": True}
+
+
+def op_set_net(req: dict) -> dict:
+    return apply_net(req.get("net"))
 
 
 def op_reseed(req: dict) -> dict:
@@ -700,7 +717,7 @@ OPS = {
     "list_files": op_list_files,
     "remove_file": op_remove_file,
     "reseed": op_reseed,
-    "set_env": op_set_env,
+    "set_net": op_set_net,
 }
 
 
@@ -800,6 +817,11 @@ class Agent:
             if req.get("wall_ns") is not None:
                 # Before the hello is answered, so no user request ever sees a stale clock.
                 resp.update(self.set_clock(req))
+            if req.get("net") is not None:
+                try:
+                    resp.update(apply_net(req["net"]))
+                except Exception as e:
+                    resp.update(net_set=False, net_error=_exc_text(e))
             entropy = req.get("entropy_b64")
             if entropy is not None:
                 # A fork's first message: fresh randomness before any other request runs.

@@ -475,16 +475,21 @@ class Runtime:
                 await qemu.restore_and_run(self.snapshots.devstate_path(tag))
                 await qemu.close_qmp()
                 t2 = time.monotonic()
+                net = None
+                if manifest.network is not None:
+                    template_open = (manifest.egress or {}).get("egress", "none") != "none"
+                    net = self.networks.guest_config(
+                        sandbox_id, manifest.network, policy, template_open=template_open
+                    )
+                # Entropy, clock and network all arrive with the hello: one round trip.
                 agent = await child.sock.handshake(
-                    timeout=CHILD_HANDSHAKE_TIMEOUT_S, entropy=os.urandom(64)
+                    timeout=CHILD_HANDSHAKE_TIMEOUT_S, entropy=os.urandom(64), net=net
                 )
                 if not agent.hello.get("reseeded"):
                     raise AgentError(f"the child's agent could not reseed: {agent.hello}")
-                if manifest.network is not None:
-                    await self.networks.configure_guest(
-                        sandbox_id, agent, manifest.network, policy,
-                        template_open=(manifest.egress or {}).get("egress", "none") != "none",
-                    )  # fmt: skip
+                if net is not None and not agent.hello.get("net_set"):
+                    raise AgentError(f"the child's agent could not set its network: {agent.hello}")
+                await self.networks.give_host_ca(agent, policy)
                 t3 = time.monotonic()
             except BaseException as exc:
                 qemu_said = "" if qemu.alive() else qemu.log_tail()

@@ -381,11 +381,12 @@ class AgentClient:
         args = {"entropy_b64": base64.b64encode(entropy).decode("ascii")}
         return await self.call("reseed", args, timeout=timeout)
 
-    async def set_env(
-        self, env: Mapping[str, str | None], *, timeout: float | None = 10.0
+    async def set_net(
+        self, net: Mapping[str, Any], *, timeout: float | None = 10.0
     ) -> dict[str, Any]:
-        """Set (or with ``None`` unset) variables in the agent's own environment."""
-        return await self.call("set_env", {"env": dict(env)}, timeout=timeout)
+        """Apply a guest network configuration (``nameserver``, ``env`` with ``None`` to unset),
+        as a fork's hello does."""
+        return await self.call("set_net", {"net": dict(net)}, timeout=timeout)
 
     async def set_clock(self, *, timeout: float | None = 10.0) -> dict[str, Any]:
         """Step the guest's wall clock to the host's (``clock_set``, ``clock_step_ms``)."""
@@ -400,11 +401,18 @@ class AgentSocket:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
 
-    async def handshake(self, *, timeout: float, entropy: bytes | None = None) -> AgentClient:
+    async def handshake(
+        self,
+        *,
+        timeout: float,
+        entropy: bytes | None = None,
+        net: Mapping[str, Any] | None = None,
+    ) -> AgentClient:
         """Say hello with a fresh session; :class:`AgentError` if not answered in time.
 
-        ``entropy`` (a fork's first message) reseeds the guest before the hello is answered;
-        every hello also sets the guest's wall clock to the host's.
+        ``entropy`` (a fork's first message) reseeds the guest and ``net`` configures its
+        network (see :meth:`AgentClient.set_net`) before the hello is answered; every hello also
+        sets the guest's wall clock to the host's.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -414,6 +422,8 @@ class AgentSocket:
         hello: dict[str, Any] = {"id": hello_id, "op": "hello", "session": session}
         if entropy is not None:
             hello["entropy_b64"] = base64.b64encode(entropy).decode("ascii")
+        if net is not None:
+            hello["net"] = dict(net)
 
         def hello_line() -> bytes:
             # The host's wall clock as of this send (a resent hello carries a fresh one).
