@@ -58,7 +58,7 @@ def test_missing_memory_makes_snapshot_unbootable(tmp_path: Path) -> None:
     staging.memory.write_bytes(b"mem!")
     staging.devstate.write_bytes(b"ds")
     store.commit(staging, _manifest("t3", tmp_path))
-    store.memory_of("t3").unlink()
+    Path(store.load("t3").memory.path).unlink()
     reason = bootability(store.load("t3"), store.devstate_path("t3"))
     assert reason and "is gone" in reason
 

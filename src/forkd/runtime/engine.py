@@ -43,7 +43,8 @@ from forkd.runtime.pool import (
 )
 from forkd.runtime.registry import Registry, SandboxRow, SnapshotRow, now_unix
 from forkd.snapshots.branch import BranchStats, pause_and_copy, start_live
-from forkd.snapshots.guestram import sparse_copy
+from forkd.snapshots.delta import apply_delta, overlay
+from forkd.snapshots.guestram import PAGE, find_ram_mapping, sparse_copy
 from forkd.snapshots.manifest import Artifact, SnapshotManifest
 from forkd.snapshots.store import DEVSTATE_NAME, SnapshotStore, Staging, bootability
 from forkd.snapshots.template import TemplateRequest, artifact, make_template
@@ -326,14 +327,12 @@ class Runtime:
             raise NotFound(f"snapshot {tag!r} not found")
         if row is not None and row.status == "writing":
             raise Conflict(f"snapshot {tag!r} is still being written; wait for it to finish")
-        dependents = self._dependents(tag)
-        if dependents and not (cascade or force):
-            raise Conflict(
-                f"snapshot {tag!r} has dependent snapshots {', '.join(dependents)}: delete with "
-                "cascade to remove them too, or with force to delete only this one"
-            )
+        # No snapshot needs another's tag to boot: branches are standalone or deltas over a
+        # memory file the store keeps while any manifest names it. So deleting a template with
+        # branches just works (``force`` is accepted, and changes nothing); ``cascade`` also
+        # deletes everything branched from it.
         if cascade:
-            for dep in dependents:
+            for dep in self._dependents(tag):
                 await self.delete_snapshot(dep, cascade=True)
         await self._pool.drain(tag)
         self.snapshots.delete(tag)
@@ -472,6 +471,11 @@ class Runtime:
                 await self.networks.prepare(sandbox_id, policy, manifest.network)
                 self.networks.enter(sandbox_id, policy, qemu.pid)
                 t1 = time.monotonic()
+                if manifest.delta is not None:
+                    # Before the device state loads: devices read their rings from guest RAM.
+                    ram = find_ram_mapping(qemu.pid, manifest.memory.path,
+                                           manifest.mem_mib * 1024 * 1024)  # fmt: skip
+                    await asyncio.to_thread(apply_delta, ram, Path(manifest.delta.path))
                 await qemu.restore_and_run(self.snapshots.devstate_path(tag))
                 await qemu.close_qmp()
                 t2 = time.monotonic()
@@ -735,11 +739,17 @@ class Runtime:
     ) -> wire.SnapshotInfo:
         timings = {k: v for k, v in (("pause_ms", stats.pause_ms), ("total_ms", stats.total_ms),
                                      ("diff_ms", stats.diff_ms)) if v is not None}  # fmt: skip
+        staged = Artifact(path=str(staging.memory), bytes=staging.memory.stat().st_size)
+        if stats.delta:
+            # Pages over the file the source maps: that file stays the children's base.
+            layout = {"memory": base.memory, "delta": staged,
+                      "root_tag": base.root_tag or base.tag}  # fmt: skip
+        else:
+            layout = {"memory": staged, "delta": None, "root_tag": None}
         manifest = base.model_copy(update={
             "tag": snapshot_row.tag, "created_at_unix": snapshot_row.created_at_unix,
             "kind": "branch", "branched_from": snapshot_row.branched_from,
-            "parent_tag": snapshot_row.parent_tag, "mode": snapshot_row.mode,
-            "memory": Artifact(path=str(staging.memory), bytes=staging.memory.stat().st_size),
+            "parent_tag": snapshot_row.parent_tag, "mode": snapshot_row.mode, **layout,
             "devstate": Artifact(path=DEVSTATE_NAME, bytes=staging.devstate.stat().st_size),
             "timings_ms": {**timings, **stats.phases},
             "egress": self.networks.policy_of(source.id).to_wire(),
@@ -780,11 +790,14 @@ class Runtime:
         """Fill in sha256 of a branch's files after the fact, off the caller's path."""
         with contextlib.suppress(ForkdError, OSError, ValueError):
             manifest = self.snapshots.load(tag)
-            memory = await artifact(Path(manifest.memory.path))
-            devstate = await artifact(self.snapshots.devstate_path(tag), name=DEVSTATE_NAME)
-            self.snapshots.rewrite_manifest(
-                manifest.model_copy(update={"memory": memory, "devstate": devstate})
-            )
+            update: dict[str, object] = {
+                "devstate": await artifact(self.snapshots.devstate_path(tag), name=DEVSTATE_NAME)
+            }
+            if manifest.delta is not None:  # the shared root file is its template's to hash
+                update["delta"] = await artifact(Path(manifest.delta.path))
+            else:
+                update["memory"] = await artifact(Path(manifest.memory.path))
+            self.snapshots.rewrite_manifest(manifest.model_copy(update=update))
 
     def _base_manifest(self, row: SandboxRow) -> SnapshotManifest:
         saved = Path(row.run_dir) / BASE_MANIFEST
@@ -807,10 +820,14 @@ class Runtime:
         try:
             size = manifest.mem_mib * 1024 * 1024
             await asyncio.to_thread(sparse_copy, Path(manifest.memory.path), staging.memory, size)
+            if manifest.delta is not None:  # standalone: the root's pages with the delta's over
+                await asyncio.to_thread(overlay, Path(manifest.delta.path), staging.memory,
+                                        max_pages=size // PAGE)  # fmt: skip
             shutil.copyfile(self.snapshots.devstate_path(tag), staging.devstate)
             new = manifest.model_copy(update={
                 "tag": to, "created_at_unix": row.created_at_unix, "parent_tag": tag,
-                "memory": manifest.memory.model_copy(update={"path": str(staging.memory)}),
+                "memory": Artifact(path=str(staging.memory), bytes=size),
+                "delta": None, "root_tag": None,
             })  # fmt: skip
             self.snapshots.commit(staging, new)
         except BaseException:

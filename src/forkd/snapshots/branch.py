@@ -1,9 +1,11 @@
 """BRANCH strategies: make a template from a running sandbox while it keeps running.
 
 - ``full``: the VM stays stopped while device state and all of guest RAM are written.
-- ``diff``: a copy of the sandbox's base memory file is made *before* the pause; while stopped,
-  only the pages the guest wrote since its fork (found in ``/proc/PID/pagemap``) are copied over
-  it. The pause scales with what the sandbox changed, not with its memory size.
+- ``diff``: a *delta* over the memory file the sandbox maps (its root template's): while
+  stopped, only the pages the guest holds privately (written since its fork, or applied from its
+  own snapshot's delta; found in ``/proc/PID/pagemap``) are copied into a sparse file. Pause and
+  storage scale with what differs from the root, not with the memory size; children map the root
+  and get the delta written into their RAM before they run.
 - ``live``: QEMU ``background-snapshot`` (userfaultfd write-protect) stops the VM only to save
   device state and arm write protection; RAM streams out while the guest runs. The stream is then
   *materialized* by a short-lived QEMU into a memory file plus device state.
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from forkd.errors import VMError
+from forkd.snapshots.delta import write_delta
 from forkd.snapshots.guestram import PAGE, copy_runs, find_ram_mapping, sparse_copy, written_runs
 from forkd.snapshots.manifest import SnapshotManifest
 from forkd.snapshots.store import Staging
@@ -48,6 +51,8 @@ class BranchStats:
     diff_physical_bytes: int | None = None
     diff_logical_bytes: int | None = None
     phases: dict[str, float] = field(default_factory=dict)
+    # the staged memory file holds only pages over the source's base file (a delta branch)
+    delta: bool = False
 
 
 def _event_time(event: dict[str, Any]) -> float:
@@ -88,10 +93,10 @@ async def pause_and_copy(
     *,
     mode: Literal["full", "diff"],
 ) -> BranchStats:
-    """Full or diff branch: base copy + the pages the guest wrote; the source always continues.
+    """Full or diff branch; the source always continues.
 
-    Both write the same result; they differ in what happens while the guest is stopped: ``diff``
-    copies the base file before the pause, ``full`` inside it.
+    ``full`` writes a standalone memory file (the base file plus the guest's own pages) while the
+    guest is stopped; ``diff`` writes only the guest's own pages, as a delta over the base file.
     """
     stats = BranchStats()
     t0 = time.monotonic()
@@ -103,8 +108,7 @@ async def pause_and_copy(
     async def copy_base() -> None:
         stats.bytes_written += await asyncio.to_thread(sparse_copy, base_file, staging.memory, size)
 
-    if mode == "diff":
-        await copy_base()
+    stats.delta = mode == "diff"
     stats.phases["prepare_ms"] = (time.monotonic() - t0) * 1000
     async with qemu.events("STOP", "RESUME") as events:
         await qemu.stop()
@@ -117,7 +121,12 @@ async def pause_and_copy(
             stats.diff_ms = (time.monotonic() - t1) * 1000
             stats.diff_physical_bytes = sum(n for _, n in runs) * PAGE
             stats.diff_logical_bytes = size
-            stats.bytes_written += await asyncio.to_thread(copy_runs, ram, runs, staging.memory)
+            if stats.delta:
+                stats.bytes_written += await asyncio.to_thread(
+                    write_delta, ram, runs, staging.memory
+                )
+            else:
+                stats.bytes_written += await asyncio.to_thread(copy_runs, ram, runs, staging.memory)
         finally:
             await qemu.cont()
         stats.pause_ms = await _pause_window(events, 30.0)

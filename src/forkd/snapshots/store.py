@@ -1,7 +1,11 @@
 """Snapshot layout on disk and the atomic commit that makes a snapshot exist.
 
 ``snapshots/<tag>/`` holds ``manifest.json`` and ``devstate``; guest memory lives on tmpfs at
-``<memory_dir>/<tag>.mem`` (shmem is required for copy-on-write mapping and live BRANCH).
+``<memory_dir>/<tag>.<unique>.mem`` (shmem is required for copy-on-write mapping and live BRANCH),
+a delta branch's pages at ``<tag>.<unique>.delta``. A memory file is shared by its template and
+every delta branch over it: deleting the template keeps it while any manifest still names it, and
+the last snapshot that names it removes it. Unique names mean a recreated tag never replaces a
+file that branches still apply their deltas over.
 A snapshot is built in a staging dir and renamed into place only once the manifest is written, so
 a crash mid-way leaves staging debris (swept on start), never a half snapshot that looks usable.
 """
@@ -48,8 +52,8 @@ class SnapshotStore:
     def dir_of(self, tag: str) -> Path:
         return self.root / validate_tag(tag)
 
-    def memory_of(self, tag: str) -> Path:
-        return self.memory_root / f"{validate_tag(tag)}.mem"
+    def new_memory_path(self, tag: str, suffix: str) -> Path:
+        return self.memory_root / f"{validate_tag(tag)}.{secrets.token_hex(4)}.{suffix}"
 
     def exists(self, tag: str) -> bool:
         return (self.dir_of(tag) / MANIFEST_NAME).is_file()
@@ -84,13 +88,18 @@ class SnapshotStore:
     def commit(self, staging: Staging, manifest: SnapshotManifest) -> SnapshotManifest:
         """Move memory and the staging dir into place; the manifest is written last."""
         final_dir = self.dir_of(staging.tag)
-        final_mem = self.memory_of(staging.tag)
         if final_dir.exists():
             raise Conflict(f"snapshot {staging.tag!r} already exists")
-        os.replace(staging.memory, final_mem)
-        manifest = manifest.model_copy(
-            update={"memory": manifest.memory.model_copy(update={"path": str(final_mem)})}
-        )
+        if manifest.delta is not None:
+            # A delta branch owns only its pages; ``memory`` stays the shared root file.
+            final = self.new_memory_path(staging.tag, "delta")
+            os.replace(staging.memory, final)
+            update = {"delta": manifest.delta.model_copy(update={"path": str(final)})}
+        else:
+            final = self.new_memory_path(staging.tag, "mem")
+            os.replace(staging.memory, final)
+            update = {"memory": manifest.memory.model_copy(update={"path": str(final)})}
+        manifest = manifest.model_copy(update=update)
         tmp = staging.dir / (MANIFEST_NAME + ".tmp")
         tmp.write_text(manifest.model_dump_json(indent=2))
         os.replace(tmp, staging.dir / MANIFEST_NAME)
@@ -111,9 +120,31 @@ class SnapshotStore:
         staging.memory.unlink(missing_ok=True)
 
     def delete(self, tag: str) -> None:
-        """Remove a snapshot's files (memory first, so a half-deleted one is unbootable)."""
-        self.memory_of(tag).unlink(missing_ok=True)
+        """Remove a snapshot's files (its own pages first, so a half-deleted one is
+        unbootable); a memory file other snapshots still name is kept for them."""
+        try:
+            manifest: SnapshotManifest | None = self.load(tag)
+        except (NotFound, ValueError):
+            manifest = None
+        if manifest is not None:
+            if manifest.delta is not None:
+                Path(manifest.delta.path).unlink(missing_ok=True)
+            memory = Path(manifest.memory.path)
+            if memory.parent == self.memory_root and str(memory) not in self.memory_in_use(tag):
+                memory.unlink(missing_ok=True)
         shutil.rmtree(self.dir_of(tag), ignore_errors=True)
+
+    def memory_in_use(self, except_tag: str | None = None) -> set[str]:
+        """Memory files named by any snapshot's manifest (but ``except_tag``'s)."""
+        used: set[str] = set()
+        for other in self.tags_on_disk():
+            if other == except_tag:
+                continue
+            try:
+                used.add(self.load(other).memory.path)
+            except (NotFound, ValueError):
+                continue
+        return used
 
     def sweep_staging(self) -> list[str]:
         """Delete leftovers of snapshots whose writer died before finishing them."""
@@ -152,12 +183,14 @@ def bootability(manifest: SnapshotManifest, devstate: Path) -> str | None:
     """None if children can fork from this snapshot, else the reason they cannot."""
     if not devstate.is_file():
         return f"device-state file {devstate} is gone"
-    mem = Path(manifest.memory.path)
-    if not mem.is_file():
-        return f"memory file {mem} is gone (tmpfs cleared by a reboot?)"
-    if mem.stat().st_size != manifest.memory.bytes:
-        size = mem.stat().st_size
-        return f"memory file {mem} has {size} bytes, manifest says {manifest.memory.bytes}"
+    files = [manifest.memory] + ([manifest.delta] if manifest.delta is not None else [])
+    for artifact in files:
+        mem = Path(artifact.path)
+        if not mem.is_file():
+            return f"memory file {mem} is gone (tmpfs cleared by a reboot?)"
+        if mem.stat().st_size != artifact.bytes:
+            size = mem.stat().st_size
+            return f"memory file {mem} has {size} bytes, manifest says {artifact.bytes}"
     for label, path in (
         ("kernel", manifest.kernel),
         ("initrd", manifest.initrd),
