@@ -84,6 +84,9 @@ class Settings:
     guest memory files, which must live on shmem for copy-on-write forks and live BRANCH.
     ``huge_memory``: when ``shm_dir`` is not set and forkd runs as root, mount a tmpfs with
     transparent huge pages at the default memory dir (shorter live-BRANCH pauses).
+    ``cgroups``: put sandboxes with a ``memory_limit_mib`` into a memory cgroup when the host
+    offers a writable one; ``False`` (``FORKD_CGROUPS=0``) behaves as a host without one: the
+    limit is accepted but not enforced, and the spawn answer's ``warning`` says so.
     """
 
     home: Path = field(default_factory=_default_home)
@@ -97,6 +100,7 @@ class Settings:
     max_exec_timeout_s: float = 3600.0
     exec_output_cap_bytes: int = 4 * 1024 * 1024
     warm_pool_size: int = 2
+    cgroups: bool = True
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
@@ -111,6 +115,8 @@ class Settings:
             values["shm_dir"] = Path(shm)
         if huge := os.environ.get("FORKD_HUGE_MEMORY"):
             values["huge_memory"] = _flag("FORKD_HUGE_MEMORY", huge)
+        if cgroups := os.environ.get("FORKD_CGROUPS"):
+            values["cgroups"] = _flag("FORKD_CGROUPS", cgroups)
         if accel := os.environ.get("FORKD_ACCEL"):
             values["accel"] = accel
         if pool := os.environ.get("FORKD_WARM_POOL"):

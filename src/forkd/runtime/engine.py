@@ -85,6 +85,7 @@ class ForkTiming:
 class Spawned:
     sandbox: wire.SandboxInfo
     timing: ForkTiming
+    warning: str | None = None  # e.g. a memory limit no cgroup can enforce
 
 
 class Runtime:
@@ -357,7 +358,12 @@ class Runtime:
                 f"memory_limit_mib must be between 64 and 1048576, got {memory_limit_mib}"
             )
         manifest = self._ready_manifest(tag)
-        cgroups = cgroup_limits.require() if memory_limit_mib is not None else None
+        cgroups, warning = None, None
+        if memory_limit_mib is not None:
+            cgroups = cgroup_limits.available(self.settings.cgroups)
+            if cgroups is None:  # accepted, not enforced (forkd v0.5 did the same)
+                warning = cgroup_limits.not_enforced(memory_limit_mib, self.settings.cgroups)
+                memory_limit_mib = None
         running = sum(1 for r in self.registry.list_sandboxes() if r.state != "dead")
         if running + n > self.settings.max_sandboxes:
             raise Unavailable(
@@ -375,7 +381,7 @@ class Runtime:
             for s in spawned:
                 await self.kill(s.sandbox.id)
             raise errors[0]
-        return spawned
+        return [dataclasses.replace(s, warning=warning) for s in spawned] if warning else spawned
 
     async def _fork_one(
         self,
