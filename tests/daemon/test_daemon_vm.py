@@ -342,7 +342,8 @@ def test_sandbox_sdk_and_fork(daemon: DaemonProcess) -> None:
         sb.files.write("/root/state.txt", "parent state")
         assert sb.files.read("/root/state.txt") == "parent state"
         assert "state.txt" in {e.name for e in sb.files.list("/root")}
-        assert sb.eval("WARM_MARKER").result == "'warm'"
+        assert sb.eval("WARM_MARKER") == "'warm'"
+        assert sb.eval_result("print('out'); 5").stdout == "out\n"
         kids = sb.fork(2, tag="sdk-fork")
         try:
             for kid in kids:
@@ -368,7 +369,7 @@ async def test_async_sandbox_sdk(daemon: DaemonProcess) -> None:
         assert await sb.files.read("/tmp/a.bin", format="bytes") == b"\x00\x01"
         assert [e.name for e in await sb.files.list("/tmp") if e.name == "a.bin"] == ["a.bin"]
         await sb.files.remove("/tmp/a.bin")
-        assert (await sb.eval("import numpy; int(numpy.arange(5).sum())")).result == "10"
+        assert await sb.eval("import numpy; int(numpy.arange(5).sum())") == "10"
         assert await sb.is_running()
     with Controller(daemon.url, daemon.token) as c:
         assert sb.id not in {s["id"] for s in c.list_sandboxes()}

@@ -291,3 +291,33 @@ def test_original_mcp_tools(original_python: Path, nocgroup_daemon: DaemonProces
     with contextlib.suppress(Exception), nocgroup_daemon.client() as c:
         for t in ("mcp-branch", out["branch_legacy"]["tag"]):
             c.delete(f"/v1/snapshots/{t}")
+
+
+def test_v05_sandbox_code_runs_on_our_sdk(
+    nocgroup_daemon: DaemonProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """forkd v0.5's ``Sandbox`` usage, unchanged, on this package's SDK (the original class
+    shelled out to ``forkd fork`` and spoke TCP to the guest; ours spawns through the daemon)."""
+    from forkd import EvalError, Sandbox
+
+    monkeypatch.setenv("FORKD_URL", nocgroup_daemon.url)
+    monkeypatch.setenv("FORKD_TOKEN", nocgroup_daemon.token or "")
+    monkeypatch.setenv("FORKD_TAG", TEMPLATE)
+    with Sandbox() as sb:  # template from $FORKD_TAG
+        assert sb.tag == TEMPLATE
+        assert sb.commands.run("python3 -c 'print(1 + 1)'").stdout == "2\n"
+        assert sb.eval("numpy.zeros(3).tolist()") == "[0.0, 0.0, 0.0]"
+        try:
+            sb.eval("undefined_name")
+        except RuntimeError as exc:  # how v0.5 code catches it
+            assert isinstance(exc, EvalError) and "NameError" in str(exc)
+        else:
+            raise AssertionError("eval of a failing expression did not raise")
+        assert sb.ping()["pong"] is True
+        sid = sb.id
+    monkeypatch.delenv("FORKD_TAG")
+    with Sandbox(tag=TEMPLATE, timeout=60, memory_limit_mib=256) as sb2:
+        assert "memory_limit_mib=256 is not enforced" in sb2.info["warning"]
+        assert sb2.eval_result("1 / 0").error is not None  # the rich result never raises
+    with nocgroup_daemon.client() as c:
+        assert {s["id"] for s in c.get("/v1/sandboxes").json()}.isdisjoint({sid, sb2.id})
