@@ -27,8 +27,7 @@ from pydantic import BaseModel, TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from forkd import API_VERSION, __version__, wire
-from forkd.api import compat
+from forkd import API_VERSION, __version__, compat, wire
 from forkd.api.audit import AuditLog, AuditMiddleware
 from forkd.api.auth import OPEN_PATHS, BearerAuthMiddleware
 from forkd.api.limits import BodyLimitMiddleware

@@ -18,6 +18,19 @@ from forkd.config import DEFAULT_BIND, Settings
 T = TypeVar("T")
 
 
+@dataclasses.dataclass(frozen=True)
+class SpawnFlags:
+    """forkd v0.5's spawn flags; see :mod:`forkd.compat` for what each means here."""
+
+    per_child_netns: bool = False
+    prewarm: bool = False
+    live_fork: bool = False
+    hugepages: bool = False
+
+
+NO_FLAGS = SpawnFlags()
+
+
 class Backend(Protocol):
     kind: str
 
@@ -33,7 +46,9 @@ class Backend(Protocol):
     ) -> dict[str, Any]: ...
     def delete_snapshot(self, tag: str, cascade: bool, force: bool) -> None: ...
     def compact_snapshot(self, tag: str, to: str) -> dict[str, Any]: ...
-    def spawn(self, tag: str, n: int, memory_limit_mib: int | None) -> list[dict[str, Any]]: ...
+    def spawn(
+        self, tag: str, n: int, memory_limit_mib: int | None, flags: SpawnFlags = NO_FLAGS
+    ) -> list[dict[str, Any]]: ...
     def list_sandboxes(self, include_dead: bool) -> list[dict[str, Any]]: ...
     def kill(self, sandbox_id: str) -> None: ...
     def ping(self, sandbox_id: str) -> dict[str, Any]: ...
@@ -95,9 +110,19 @@ class LocalBackend:
     def compact_snapshot(self, tag: str, to: str) -> dict[str, Any]:
         return self._run(self.runtime.compact_snapshot(tag, to)).model_dump()
 
-    def spawn(self, tag: str, n: int, memory_limit_mib: int | None) -> list[dict[str, Any]]:
+    def spawn(
+        self, tag: str, n: int, memory_limit_mib: int | None, flags: SpawnFlags = NO_FLAGS
+    ) -> list[dict[str, Any]]:
+        from forkd import compat, wire
+
+        req = wire.SpawnRequest(snapshot_tag=tag, n=n, **dataclasses.asdict(flags))
+        notes = compat.spawn_notes(req, memory_dir=self.runtime.settings.memory_dir)
         spawned = self._run(self.runtime.spawn(tag, n, memory_limit_mib=memory_limit_mib))
-        return [{**s.sandbox.model_dump(), "fork_timing_ms": _timing(s.timing)} for s in spawned]
+        return [
+            {**s.sandbox.model_dump(), "fork_timing_ms": _timing(s.timing),
+             "warning": compat.join(s.warning, *notes)}
+            for s in spawned
+        ]  # fmt: skip
 
     def list_sandboxes(self, include_dead: bool) -> list[dict[str, Any]]:
         return [s.model_dump() for s in self.runtime.list_sandboxes(include_dead=include_dead)]
@@ -161,8 +186,14 @@ class RemoteBackend:
     def compact_snapshot(self, tag: str, to: str) -> dict[str, Any]:
         return dict(self.c.compact_snapshot(tag, to))
 
-    def spawn(self, tag: str, n: int, memory_limit_mib: int | None) -> list[dict[str, Any]]:
-        return list(self.c.spawn_sandboxes(tag, n=n, memory_limit_mib=memory_limit_mib))
+    def spawn(
+        self, tag: str, n: int, memory_limit_mib: int | None, flags: SpawnFlags = NO_FLAGS
+    ) -> list[dict[str, Any]]:
+        return list(
+            self.c.spawn_sandboxes(
+                tag, n=n, memory_limit_mib=memory_limit_mib, **dataclasses.asdict(flags)
+            )
+        )
 
     def list_sandboxes(self, include_dead: bool) -> list[dict[str, Any]]:
         return list(self.c.list_sandboxes(include_dead=include_dead))

@@ -32,12 +32,12 @@ from forkd.errors import (
 )
 from forkd.images.store import ImageStore
 from forkd.runtime import cgroups as cgroup_limits
+from forkd.runtime import leftovers
 from forkd.runtime.pool import (
     AGENT_CONNECT_TIMEOUT_S,
     BASE_MANIFEST,
     WarmPool,
     launch_incoming,
-    pool_dir_owner,
 )
 from forkd.runtime.registry import Registry, SandboxRow, SnapshotRow, now_unix
 from forkd.snapshots.branch import BranchStats, pause_and_copy, start_live
@@ -58,7 +58,6 @@ from forkd.vmm.agent_client import AgentClient
 from forkd.vmm.qemu import QemuProcess, pid_alive, pid_runs_in
 from forkd.vmm.spec import RunPaths
 
-UNRECORDED_GRACE_S = 120.0
 ADOPT_QMP_TIMEOUT_S = 5.0
 CHILD_HANDSHAKE_TIMEOUT_S = 60.0
 MAX_PARALLEL_LAUNCHES = 16
@@ -159,25 +158,8 @@ class Runtime:
         is gone, and forks interrupted before they were recorded (old enough that no fork can
         still be in progress). Other live processes' pools are left alone."""
         known = {Path(r.run_dir).name for r in self.registry.list_sandboxes()}
-        stale_before = time.time() - UNRECORDED_GRACE_S
-        for entry in self.settings.run_dir.iterdir() if self.settings.run_dir.is_dir() else []:
-            if entry.name in known:  # a sandbox, wherever its run dir came from
-                continue
-            owner = pool_dir_owner(entry.name)
-            orphan = False
-            if owner is not None:
-                orphan = owner == os.getpid() or not pid_alive(owner)
-            elif entry.name.startswith("sb-"):
-                with contextlib.suppress(OSError):
-                    orphan = entry.stat().st_mtime < stale_before
-            if not orphan:
-                continue
-            paths = RunPaths(entry)
-            with contextlib.suppress(OSError, ValueError):
-                pid = int(paths.pidfile.read_text().strip())
-                if pid_runs_in(pid, paths):
-                    os.kill(pid, 9)
-            shutil.rmtree(entry, ignore_errors=True)
+        for entry in leftovers.orphan_run_dirs(self.settings.run_dir, known):
+            leftovers.remove_run_dir(entry)
 
     async def settle(self) -> None:
         """Wait for background work that starts processes (warm-pool refills) to finish."""
