@@ -49,6 +49,12 @@ class FakeBackend:
     def kill(self, sandbox_id: str) -> None:
         self.calls.append(("kill", sandbox_id))
 
+    def create_snapshot(
+        self, tag: str, image: str, mem_mib: int, warmup: str | None, progress: Any
+    ) -> dict[str, Any]:
+        self.calls.append(("create_snapshot", (tag, image, mem_mib, warmup)))
+        return {"tag": tag, "status": "ready", "dir": f"/x/{tag}"}
+
     def delete_snapshot(self, tag: str, cascade: bool, force: bool) -> None:
         if tag in self.missing:
             raise NotFound(f"snapshot {tag!r} not found")
@@ -89,6 +95,22 @@ def test_fork_takes_v05_spellings_and_says_what_they_mean(
     assert "--keep-workdir changes nothing" in err
     assert main(["spawn", "--tag", "py", "-n", "3", "--memory-limit-mib", "256"]) == 0
     assert fake.calls[-1] == ("spawn", ("py", 3, 256, SpawnFlags()))
+
+
+def test_snapshot_takes_v05_template_flags(
+    fake: FakeBackend, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["snapshot", "--tag", "t", "--kernel", "/k", "--rootfs", "/r.ext4", "--rw", "--tap",
+            "forkd-tap0", "--boot-wait-secs", "20", "--mem-size-mib", "256"]  # fmt: skip
+    assert main(argv) == 0
+    assert fake.calls == [("create_snapshot", ("t", "python", 256, None))]
+    err = capsys.readouterr().err
+    for said in ("kernel and rootfs paths are ignored", "tap is ignored",
+                 "boot_wait_secs=20 is ignored", "--rw is ignored"):  # fmt: skip
+        assert said in err
+    assert main(["snapshot", "--tag", "t", "--volume", "/data:/data"]) == 2
+    assert "--volume is not supported" in capsys.readouterr().err
+    assert len(fake.calls) == 1
 
 
 def test_settle_secs_keeps_the_children_then_kills_them(

@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tag", help="snapshot tag (required for templates; generated for branches)")
     s.add_argument("--image", default=None, help=f"image to boot (default {DEFAULT_IMAGE})")
     s.add_argument(
-        "--mem-mib", type=int, default=None, help=f"guest memory (default {DEFAULT_MEM_MIB})"
-    )
+        "--mem-mib", "--mem-size-mib", dest="mem_mib", type=int, default=None,
+        help=f"guest memory (default {DEFAULT_MEM_MIB})",
+    )  # fmt: skip
     s.add_argument("--warmup", help="Python code run in the guest's interpreter before the pause")
     s.add_argument("--from-sandbox", metavar="ID", help="BRANCH this running sandbox")
     s.add_argument(
@@ -74,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-wait", action="store_true", help="with --live: return while memory is copied"
     )
     s.add_argument("--json", action="store_true")
+    v05 = s.add_argument_group("forkd v0.5 template flags (accepted; a note says they are ignored)")
+    v05.add_argument("--kernel", help="ignored: templates boot a built image (see --image)")
+    v05.add_argument("--rootfs", help="ignored: templates boot a built image (see --image)")
+    v05.add_argument("--rw", action="store_true", help="ignored: the root is read-only")
+    v05.add_argument("--tap", help="ignored")
+    v05.add_argument("--boot-wait-secs", type=int, help="ignored: --warmup runs code instead")
+    v05.add_argument("--keep-workdir", action="store_true", help="ignored")
+    v05.add_argument("--volume", action="append", default=[], help="not supported: refused")
 
     for name, helptext in (("fork", "fork N children from a template"), ("spawn", "same as fork")):
         f = sub.add_parser(name, help=helptext)
@@ -304,6 +313,12 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             )
         if args.image or args.mem_mib or args.warmup:
             raise Usage("--image, --mem-mib and --warmup apply to templates, not to --from-sandbox")
+    if args.volume:
+        raise Usage(
+            "--volume is not supported: a sandbox has no persistent volumes here (use the files "
+            "API, or bake the data into the template with --warmup)"
+        )
+    _v05_template_notes(args)
     with _backend(args) as backend:
         if args.from_sandbox is None:
             step = _step_printer()
@@ -322,6 +337,23 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         extra = f" (pause {info['pause_ms']:.1f} ms)" if info.get("pause_ms") is not None else ""
         render.out.print(f"snapshot {info['tag']} {info['status']}{extra}: {info['dir']}")
     return 0
+
+
+def _v05_template_notes(args: argparse.Namespace) -> None:
+    """Say which of forkd v0.5's template flags change nothing here (one line each)."""
+    from forkd import compat, wire
+
+    given: dict[str, Any] = {"tag": args.tag or "-"}
+    for name in ("kernel", "rootfs", "tap", "boot_wait_secs"):
+        if getattr(args, name) is not None:
+            given[name] = getattr(args, name)
+    notes = compat.snapshot_notes(wire.CreateSnapshotRequest(**given), args.image or DEFAULT_IMAGE)
+    if args.rw:
+        notes.append("--rw is ignored: a template's root is read-only, with a writable overlay")
+    if args.keep_workdir:
+        notes.append("--keep-workdir is ignored: nothing is left to keep once a template is saved")
+    for note in notes:
+        render.err.print(f"forkd: note: {note}", markup=False)
 
 
 def cmd_fork(args: argparse.Namespace) -> int:
