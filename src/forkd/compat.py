@@ -44,13 +44,15 @@ def spawn_notes(req: wire.SpawnRequest, *, memory_dir: Path) -> list[str]:
 
 
 def snapshot_notes(req: wire.CreateSnapshotRequest, image: str) -> list[str]:
-    """Notes on forkd v0.5's kernel/rootfs/tap/boot_wait_secs form of ``POST /v1/snapshots``."""
+    """Notes on forkd v0.5's kernel/rootfs/rw/tap/boot_wait_secs form of ``POST /v1/snapshots``."""
     notes: list[str] = []
     if req.kernel is not None or req.rootfs is not None:
         notes.append(
             "kernel and rootfs paths are ignored: this forkd builds templates from guest "
             f"images (used image {image!r}; see 'forkd image build')"
         )
+    if req.rw:
+        notes.append("rw is ignored: a template's root is read-only, with a writable overlay")
     if req.tap is not None:
         notes.append("tap is ignored: templates have no guest network in this build")
     if "boot_wait_secs" in req.model_fields_set:

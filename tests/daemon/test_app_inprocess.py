@@ -241,6 +241,8 @@ async def test_routes_answer_wire_shapes(client: httpx.AsyncClient, fake: FakeRu
     assert "boot_wait_secs" not in r.json()["warning"]
     r = await client.post("/v1/snapshots", headers=AUTH, json={"tag": "t", "boot_wait_secs": 30})
     assert r.json()["warning"].startswith("boot_wait_secs=30 is ignored")
+    r = await client.post("/v1/snapshots", headers=AUTH, json={"tag": "t", "rw": True})
+    assert r.json()["warning"].startswith("rw is ignored")
     assert fake.calls[-1] == (
         "create_snapshot",
         {"tag": "t", "image": "python", "mem_mib": 512, "warmup": None},

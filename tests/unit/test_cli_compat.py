@@ -106,7 +106,7 @@ def test_snapshot_takes_v05_template_flags(
     assert fake.calls == [("create_snapshot", ("t", "python", 256, None))]
     err = capsys.readouterr().err
     for said in ("kernel and rootfs paths are ignored", "tap is ignored",
-                 "boot_wait_secs=20 is ignored", "--rw is ignored"):  # fmt: skip
+                 "boot_wait_secs=20 is ignored", "rw is ignored"):  # fmt: skip
         assert said in err
     assert main(["snapshot", "--tag", "t", "--volume", "/data:/data"]) == 2
     assert "--volume is not supported" in capsys.readouterr().err

@@ -347,9 +347,8 @@ def _v05_template_notes(args: argparse.Namespace) -> None:
     for name in ("kernel", "rootfs", "tap", "boot_wait_secs"):
         if getattr(args, name) is not None:
             given[name] = getattr(args, name)
+    given["rw"] = args.rw
     notes = compat.snapshot_notes(wire.CreateSnapshotRequest(**given), args.image or DEFAULT_IMAGE)
-    if args.rw:
-        notes.append("--rw is ignored: a template's root is read-only, with a writable overlay")
     if args.keep_workdir:
         notes.append("--keep-workdir is ignored: nothing is left to keep once a template is saved")
     for note in notes:
