@@ -123,7 +123,7 @@ def nocgroup_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon
 def run_original(python: Path, daemon: DaemonProcess, script: str, *args: str) -> Any:
     """Run ``script`` with the original clients' interpreter; its last stdout line is JSON."""
     env = {k: v for k, v in clean_env().items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(FORKD_URL=daemon.url, FORKD_TOKEN=daemon.token or "")
+    env.update(FORKD_URL=daemon.url, FORKD_TOKEN=daemon.token or "", FORKD_HTTP_TIMEOUT="600")
     proc = subprocess.run(
         [str(python), "-c", script, *args],
         capture_output=True,
@@ -264,6 +264,12 @@ out["branch_legacy"] = m.branch_sandbox(sid, diff=True, measure_diff=False)
 for s in [*kids, *out["spawn_flags"]]:
     out.setdefault("kill", []).append(m.kill_sandbox(s["id"]))
 out["list_after"] = m.list_sandboxes()
+# v0.5's form: host kernel + rootfs paths and a boot sleep; this daemon boots its image instead.
+out["create_snapshot"] = m.create_snapshot("orig-mcp-made", kernel="/nonexistent/vmlinux",
+                                           rootfs="/nonexistent/rootfs.ext4", boot_wait_secs=5)
+made = m.spawn_sandboxes("orig-mcp-made", n=1, memory_limit_mib=512)[0]
+out["made_eval"] = m.eval_code(made["id"], "6 * 7")
+m.kill_sandbox(made["id"])
 print(json.dumps(out))
 """
 
@@ -288,8 +294,13 @@ def test_original_mcp_tools(original_python: Path, nocgroup_daemon: DaemonProces
     assert out["branch_legacy"]["mode"] == "diff"
     assert out["kill"] == [{"id": s["id"], "killed": True} for s in (sb, flagged)]
     assert out["list_after"] == []
+    made = out["create_snapshot"]
+    assert (made["tag"], made["status"], made["bootable"]) == ("orig-mcp-made", "ready", True)
+    for said in ("kernel and rootfs paths are ignored", "boot_wait_secs=5 is ignored"):
+        assert said in made["warning"]
+    assert out["made_eval"]["result"] == "42"
     with contextlib.suppress(Exception), nocgroup_daemon.client() as c:
-        for t in ("mcp-branch", out["branch_legacy"]["tag"]):
+        for t in ("mcp-branch", out["branch_legacy"]["tag"], "orig-mcp-made"):
             c.delete(f"/v1/snapshots/{t}")
 
 
