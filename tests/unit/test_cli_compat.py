@@ -154,6 +154,26 @@ def test_rmi_takes_many_tags_and_goes_on_after_a_failure(
     assert main(["rmi", "a"]) == 0
 
 
+def test_daemon_flags_after_the_verb(monkeypatch: pytest.MonkeyPatch) -> None:
+    """forkd v0.5 spelled them per verb (``forkd ls --daemon-url URL``); before it works too."""
+    seen: list[tuple[str | None, str | None]] = []
+
+    def choose(_settings: Any, *, daemon_url: Any, token: Any, local: bool) -> FakeBackend:
+        seen.append((daemon_url, token))
+        return FakeBackend()
+
+    monkeypatch.setattr(cli_main, "choose_backend", choose)
+    monkeypatch.setattr(FakeBackend, "close", lambda self: None, raising=False)
+    main(["rmi", "t", "--daemon-url", "http://h:1", "--daemon-token", "tok"])
+    main(["--daemon-url", "http://g:2", "rmi", "t"])
+    assert seen == [("http://h:1", "tok"), ("http://g:2", None)]
+
+
+def test_quickstart_refuses_a_docker_image(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["quickstart", "--image", "python:3.12-slim"]) == 2
+    assert "Docker images are not supported" in capsys.readouterr().err
+
+
 def test_where_prints_the_data_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--home", str(tmp_path / "h"), "where"]) == 0
     assert capsys.readouterr().out == f"{tmp_path / 'h'}\n"

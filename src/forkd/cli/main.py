@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("-n", "--n", dest="n", type=int, default=10, help="children to fork")
     qs.add_argument("--tag", default="quickstart")
     qs.add_argument("-y", "--yes", action="store_true", help="do not ask before building")
+    qs.add_argument("--image", help="forkd v0.5's Docker image: not supported (refused)")
 
     sub.add_parser("where", help="print the data dir (FORKD_HOME)").add_argument(
         "--json", action="store_true", help="also the memory, cache, database and log paths"
@@ -186,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
         "cleanup", help="list leftovers of dead forkd processes (dry run); -y removes them"
     )
     cl.add_argument("-y", "--yes", action="store_true", help="remove what is listed")
+
+    # forkd v0.5 took the daemon flags after the verb (`forkd ls --daemon-url URL`): accept both.
+    for name, verb in sub.choices.items():
+        if name not in ("daemon", "serve", "mcp", "image"):
+            verb.add_argument("--daemon-url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            verb.add_argument("--daemon-token", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
@@ -581,6 +588,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from forkd.demo import run_quickstart
 
+    if args.image is not None:
+        raise Usage(
+            f"--image {args.image}: Docker images are not supported; quickstart uses the "
+            "built-in 'python' image (forkd image build --packages adds Debian packages)"
+        )
     if args.n < 1:
         raise Usage(f"-n must be at least 1, got {args.n}")
     return run_quickstart(_settings(args), n=args.n, tag=args.tag, assume_yes=args.yes)
