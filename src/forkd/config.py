@@ -123,8 +123,17 @@ class Settings:
             values["warm_pool_size"] = int(pool)
         if maxsb := os.environ.get("FORKD_MAX_SANDBOXES"):
             values["max_sandboxes"] = int(maxsb)
+        if cap := os.environ.get("FORKD_BRANCH_CONCURRENCY"):
+            try:
+                values["branch_concurrency"] = int(cap)
+            except ValueError:
+                msg = f"FORKD_BRANCH_CONCURRENCY must be an integer, got {cap!r}"
+                raise InvalidInput(msg) from None
         values["limits"] = Limits.from_env()
         values.update({k: v for k, v in overrides.items() if v is not None})
+        branch_cap = values.get("branch_concurrency", 1)
+        if not isinstance(branch_cap, int) or branch_cap < 1:
+            raise InvalidInput(f"branch concurrency must be at least 1, got {branch_cap!r}")
         return cls(**values)  # type: ignore[arg-type]
 
     @property

@@ -306,6 +306,26 @@ def test_forkd_controller_serve_maps_to_the_daemon(
     assert len(served) == 1
 
 
+def test_settings_read_v05_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    from forkd.errors import InvalidInput
+
+    monkeypatch.setenv("FORKD_BRANCH_CONCURRENCY", "6")
+    monkeypatch.setenv("FORKD_CGROUPS", "0")
+    settings = Settings.from_env()
+    assert (settings.branch_concurrency, settings.cgroups) == (6, False)
+    assert Settings.from_env(branch_concurrency=2).branch_concurrency == 2
+    for bad in ("0", "many"):
+        monkeypatch.setenv("FORKD_BRANCH_CONCURRENCY", bad)
+        with pytest.raises(InvalidInput, match=r"FORKD_BRANCH_CONCURRENCY|at least 1"):
+            Settings.from_env()
+    monkeypatch.delenv("FORKD_BRANCH_CONCURRENCY")
+    with pytest.raises(InvalidInput, match="at least 1"):
+        Settings.from_env(branch_concurrency=0)
+    monkeypatch.setenv("FORKD_CGROUPS", "maybe")
+    with pytest.raises(InvalidInput, match="FORKD_CGROUPS"):
+        Settings.from_env()
+
+
 def test_forkd_mcp_http_timeout() -> None:
     from forkd.mcp_server import http_timeout
 

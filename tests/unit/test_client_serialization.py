@@ -678,6 +678,8 @@ def test_sandbox_v05_constructor(
         Sandbox(spawn=False, controller=ctl)
     with pytest.raises(ValueError, match="disagree"):
         Sandbox.create("a", tag="b", controller=ctl)
+    with pytest.raises(ValueError, match="connect"):  # v0.5's create(tag, target)
+        Sandbox.create("a", "10.42.0.2:8888", controller=ctl)  # type: ignore[arg-type]
     assert len(daemon.requests) == spawned  # nothing was sent for the refused ones
 
 

@@ -377,6 +377,8 @@ class Sandbox(_SandboxBase[Controller]):
         sandbox using it is killed or closed). ``live_fork`` is accepted for compatibility;
         every sandbox can ``branch(mode="live")``.
         """
+        if isinstance(timeout, str):  # forkd v0.5's create(tag, target): a host:port
+            _no_target(timeout, True)
         return cls(
             tag, None, timeout, template=template, base_url=base_url, token=token,
             controller=controller, memory_limit_mib=memory_limit_mib, live_fork=live_fork,
