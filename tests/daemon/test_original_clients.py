@@ -6,7 +6,8 @@ its tool functions, called directly) are installed into a separate venv, cached 
 nothing set up beforehand. A script run with that venv's interpreter drives a real daemon whose
 ``FORKD_CGROUPS=0`` makes it behave as a host without a writable cgroup, prints what every call
 answered as JSON, and the tests assert on that. Skipped (saying so) only when pip cannot reach
-the package index.
+the package index. The original TypeScript SDK (never published) runs too when
+``FORKD_ORIGINAL_SRC`` names a checkout of the original repository.
 """
 
 from __future__ import annotations
@@ -332,3 +333,87 @@ def test_v05_sandbox_code_runs_on_our_sdk(
         assert sb2.eval_result("1 / 0").error is not None  # the rich result never raises
     with nocgroup_daemon.client() as c:
         assert {s["id"] for s in c.get("/v1/sandboxes").json()}.isdisjoint({sid, sb2.id})
+
+
+# forkd v0.5's TypeScript SDK was never published: given a checkout of the original repository
+# (FORKD_ORIGINAL_SRC), its sdk/typescript/src is compiled with this repo's TypeScript and run.
+TS_SCRIPT = r"""
+import { Controller, Sandbox } from "./dist/index.js";
+const tag = process.argv[2];
+const ctrl = new Controller({ timeoutMs: 300_000 });
+const out = {};
+out.snapshots = (await ctrl.listSnapshots()).map((s) => s.tag);
+const [info] = await ctrl.spawnSandboxes({ snapshotTag: tag, n: 1, memoryLimitMib: 256 });
+out.spawn = info;
+const sb = new Sandbox(ctrl, info);
+out.exec = await sb.exec(["python3", "-c", "print(3 * 3)"], { timeoutSecs: 10 });
+out.eval = await sb.eval("'ts-' + str(1 + 1)");
+out.evalError = null;
+try { await sb.eval("1 / 0"); } catch (e) { out.evalError = String(e.message); }
+out.ping = await sb.ping();
+await sb.eval("STATE = 'from-ts'");
+out.branch = await sb.branch({ diff: true });
+out.branchMeasured = await ctrl.branchSandbox(sb.id, { tag: "ts-full", measure_diff: true });
+const [kid] = await ctrl.spawnSandboxes({ snapshotTag: out.branch.tag, n: 1 });
+out.kidEval = await ctrl.evalCode(kid.id, "STATE");
+await ctrl.killSandbox(kid.id);
+await sb.kill();
+await sb.kill();  // idempotent
+out.withResult = await Sandbox.with({ snapshotTag: tag, memoryLimitMib: 256 }, async (s) => {
+  const r = await s.exec(["echo", "with"]);
+  return r.stdout;
+});
+out.left = (await ctrl.listSandboxes()).map((s) => s.id);
+await ctrl.deleteSnapshot(out.branch.tag);
+await ctrl.deleteSnapshot("ts-full");
+try { await ctrl.getSandbox(sb.id); } catch (e) { out.gone = { status: e.status, body: e.body }; }
+console.log(JSON.stringify(out));
+"""
+
+
+def test_original_typescript_sdk(nocgroup_daemon: DaemonProcess, tmp_path: Path) -> None:
+    src = os.environ.get("FORKD_ORIGINAL_SRC")
+    if not src:
+        pytest.skip("FORKD_ORIGINAL_SRC (a checkout of the original forkd repository) not set")
+    ts_src = Path(src) / "sdk" / "typescript" / "src"
+    sdk = Path(__file__).resolve().parents[2] / "sdk" / "typescript"
+    npm, node = shutil.which("npm"), shutil.which("node")
+    if npm is None or node is None:
+        pytest.skip("node/npm are not installed (scripts/setup.sh test installs them)")
+    if not (sdk / "node_modules").is_dir():
+        subprocess.run([npm, "install", "--no-audit", "--no-fund", "--silent"], cwd=sdk, check=True)
+    shutil.copytree(ts_src, tmp_path / "src")
+    config = {
+        "compilerOptions": {
+            "target": "ES2022", "module": "NodeNext", "moduleResolution": "NodeNext",
+            "lib": ["ES2022"], "outDir": "./dist", "rootDir": "./src", "strict": True,
+            "skipLibCheck": True, "types": ["node"],
+            "typeRoots": [str(sdk / "node_modules" / "@types")],
+        },
+        "include": ["src/**/*"],
+    }  # fmt: skip
+    (tmp_path / "tsconfig.json").write_text(json.dumps(config))
+    (tmp_path / "package.json").write_text('{"type": "module"}')
+    tsc = subprocess.run(
+        [str(sdk / "node_modules" / ".bin" / "tsc"), "-p", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert tsc.returncode == 0, tsc.stdout + tsc.stderr
+    (tmp_path / "run.mjs").write_text(TS_SCRIPT)
+    env = {**clean_env(), "FORKD_URL": nocgroup_daemon.url,
+           "FORKD_TOKEN": nocgroup_daemon.token or ""}  # fmt: skip
+    proc = subprocess.run(
+        [node, "run.mjs", TEMPLATE], cwd=tmp_path, capture_output=True, text=True, env=env,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert TEMPLATE in out["snapshots"]
+    assert "memory_limit_mib=256 is not enforced" in out["spawn"]["warning"]
+    assert out["exec"]["stdout"] == "9\n" and out["eval"] == "'ts-2'"
+    assert out["evalError"] is not None and "ZeroDivisionError" in out["evalError"]
+    assert out["ping"]["pong"] is True
+    assert out["branch"]["mode"] == "diff" and out["branchMeasured"]["diff_ms"] is not None
+    assert out["kidEval"]["result"] == "'from-ts'"
+    assert out["withResult"] == "with\n" and out["left"] == []
+    assert out["gone"]["status"] == 404
