@@ -501,6 +501,7 @@ def test_metrics(api: httpx.Client, sandboxes: list[str]) -> None:
     assert values["forkd_snapshots_total"] >= 1
     assert values["forkd_sandboxes_active"] >= 1
     assert values["forkd_branches_in_flight"] == 0
+    assert values["forkd_branch_concurrency_cap"] == 4
     assert values["forkd_spawn_seconds_count"] >= 1
     assert values['forkd_build_info{version="0.6.0"}'] == 1
     assert "forkd_agent_errors_total" in values
