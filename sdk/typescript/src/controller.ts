@@ -17,13 +17,21 @@ export const DEFAULT_BASE_URL = "http://127.0.0.1:8889";
 /** Per-request timeout used when `timeoutMs` is not given. */
 export const DEFAULT_TIMEOUT_MS = 60_000;
 
+/** Base of every error this SDK throws on purpose ({@link ControllerError}, `EvalError`). */
+export class ForkdError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "ForkdError";
+  }
+}
+
 /**
  * A non-2xx answer from the daemon.
  *
  * `status` is the HTTP status, `body` the parsed JSON body (usually `{"error": "..."}`) or the raw
  * text when it was not JSON, `url` the request URL. The message includes the daemon's `error`.
  */
-export class ControllerError extends Error {
+export class ControllerError extends ForkdError {
   readonly status: number;
   readonly body: unknown;
   readonly url: string;
@@ -118,6 +126,8 @@ export interface BranchOptions {
   diff?: boolean;
   /** Measure the diff size even for a full branch; sent only when true. */
   measureDiff?: boolean;
+  /** forkd v0.5's spelling of `measureDiff` (its SDK took the wire name); either one works. */
+  measure_diff?: boolean;
   /**
    * Wait for the snapshot to be written (default true). Only `wait: false` is sent, and the daemon
    * accepts it only with `mode: "live"`; the answer then has `status: "writing"` (see
@@ -325,7 +335,7 @@ export class Controller {
     if (options.tag !== undefined) body.tag = options.tag;
     if (options.mode !== undefined && options.mode !== null) body.mode = options.mode;
     else if (options.diff) body.diff = true;
-    if (options.measureDiff) body.measure_diff = true;
+    if (options.measureDiff || options.measure_diff) body.measure_diff = true;
     if (options.wait === false) body.wait = false;
     if (options.parentTag !== undefined) body.parent_tag = options.parentTag;
     return this.request("POST", `/v1/sandboxes/${seg(id)}/branch`, { json: body });

@@ -7,6 +7,7 @@
 export {
   Controller,
   ControllerError,
+  ForkdError,
   DEFAULT_BASE_URL,
   DEFAULT_TIMEOUT_MS,
   type BranchOptions,
@@ -20,6 +21,7 @@ export {
 } from "./controller.js";
 export {
   Commands,
+  EvalError,
   Files,
   Sandbox,
   type RunOptions,

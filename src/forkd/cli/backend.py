@@ -22,6 +22,19 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+@dataclasses.dataclass(frozen=True)
+class SpawnFlags:
+    """forkd v0.5's spawn flags; see :mod:`forkd.compat` for what each means here."""
+
+    per_child_netns: bool = False
+    prewarm: bool = False
+    live_fork: bool = False
+    hugepages: bool = False
+
+
+NO_FLAGS = SpawnFlags()
+
+
 class Backend(Protocol):
     kind: str
 
@@ -39,7 +52,7 @@ class Backend(Protocol):
     def delete_snapshot(self, tag: str, cascade: bool, force: bool) -> None: ...
     def compact_snapshot(self, tag: str, to: str) -> dict[str, Any]: ...
     def spawn(
-        self, tag: str, n: int, memory_limit_mib: int | None,
+        self, tag: str, n: int, memory_limit_mib: int | None, flags: SpawnFlags = NO_FLAGS,
         network: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]: ...  # fmt: skip
     def expose_port(self, sandbox_id: str, port: int) -> dict[str, Any]: ...
@@ -116,13 +129,21 @@ class LocalBackend:
         return self._run(self.runtime.compact_snapshot(tag, to)).model_dump()
 
     def spawn(
-        self, tag: str, n: int, memory_limit_mib: int | None,
+        self, tag: str, n: int, memory_limit_mib: int | None, flags: SpawnFlags = NO_FLAGS,
         network: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:  # fmt: skip
+        from forkd import compat, wire
+
+        req = wire.SpawnRequest(snapshot_tag=tag, n=n, **dataclasses.asdict(flags))
+        notes = compat.spawn_notes(req, memory_dir=self.runtime.settings.memory_dir)
         spawned = self._run(self.runtime.spawn(
             tag, n, memory_limit_mib=memory_limit_mib, network=_network(network)
         ))  # fmt: skip
-        return [{**s.sandbox.model_dump(), "fork_timing_ms": _timing(s.timing)} for s in spawned]
+        return [
+            {**s.sandbox.model_dump(), "fork_timing_ms": _timing(s.timing),
+             "warning": compat.join(s.warning, *notes)}
+            for s in spawned
+        ]  # fmt: skip
 
     def expose_port(self, sandbox_id: str, port: int) -> dict[str, Any]:
         return self._run(self.runtime.expose_port(sandbox_id, port)).model_dump()
@@ -225,11 +246,12 @@ class RemoteBackend:
         return dict(self.c.compact_snapshot(tag, to))
 
     def spawn(
-        self, tag: str, n: int, memory_limit_mib: int | None,
+        self, tag: str, n: int, memory_limit_mib: int | None, flags: SpawnFlags = NO_FLAGS,
         network: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:  # fmt: skip
         return list(self.c.spawn_sandboxes(
-            tag, n=n, memory_limit_mib=memory_limit_mib, network=network
+            tag, n=n, memory_limit_mib=memory_limit_mib, network=network,
+            **dataclasses.asdict(flags),
         ))  # fmt: skip
 
     def expose_port(self, sandbox_id: str, port: int) -> dict[str, Any]:

@@ -33,13 +33,13 @@ from forkd.errors import (
 from forkd.images.store import Image, ImageStore
 from forkd.net.policy import EgressPolicy
 from forkd.runtime import cgroups as cgroup_limits
+from forkd.runtime import leftovers
 from forkd.runtime.network import SandboxNetworks, template_key
 from forkd.runtime.pool import (
     AGENT_CONNECT_TIMEOUT_S,
     BASE_MANIFEST,
     WarmPool,
     launch_incoming,
-    pool_dir_owner,
 )
 from forkd.runtime.registry import Registry, SandboxRow, SnapshotRow, now_unix
 from forkd.snapshots.branch import BranchStats, pause_and_copy, start_live
@@ -62,7 +62,6 @@ from forkd.vmm.netdev import GuestNetwork
 from forkd.vmm.qemu import QemuProcess, pid_alive, pid_runs_in
 from forkd.vmm.spec import RunPaths
 
-UNRECORDED_GRACE_S = 120.0
 ADOPT_QMP_TIMEOUT_S = 5.0
 CHILD_HANDSHAKE_TIMEOUT_S = 60.0
 MAX_PARALLEL_LAUNCHES = 16
@@ -89,6 +88,7 @@ class ForkTiming:
 class Spawned:
     sandbox: wire.SandboxInfo
     timing: ForkTiming
+    warning: str | None = None  # e.g. a memory limit no cgroup can enforce
 
 
 class Runtime:
@@ -172,25 +172,8 @@ class Runtime:
         is gone, and forks interrupted before they were recorded (old enough that no fork can
         still be in progress). Other live processes' pools are left alone."""
         known = {Path(r.run_dir).name for r in self.registry.list_sandboxes()}
-        stale_before = time.time() - UNRECORDED_GRACE_S
-        for entry in self.settings.run_dir.iterdir() if self.settings.run_dir.is_dir() else []:
-            if entry.name in known:  # a sandbox, wherever its run dir came from
-                continue
-            owner = pool_dir_owner(entry.name)
-            orphan = False
-            if owner is not None:
-                orphan = owner == os.getpid() or not pid_alive(owner)
-            elif entry.name.startswith("sb-"):
-                with contextlib.suppress(OSError):
-                    orphan = entry.stat().st_mtime < stale_before
-            if not orphan:
-                continue
-            paths = RunPaths(entry)
-            with contextlib.suppress(OSError, ValueError):
-                pid = int(paths.pidfile.read_text().strip())
-                if pid_runs_in(pid, paths):
-                    os.kill(pid, 9)
-            shutil.rmtree(entry, ignore_errors=True)
+        for entry in leftovers.orphan_run_dirs(self.settings.run_dir, known):
+            leftovers.remove_run_dir(entry)
 
     async def settle(self) -> None:
         """Wait for background work that starts processes (warm-pool refills) to finish."""
@@ -416,7 +399,12 @@ class Runtime:
             )
         manifest = self._ready_manifest(tag)
         policy = self.networks.policy_for(manifest, network, allow_internet_access)
-        cgroups = cgroup_limits.require() if memory_limit_mib is not None else None
+        cgroups, warning = None, None
+        if memory_limit_mib is not None:
+            cgroups = cgroup_limits.available(self.settings.cgroups)
+            if cgroups is None:  # accepted, not enforced (forkd v0.5 did the same)
+                warning = cgroup_limits.not_enforced(memory_limit_mib, self.settings.cgroups)
+                memory_limit_mib = None
         running = sum(1 for r in self.registry.list_sandboxes() if r.state != "dead")
         if running + n > self.settings.max_sandboxes:
             raise Unavailable(
@@ -434,7 +422,7 @@ class Runtime:
             for s in spawned:
                 await self.kill(s.sandbox.id)
             raise errors[0]
-        return spawned
+        return [dataclasses.replace(s, warning=warning) for s in spawned] if warning else spawned
 
     async def _fork_one(
         self,

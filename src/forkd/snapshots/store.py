@@ -146,23 +146,28 @@ class SnapshotStore:
                 continue
         return used
 
-    def sweep_staging(self) -> list[str]:
-        """Delete leftovers of snapshots whose writer died before finishing them."""
-        removed: list[str] = []
+    def stale_staging(self) -> list[Path]:
+        """Leftovers of snapshots whose writer died before finishing them (nothing removed)."""
+        found: list[Path] = []
         for root in (self.root, self.memory_root):
-            if not root.is_dir():
-                continue
-            for entry in root.iterdir():
+            for entry in sorted(root.iterdir()) if root.is_dir() else []:
                 if not entry.name.startswith(STAGING_PREFIX):
                     continue
                 writer = staging_writer(entry.name)
                 if writer is not None and writer != os.getpid() and pid_alive(writer):
                     continue
-                if entry.is_dir():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
-                removed.append(entry.name)
+                found.append(entry)
+        return found
+
+    def sweep_staging(self) -> list[str]:
+        """Delete leftovers of snapshots whose writer died before finishing them."""
+        removed: list[str] = []
+        for entry in self.stale_staging():
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry.name)
         return removed
 
     def tags_on_disk(self) -> list[str]:
