@@ -5,7 +5,9 @@ import type {
   FileEntry,
   FileWriteResult,
   HealthzResult,
+  NetworkPolicy,
   PingResult,
+  PortForward,
   SandboxInfo,
   SnapshotDetail,
   SnapshotInfo,
@@ -115,6 +117,10 @@ export interface SpawnOptions {
   liveFork?: boolean;
   /** Back guest memory with huge pages; sent only when true. */
   hugepages?: boolean;
+  /** Egress policy of the children; sent only when set. */
+  network?: NetworkPolicy;
+  /** E2B's shorthand: true is egress internet, false none; sent only when set. */
+  allowInternetAccess?: boolean;
 }
 
 export interface BranchOptions {
@@ -305,7 +311,26 @@ export class Controller {
     if (options.prewarm) body.prewarm = true;
     if (options.liveFork) body.live_fork = true;
     if (options.hugepages) body.hugepages = true;
+    if (options.network !== undefined) body.network = options.network;
+    if (options.allowInternetAccess !== undefined) {
+      body.allow_internet_access = options.allowInternetAccess;
+    }
     return this.request("POST", "/v1/sandboxes", { json: body });
+  }
+
+  /** `POST /v1/sandboxes/{id}/ports`: forward guest TCP `port` to this host's loopback. */
+  exposePort(id: string, port: number): Promise<PortForward> {
+    return this.request("POST", `/v1/sandboxes/${seg(id)}/ports`, { json: { port } });
+  }
+
+  /** `GET /v1/sandboxes/{id}/ports`. */
+  listPorts(id: string): Promise<PortForward[]> {
+    return this.request("GET", `/v1/sandboxes/${seg(id)}/ports`);
+  }
+
+  /** `DELETE /v1/sandboxes/{id}/ports/{port}`. */
+  async removePort(id: string, port: number): Promise<void> {
+    await this.request("DELETE", `/v1/sandboxes/${seg(id)}/ports/${Math.trunc(port)}`);
   }
 
   /** `GET /v1/sandboxes`. */

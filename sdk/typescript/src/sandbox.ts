@@ -5,6 +5,7 @@ import type {
   ExecResult,
   FileEntry,
   FileWriteResult,
+  NetworkPolicy,
   PingResult,
   SandboxInfo,
   SnapshotInfo,
@@ -26,6 +27,10 @@ export interface SandboxCreateOptions extends SandboxConnectionOptions {
   prewarm?: boolean;
   liveFork?: boolean;
   hugepages?: boolean;
+  /** Egress policy (`{ egress, allow, host_ca }`); default none. */
+  network?: NetworkPolicy;
+  /** E2B's shorthand: true is egress internet. */
+  allowInternetAccess?: boolean;
 }
 
 export interface RunOptions {
@@ -214,6 +219,8 @@ export class Sandbox {
       prewarm: options.prewarm,
       liveFork: options.liveFork,
       hugepages: options.hugepages,
+      network: options.network,
+      allowInternetAccess: options.allowInternetAccess,
     });
     if (!info) throw new Error(`Sandbox.create: the daemon spawned no sandbox from ${template}`);
     return new Sandbox(controller, info);
@@ -301,6 +308,12 @@ export class Sandbox {
   }
 
   /** Terminate this sandbox. Idempotent: a second call sends nothing. */
+  /** `host:port` on this machine where guest TCP `port` answers (E2B's name). */
+  async getHost(port: number): Promise<string> {
+    const fwd = await this.controller.exposePort(this.id, port);
+    return `${fwd.host}:${fwd.host_port}`;
+  }
+
   async kill(): Promise<void> {
     if (this.killed) return;
     await this.controller.killSandbox(this.id);

@@ -202,6 +202,36 @@ describe("spawnSandboxes body", () => {
     assert.deepEqual(fetch.calls[2].json, { snapshot_tag: "py", n: 1, per_child_netns: false, live_fork: true });
   });
 
+  test("network and allow_internet_access only when set", async () => {
+    const { ctrl, fetch } = ctrlWith({ status: 201, json: [] });
+    await ctrl.spawnSandboxes({
+      snapshotTag: "py",
+      network: { egress: "allowlist", allow: ["host:8000"] },
+    });
+    assert.deepEqual(fetch.calls[0].json.network, { egress: "allowlist", allow: ["host:8000"] });
+    assert.ok(!("allow_internet_access" in fetch.calls[0].json));
+    await ctrl.spawnSandboxes({ snapshotTag: "py", allowInternetAccess: false });
+    assert.equal(fetch.calls[1].json.allow_internet_access, false);
+    assert.ok(!("network" in fetch.calls[1].json));
+  });
+
+  test("ports: expose, list, remove", async () => {
+    const fwd = { port: 8000, host: "127.0.0.1", host_port: 4000, url: "http://127.0.0.1:4000" };
+    const { ctrl, fetch } = ctrlWith({ status: 201, json: fwd }, { json: [fwd] }, { status: 204 });
+    assert.deepEqual(await ctrl.exposePort("sb-1", 8000), fwd);
+    assert.deepEqual(fetch.calls[0].json, { port: 8000 });
+    assert.deepEqual(await ctrl.listPorts("sb-1"), [fwd]);
+    await ctrl.removePort("sb-1", 8000);
+    assert.deepEqual(
+      fetch.calls.map((c) => [c.method, c.url]),
+      [
+        ["POST", `${BASE}/v1/sandboxes/sb-1/ports`],
+        ["GET", `${BASE}/v1/sandboxes/sb-1/ports`],
+        ["DELETE", `${BASE}/v1/sandboxes/sb-1/ports/8000`],
+      ],
+    );
+  });
+
   test("memory_limit_mib only when set; n and per_child_netns passed through", async () => {
     const { ctrl, fetch } = ctrlWith({ status: 201, json: [] });
     await ctrl.spawnSandboxes({ snapshotTag: "py", n: 4, perChildNetns: true, memoryLimitMib: 256 });
