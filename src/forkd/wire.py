@@ -39,6 +39,8 @@ class SnapshotInfo(BaseModel):
     mem_mib: int | None = None
     total_ms: float | None = None
     bytes_written: int | None = None
+    # memory and device state this snapshot owns (a delta branch: only its pages)
+    stored_bytes: int | None = None
     error: str | None = None
 
 

@@ -144,6 +144,13 @@ async def test_branch_validation(runtime: Runtime, source: str) -> None:
     in_flight = await runtime.branch(source, tag="inflight", mode="live", wait=False)
     with pytest.raises(Conflict, match="already exists or is being written"):
         await runtime.branch(source, tag="inflight", mode="live", wait=False)
+    saved = runtime.settings
+    runtime.settings = dataclasses.replace(saved, branch_concurrency=1)
+    try:
+        with pytest.raises(Unavailable, match=r"cap is 1 \(--branch-concurrency\)"):
+            await runtime.branch(source, mode="full")
+    finally:
+        runtime.settings = saved
     # Another forkd process starting up meanwhile must leave the in-flight branch alone.
     other = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "forkd", "--local", "--home", str(runtime.settings.home),
@@ -152,13 +159,6 @@ async def test_branch_validation(runtime: Runtime, source: str) -> None:
     listed, _ = await other.communicate()
     seen = {s["tag"]: s["status"] for s in json.loads(listed)}
     assert seen["inflight"] in ("writing", "ready")
-    saved = runtime.settings
-    runtime.settings = dataclasses.replace(saved, branch_concurrency=1)
-    try:
-        with pytest.raises(Unavailable, match=r"cap is 1 \(--branch-concurrency\)"):
-            await runtime.branch(source, mode="full")
-    finally:
-        runtime.settings = saved
     assert await wait_status(runtime, in_flight.tag) == "ready"
     assert await counter(runtime, source) > 0
     await runtime.delete_snapshot("inflight")

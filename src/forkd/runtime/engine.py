@@ -744,8 +744,10 @@ class Runtime:
         })  # fmt: skip
         manifest = self.snapshots.commit(staging, manifest)
         extra = dict(snapshot_row.extra)
+        owned = manifest.delta if manifest.delta is not None else manifest.memory
+        stored = _physical_bytes(Path(owned.path)) + manifest.devstate.bytes
         extra.update(pause_ms=stats.pause_ms, total_ms=stats.total_ms,
-                     bytes_written=stats.bytes_written)  # fmt: skip
+                     bytes_written=stats.bytes_written, stored_bytes=stored)  # fmt: skip
         if measure_diff or snapshot_row.mode == "diff":
             extra.update(diff_ms=stats.diff_ms, diff_physical_bytes=stats.diff_physical_bytes,
                          diff_logical_bytes=stats.diff_logical_bytes)  # fmt: skip
@@ -959,6 +961,14 @@ class Runtime:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(fd)
             os.close(fd)
+
+
+def _physical_bytes(path: Path) -> int:
+    """Bytes a (possibly sparse) file occupies."""
+    try:
+        return path.stat().st_blocks * 512
+    except OSError:
+        return 0
 
 
 def _guest_path(path: str) -> str:

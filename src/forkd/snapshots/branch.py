@@ -8,7 +8,8 @@
   and get the delta written into their RAM before they run.
 - ``live``: QEMU ``background-snapshot`` (userfaultfd write-protect) stops the VM only to save
   device state and arm write protection; RAM streams out while the guest runs. The stream is then
-  *materialized* by a short-lived QEMU into a memory file plus device state.
+  *materialized* by a short-lived QEMU into a memory file plus device state, and only the pages
+  the source holds privately are kept, as a delta like ``diff``'s.
 
 Each result is an ordinary template: children fork from it copy-on-write, and can be branched.
 The source is always continued, even on failure.
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from forkd.errors import VMError
-from forkd.snapshots.delta import write_delta
+from forkd.snapshots.delta import delta_from_file, write_delta
 from forkd.snapshots.guestram import PAGE, copy_runs, find_ram_mapping, sparse_copy, written_runs
 from forkd.snapshots.manifest import SnapshotManifest
 from forkd.snapshots.store import Staging
@@ -190,13 +191,41 @@ async def start_live(
         await qemu.wait_migration(timeout=LIVE_TIMEOUT_S, what="live snapshot")
         stats.phases["stream_ms"] = (time.monotonic() - t0) * 1000
         stats.bytes_written = stream.stat().st_size
-        await materialize(stream, base, staging, run_root, on_materializer=on_materializer)
-        stream.unlink(missing_ok=True)
+        full = staging.memory.with_name(staging.memory.name + ".full")
+        try:
+            await materialize(stream, base, staging, run_root, memory=full,
+                              on_materializer=on_materializer)  # fmt: skip
+            stream.unlink(missing_ok=True)
+            stats.bytes_written += full.stat().st_size
+            await _keep_only_the_delta(qemu, base, full, staging.memory, stats)
+        finally:
+            full.unlink(missing_ok=True)
         stats.bytes_written += staging.devstate.stat().st_size
         stats.total_ms = (time.monotonic() - t0) * 1000
         return stats
 
     return LiveBranch(stats, finish)
+
+
+async def _keep_only_the_delta(
+    source: QemuProcess, base: SnapshotManifest, full: Path, dest: Path, stats: BranchStats
+) -> None:
+    """Turn a materialized live snapshot into a delta over the source's base file.
+
+    Every page that differs from the base at the snapshot instant was the source's own
+    (anonymous) page then and still is, so scanning the source now finds a superset of them.
+    If the source is gone the full file is kept: a standalone branch, never a wrong delta."""
+    size = base.mem_mib * 1024 * 1024
+    try:
+        ram = find_ram_mapping(source.pid, base.memory.path, size)
+        runs = written_runs(ram)
+    except (VMError, OSError):
+        os.replace(full, dest)
+        return
+    await asyncio.to_thread(delta_from_file, full, runs, dest)
+    stats.delta = True
+    stats.diff_physical_bytes = sum(n for _, n in runs) * PAGE
+    stats.diff_logical_bytes = size
 
 
 async def materialize(
@@ -205,15 +234,14 @@ async def materialize(
     staging: Staging,
     run_root: Path,
     *,
+    memory: Path,
     on_materializer: Callable[[int], None] = lambda _pid: None,
 ) -> None:
-    """Load a full migration stream into a fresh shared memory file, then save device state only.
-
-    The result (``staging.memory`` + ``staging.devstate``) is a template like any other.
-    """
+    """Load a full migration stream into a fresh shared memory file ``memory``, then save
+    device state only (``staging.devstate``)."""
     paths = RunPaths(run_root / f"materialize-{staging.tag}")
     argv = instance_args(
-        base.machine_args, mem_mib=base.mem_mib, memory_path=staging.memory, share=True,
+        base.machine_args, mem_mib=base.mem_mib, memory_path=memory, share=True,
         paths=paths, incoming=True,
     )  # fmt: skip
     qemu = await QemuProcess.launch(argv, paths)

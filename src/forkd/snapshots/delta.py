@@ -61,8 +61,17 @@ def read_index(path: Path, *, max_pages: int) -> DeltaIndex:
 
 def write_delta(ram: RamMapping, runs: list[tuple[int, int]], dest: Path) -> int:
     """Copy the pages of ``runs`` out of a (stopped) QEMU's guest RAM into ``dest``; bytes."""
+    return _pack(f"/proc/{ram.pid}/mem", ram.start, runs, dest)
+
+
+def delta_from_file(memory: Path, runs: list[tuple[int, int]], dest: Path) -> int:
+    """Pack the pages of ``runs`` of a full memory file into delta ``dest``; bytes."""
+    return _pack(str(memory), 0, runs, dest)
+
+
+def _pack(source: str, base: int, runs: list[tuple[int, int]], dest: Path) -> int:
     index = DeltaIndex(tuple(runs))
-    src = os.open(f"/proc/{ram.pid}/mem", os.O_RDONLY)
+    src = os.open(source, os.O_RDONLY)
     try:
         out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -75,7 +84,7 @@ def write_delta(ram: RamMapping, runs: list[tuple[int, int]], dest: Path) -> int
                 offset, end = first * PAGE, (first + count) * PAGE
                 while offset < end:
                     n = min(COPY_CHUNK, end - offset)
-                    data = os.pread(src, n, ram.start + offset)
+                    data = os.pread(src, n, base + offset)
                     if len(data) != n:
                         raise VMError(f"short read of guest RAM at offset {offset}")
                     os.pwrite(out, data, pos)
