@@ -73,6 +73,13 @@ class AgentError(ForkdError):
     """The guest agent could not be reached or answered with an error."""
 
 
+class AgentProtocolError(AgentError):
+    """The guest agent broke the protocol: a line over the cap, a malformed or out-of-bounds
+    reply, or a flood of lines nobody asked for. The guest is at fault, not the request: 502."""
+
+    http_status = 502
+
+
 class GuestOSError(AgentError):
     """The guest kernel refused a file or process operation; ``errno`` is the guest's.
 

@@ -19,7 +19,7 @@ from forkd import wire
 from forkd.api.app import create_app
 from forkd.api.auth import check_bind, parse_bind, token_problem
 from forkd.config import Limits
-from forkd.errors import AgentError, GuestOSError, InvalidInput, NotFound
+from forkd.errors import AgentError, AgentProtocolError, GuestOSError, InvalidInput, NotFound
 from forkd.runtime.engine import ForkTiming, Runtime, Spawned
 
 pytestmark = pytest.mark.daemon
@@ -77,6 +77,8 @@ class FakeRuntime:
     async def eval(self, sandbox_id: str, code: str) -> wire.EvalResponse:
         if sandbox_id in self.dead:
             raise AgentError("agent connection lost")
+        if code == "abuse":
+            raise AgentProtocolError("agent flooded the channel: connection closed")
         await asyncio.sleep(self.eval_delay)
         return wire.EvalResponse(result=repr(code), error=None, exit_code=0)
 
@@ -337,6 +339,12 @@ async def test_added_latency_is_small(client: httpx.AsyncClient) -> None:
         await client.post("/v1/sandboxes/sb-1/eval", headers=AUTH, json={"code": "1"})
     per_request_ms = (time.perf_counter() - t0) / n * 1000
     assert per_request_ms < 2.0, per_request_ms
+
+
+async def test_abusive_agent_is_a_clean_502(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/sandboxes/sb-1/eval", headers=AUTH, json={"code": "abuse"})
+    assert r.status_code == 502
+    assert r.json() == {"error": "agent flooded the channel: connection closed"}
 
 
 @pytest.mark.parametrize(
