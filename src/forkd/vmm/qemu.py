@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import time
@@ -20,10 +21,23 @@ from typing import Any
 from qemu.qmp import QMPClient
 
 from forkd.errors import HostSetupError, VMError
-from forkd.vmm.spec import RunPaths
+from forkd.vmm.spec import CONSOLE_CHARDEV, RunPaths
 
 QEMU_BINARY = "qemu-system-x86_64"
 MIGRATION_POLL_S = 0.002
+# No file QEMU writes grows past this (RLIMIT_FSIZE, set on every QEMU once it runs): its -D log,
+# the only file a running QEMU appends to on its own, holds QEMU's error reports, some of which a
+# guest can provoke at will. SIGXFSZ stays ignored (inherited from Python), so a write past the
+# cap fails with EFBIG and QEMU runs on. A live branch lifts the cap while QEMU streams RAM.
+QEMU_FILE_CAP_BYTES = 8 << 20
+
+
+def cap_file_size(pid: int, cap: int | None) -> None:
+    """Set the soft RLIMIT_FSIZE of process ``pid`` (None: unlimited); a gone pid is ignored."""
+    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    soft = hard if cap is None else cap
+    with contextlib.suppress(ProcessLookupError):
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))
 
 
 def qemu_binary() -> str:
@@ -81,6 +95,9 @@ class QemuProcess:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
+            # Keep Python's SIG_IGN of SIGXFSZ (and SIGPIPE, which QEMU ignores anyway): a write
+            # past QEMU_FILE_CAP_BYTES must fail, not kill the VM.
+            restore_signals=False,
         )
         try:
             _, err = await asyncio.wait_for(proc.communicate(), timeout)
@@ -102,6 +119,7 @@ class QemuProcess:
             pid = int(paths.pidfile.read_text().strip())
         except (OSError, ValueError) as exc:
             raise VMError(f"QEMU started but wrote no pid file {paths.pidfile}") from exc
+        cap_file_size(pid, QEMU_FILE_CAP_BYTES)
         return cls(pid, paths)
 
     # --- QMP -------------------------------------------------------------------------------
@@ -236,6 +254,17 @@ class QemuProcess:
 
     def alive(self) -> bool:
         return pid_runs_in(self.pid, self.paths)
+
+    async def console_tail(self, size: int = 64 << 10) -> str:
+        """Up to ``size`` of the newest bytes the guest wrote to its serial console (consumed)."""
+        text = await self.execute(
+            "ringbuf-read", {"device": CONSOLE_CHARDEV, "size": size, "format": "utf8"}
+        )
+        return str(text)
+
+    def allow_large_files(self, allow: bool) -> None:
+        """Lift (or restore) the QEMU_FILE_CAP_BYTES cap, for a migration stream QEMU writes."""
+        cap_file_size(self.pid, None if allow else QEMU_FILE_CAP_BYTES)
 
     def log_tail(self, lines: int = 3) -> str:
         """QEMU's last error reports (``-D`` log), for error messages."""
