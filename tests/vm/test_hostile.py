@@ -116,3 +116,17 @@ async def test_agent_abuse_is_bounded_and_others_stay_fast(runtime: Runtime, tem
         assert max(times) < max(1.0, 10 * max(calm)), (fragment, times)
     for sid in (bad, good):
         await runtime.kill(sid)
+
+
+async def test_state_is_private(runtime: Runtime, template: str) -> None:
+    settings = runtime.settings
+    manifest = runtime.snapshots.load(template)
+    sb = (await runtime.spawn(template, 1))[0].sandbox
+    assert sb.run_dir is not None
+    for d in (settings.home, settings.run_dir, settings.snapshots_dir, settings.memory_dir):
+        assert d.stat().st_mode & 0o777 == 0o700, d
+    assert Path(sb.run_dir).stat().st_mode & 0o777 == 0o700
+    for f in (Path(manifest.memory.path), runtime.snapshots.devstate_path(template)):
+        assert f.stat().st_mode & 0o777 == 0o600, f
+    assert settings.db_path.stat().st_mode & 0o777 == 0o600
+    await runtime.kill(sb.id)

@@ -31,6 +31,7 @@ from forkd.errors import (
     VMError,
 )
 from forkd.images.store import ImageStore
+from forkd.private import private_dir
 from forkd.runtime import cgroups as cgroup_limits
 from forkd.runtime.pool import (
     AGENT_CONNECT_TIMEOUT_S,
@@ -113,7 +114,8 @@ class Runtime:
 
     async def start(self) -> None:
         """Sweep unfinished snapshots, adopt what still runs, mark the rest dead."""
-        self.settings.run_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.settings.home, "forkd home")
+        private_dir(self.settings.run_dir, "run dir")
         self.snapshots.sweep_staging()
         known = {row.tag for row in self.registry.list_snapshots()}
         for row in self.registry.list_snapshots():
@@ -679,6 +681,7 @@ class Runtime:
             size = manifest.mem_mib * 1024 * 1024
             await asyncio.to_thread(sparse_copy, Path(manifest.memory.path), staging.memory, size)
             shutil.copyfile(self.snapshots.devstate_path(tag), staging.devstate)
+            os.chmod(staging.devstate, 0o600)
             new = manifest.model_copy(update={
                 "tag": to, "created_at_unix": row.created_at_unix, "parent_tag": tag,
                 "memory": manifest.memory.model_copy(update={"path": str(staging.memory)}),

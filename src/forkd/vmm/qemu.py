@@ -87,7 +87,7 @@ class QemuProcess:
         cls, argv: list[str], paths: RunPaths, *, timeout: float = 60.0
     ) -> QemuProcess:
         """Start QEMU with ``argv`` (which must include ``-daemonize`` and ``-pidfile``)."""
-        paths.dir.mkdir(parents=True, exist_ok=True)
+        paths.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         proc = await asyncio.create_subprocess_exec(
             qemu_binary(),
             *argv,
@@ -98,6 +98,10 @@ class QemuProcess:
             # Keep Python's SIG_IGN of SIGXFSZ (and SIGPIPE, which QEMU ignores anyway): a write
             # past QEMU_FILE_CAP_BYTES must fail, not kill the VM.
             restore_signals=False,
+            # What QEMU creates before it daemonizes (log, sockets) is the daemon user's alone;
+            # after, QEMU's own umask (027) applies, so memory and device-state files are
+            # created by forkd first, 0600.
+            umask=0o077,
         )
         try:
             _, err = await asyncio.wait_for(proc.communicate(), timeout)
@@ -207,6 +211,10 @@ class QemuProcess:
         state as "running", so a child restored from the file starts as soon as it is loaded.
         Guest RAM is never in the file: it lives in the template's memory file.
         """
+        # Created here, 0600: QEMU would make it 0640 (0660 under its daemonized umask).
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.fchmod(fd, 0o600)
+        os.close(fd)
         await self.execute("xen-save-devices-state", {"filename": str(dest), "live": False})
 
     async def file_uri(self, path: Path, *, write: bool) -> str:
