@@ -69,6 +69,13 @@ class VMError(ForkdError):
     """A QEMU process failed to start, answer QMP, migrate or stop."""
 
 
+class QemuGone(VMError):
+    """A QEMU process exited (killed or crashed) in the middle of an operation. Nothing the
+    caller sent was wrong and a retry may well succeed: 503 (a sandbox's own QEMU: 410)."""
+
+    http_status = 503
+
+
 class AgentError(ForkdError):
     """The guest agent could not be reached or answered with an error."""
 

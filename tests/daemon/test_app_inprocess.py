@@ -19,7 +19,15 @@ from forkd import wire
 from forkd.api.app import create_app
 from forkd.api.auth import check_bind, parse_bind, token_problem
 from forkd.config import Limits
-from forkd.errors import AgentError, AgentProtocolError, GuestOSError, InvalidInput, NotFound
+from forkd.errors import (
+    AgentError,
+    AgentProtocolError,
+    GuestOSError,
+    InvalidInput,
+    NotFound,
+    QemuGone,
+    VMError,
+)
 from forkd.runtime.engine import ForkTiming, Runtime, Spawned
 
 pytestmark = pytest.mark.daemon
@@ -90,6 +98,10 @@ class FakeRuntime:
 
     async def branch(self, sandbox_id: str, **kw: Any) -> wire.SnapshotInfo:
         self.calls.append(("branch", kw))
+        if sandbox_id in self.dead:
+            raise VMError("QMP getfd failed on QEMU pid 42: Disconnected")
+        if kw.get("tag") == "gone":
+            raise QemuGone("QEMU pid 43 exited during QMP getfd (killed or crashed)")
         status = "writing" if kw["mode"] == "live" and not kw["wait"] else "ready"
         return wire.SnapshotInfo(tag="b", dir="/x/b", created_at_unix=1, status=status)
 
@@ -263,6 +275,13 @@ async def test_timeouts_dead_sandboxes_and_body_cap(
     fake.dead.add("sb-dead")
     r = await client.post("/v1/sandboxes/sb-dead/eval", headers=AUTH, json={"code": "x"})
     assert r.status_code == 410 and "QEMU exited" in r.json()["error"]
+    # a QMP failure racing the QEMU's death: the sandbox is dead, not the daemon broken
+    r = await client.post("/v1/sandboxes/sb-dead/branch", headers=AUTH, json={"mode": "full"})
+    assert r.status_code == 410 and "is dead: QEMU exited" in r.json()["error"], r.text
+    r = await client.post(
+        "/v1/sandboxes/sb-1/branch", headers=AUTH, json={"mode": "full", "tag": "gone"}
+    )
+    assert r.status_code == 503 and "killed or crashed" in r.json()["error"], r.text
 
     big = {"path": "/a"}
     r = await client.put(

@@ -42,6 +42,7 @@ from forkd.errors import (
     InvalidInput,
     NotImplementedYet,
     SandboxDead,
+    VMError,
 )
 from forkd.runtime.engine import Runtime
 from forkd.validate import SANDBOX_ID_RE, TAG_RE, validate_branch_request
@@ -210,12 +211,12 @@ def create_app(
             raise
 
     async def on_sandbox(sandbox_id: str, call: Awaitable[T], seconds: float, what: str) -> T:
-        """An agent call; a failure because the VM just died is reported as 410 with why."""
+        """An agent or QMP call; a failure because the VM just died is reported as 410 with why."""
         try:
             return await bounded(call, seconds, what)
         except SandboxDead:
             raise
-        except AgentError as exc:
+        except (AgentError, VMError) as exc:
             try:
                 info = runtime.get_sandbox(sandbox_id)
             except ForkdError:

@@ -26,6 +26,7 @@ from forkd.errors import (
     ForkdError,
     InvalidInput,
     NotFound,
+    QemuGone,
     SandboxDead,
     Unavailable,
     VMError,
@@ -386,10 +387,25 @@ class Runtime:
         memory_limit_mib: int | None,
         cgroups: cgroup_limits.MemoryCgroups | None,
     ) -> Spawned:
+        try:
+            return await self._fork_attempt(tag, manifest, memory_limit_mib, cgroups, True)
+        except QemuGone:
+            # The QEMU died under us, silently (killed from outside): once more, on a fresh
+            # QEMU, so a pool member's death never fails the spawn.
+            return await self._fork_attempt(tag, manifest, memory_limit_mib, cgroups, False)
+
+    async def _fork_attempt(
+        self,
+        tag: str,
+        manifest: SnapshotManifest,
+        memory_limit_mib: int | None,
+        cgroups: cgroup_limits.MemoryCgroups | None,
+        use_pool: bool,
+    ) -> Spawned:
         agent: AgentClient | None = None
         async with self._launch_gate:
             t0 = time.monotonic()
-            child = self._pool.take(manifest)
+            child = self._pool.take(manifest) if use_pool else None
             pooled = child is not None
             if child is None:
                 try:
@@ -417,7 +433,8 @@ class Runtime:
                     raise AgentError(f"the child's agent could not reseed: {agent.hello}")
                 t3 = time.monotonic()
             except BaseException as exc:
-                qemu_said = "" if qemu.alive() else qemu.log_tail()
+                gone = not qemu.alive()
+                qemu_said = qemu.log_tail() if gone else ""
                 if agent is not None:
                     await agent.close()
                 await child.discard()
@@ -428,6 +445,11 @@ class Runtime:
                     raise
                 if qemu_said:
                     raise VMError(f"fork from {tag!r} failed, QEMU exited: {qemu_said}") from exc
+                if gone:
+                    raise QemuGone(
+                        f"fork from {tag!r} failed: its QEMU exited without a word (killed or "
+                        f"crashed) during {type(exc).__name__}: {exc}"
+                    ) from exc
                 if isinstance(exc, ForkdError):
                     raise
                 raise AgentError(f"fork from {tag!r} failed: {exc}") from exc
@@ -546,6 +568,11 @@ class Runtime:
             reason = self._branch_failed(snapshot_row, staging, exc)
             await qemu.close_qmp()
             lock.release()
+            if isinstance(exc, Exception) and not qemu.alive():
+                self._mark_dead(sandbox_id, "QEMU process exited (killed or crashed)")
+                raise SandboxDead(
+                    f"sandbox {sandbox_id} died during the branch (QEMU exited): {reason}"
+                ) from exc
             if isinstance(exc, ForkdError) or not isinstance(exc, Exception):
                 raise
             raise VMError(f"branch {tag!r} failed: {reason}") from exc

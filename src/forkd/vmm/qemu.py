@@ -20,7 +20,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from forkd.errors import HostSetupError, VMError
+from forkd.errors import HostSetupError, QemuGone, VMError
 from forkd.vmm.spec import CONSOLE_CHARDEV, RunPaths
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -118,6 +118,11 @@ class QemuProcess:
             raise
         if proc.returncode != 0:
             detail = err.decode(errors="replace").strip().splitlines()[-5:]
+            if not detail:
+                raise QemuGone(
+                    f"QEMU exited (status {proc.returncode}) before it finished starting and "
+                    "said nothing: killed from outside, or out of memory?"
+                )
             raise VMError("QEMU failed to start: " + " | ".join(detail))
         try:
             pid = int(paths.pidfile.read_text().strip())
@@ -136,6 +141,7 @@ class QemuProcess:
             except Exception as exc:
                 with contextlib.suppress(Exception):
                     await client.disconnect()
+                self._raise_if_gone("while forkd connected to its QMP socket")
                 raise VMError(f"cannot reach QMP of QEMU pid {self.pid}: {exc}") from exc
             self._qmp = client
         return self._qmp
@@ -145,7 +151,13 @@ class QemuProcess:
         try:
             return await client.execute(command, arguments)
         except Exception as exc:
+            self._raise_if_gone(f"during QMP {command}")
             raise VMError(f"QMP {command} failed on QEMU pid {self.pid}: {exc}") from exc
+
+    def _raise_if_gone(self, when: str) -> None:
+        """:class:`QemuGone` if the process no longer runs (the likely cause of a QMP error)."""
+        if not pid_alive(self.pid):
+            raise QemuGone(f"QEMU pid {self.pid} exited {when} (killed or crashed)")
 
     async def close_qmp(self) -> None:
         client, self._qmp = self._qmp, None
