@@ -23,9 +23,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_agent_protocol import Bridge, running_agent
 
-from forkd.errors import AgentProtocolError, ForkdError, PayloadTooLarge
+from forkd.errors import AgentProtocolError, ForkdError, PayloadTooLarge, Unavailable
 from forkd.vmm import agent_wire
-from forkd.vmm.agent_client import FILE_CHUNK_BYTES, MAX_STRAY_LINES, AgentClient
+from forkd.vmm.agent_client import FILE_CHUNK_BYTES, MAX_IN_FLIGHT, MAX_STRAY_LINES, AgentClient
 from forkd.vmm.agent_wire import MAX_LINE_BYTES
 
 Writer = asyncio.StreamWriter
@@ -278,6 +278,23 @@ async def test_flood_of_junk_before_hello_is_refused(tmp_path: Path) -> None:
     async with await asyncio.start_unix_server(handle, path=str(path)):
         with pytest.raises(AgentProtocolError, match="flooded"):
             await AgentClient.connect(path, timeout=5)
+
+
+async def test_requests_in_flight_are_capped(tmp_path: Path) -> None:
+    async def silent(msg: dict[str, Any], writer: Writer) -> None:
+        pass
+
+    server, bad = await _hostile(tmp_path, silent)
+    async with server, bad:
+        waiting = [asyncio.ensure_future(bad.eval("1", timeout=30)) for _ in range(MAX_IN_FLIGHT)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(Unavailable, match=f"the cap is {MAX_IN_FLIGHT}"):
+            await bad.eval("1", timeout=30)
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        with pytest.raises(ForkdError, match="timed out"):
+            await bad.eval("1", timeout=0.1)  # the slots are free again
 
 
 # ----------------------------------------------------------------------------- decoder

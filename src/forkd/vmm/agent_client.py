@@ -28,6 +28,7 @@ from forkd.errors import (
     InvalidInput,
     NotFound,
     PayloadTooLarge,
+    Unavailable,
 )
 from forkd.vmm import agent_wire
 from forkd.vmm.agent_wire import MAX_LINE_BYTES, clip, peek_id
@@ -41,6 +42,8 @@ READ_FILE_LIMIT = 64 << 20  # what read_file returns at most unless asked otherw
 # connection is closed as abusive. A fork leaves at most a line or two behind.
 MAX_STRAY_LINES = 1000
 MAX_STRAY_BYTES = 64 << 20
+# Requests awaiting an answer on one connection (the agent runs 64 at a time); more answer 503.
+MAX_IN_FLIGHT = 256
 
 
 @dataclass(frozen=True)
@@ -318,6 +321,11 @@ class AgentClient:
         """
         if self._closed:
             raise self._close_error(self._close_reason)
+        if len(self._pending) >= MAX_IN_FLIGHT:
+            raise Unavailable(
+                f"{len(self._pending)} requests are already waiting for this sandbox's agent "
+                f"(the cap is {MAX_IN_FLIGHT}); retry when some finish"
+            )
         rid = f"{self.session}-{self._next_id}"
         self._next_id += 1
         msg: dict[str, Any] = dict(args)
