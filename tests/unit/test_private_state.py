@@ -14,6 +14,7 @@ import pytest
 
 from forkd.api.audit import AuditLog
 from forkd.config import Settings
+from forkd.doctor import check_private_state
 from forkd.errors import HostSetupError
 from forkd.private import private_dir, private_file
 from forkd.runtime.registry import Registry
@@ -116,6 +117,19 @@ def test_home_of_another_user_is_refused(tmp_path: Path) -> None:
     os.chown(home, _nobody(), _nobody())
     with pytest.raises(HostSetupError, match=f"forkd home {home} is owned by uid"):
         Registry(home / "forkd.db")
+
+
+def test_doctor_names_a_dir_that_is_not_private(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path / "home", shm_dir=tmp_path / "shm")
+    assert check_private_state(settings).status == "PASS"  # nothing exists yet
+    private_dir(settings.home)
+    (tmp_path / "shm").mkdir()
+    os.chmod(tmp_path / "shm", 0o1777)
+    check = check_private_state(settings)
+    assert check.status == "FAIL" and str(tmp_path / "shm") in check.detail
+    assert "chmod 700" in check.hint
+    os.chmod(tmp_path / "shm", 0o700)
+    assert check_private_state(settings).status == "PASS"
 
 
 def test_database_and_audit_log_are_0600(tmp_path: Path, umask_022: None) -> None:
