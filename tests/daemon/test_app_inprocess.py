@@ -85,6 +85,8 @@ class FakeRuntime:
     async def eval(self, sandbox_id: str, code: str) -> wire.EvalResponse:
         if sandbox_id in self.dead:
             raise AgentError("agent connection lost")
+        if sandbox_id == "sb-gone":  # deleted by another request meanwhile
+            raise AgentError("agent client closed")
         if code == "abuse":
             raise AgentProtocolError("agent flooded the channel: connection closed")
         await asyncio.sleep(self.eval_delay)
@@ -275,6 +277,8 @@ async def test_timeouts_dead_sandboxes_and_body_cap(
     fake.dead.add("sb-dead")
     r = await client.post("/v1/sandboxes/sb-dead/eval", headers=AUTH, json={"code": "x"})
     assert r.status_code == 410 and "QEMU exited" in r.json()["error"]
+    r = await client.post("/v1/sandboxes/sb-gone/eval", headers=AUTH, json={"code": "x"})
+    assert r.status_code == 410 and "deleted while this request ran" in r.json()["error"]
     # a QMP failure racing the QEMU's death: the sandbox is dead, not the daemon broken
     r = await client.post("/v1/sandboxes/sb-dead/branch", headers=AUTH, json={"mode": "full"})
     assert r.status_code == 410 and "is dead: QEMU exited" in r.json()["error"], r.text

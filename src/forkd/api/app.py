@@ -40,6 +40,7 @@ from forkd.errors import (
     ForkdError,
     GatewayTimeout,
     InvalidInput,
+    NotFound,
     NotImplementedYet,
     SandboxDead,
     VMError,
@@ -219,6 +220,11 @@ def create_app(
         except (AgentError, VMError) as exc:
             try:
                 info = runtime.get_sandbox(sandbox_id)
+            except NotFound:
+                # Deleted by a concurrent request while this one ran.
+                raise SandboxDead(
+                    f"sandbox {sandbox_id} was deleted while this request ran"
+                ) from exc
             except ForkdError:
                 raise exc from None
             if info.state == "dead":

@@ -468,6 +468,8 @@ class Runtime:
     async def kill(self, sandbox_id: str) -> None:
         """Stop the sandbox's QEMU and remove its run dir and record."""
         row = self._sandbox_row(sandbox_id)
+        # First, so a request whose agent call this kill cuts off is told why (410, not 500).
+        self.registry.mark_dead(sandbox_id, "killed: the sandbox is being deleted")
         await self._drop_agent(sandbox_id)
         self._unwatch(sandbox_id)
         paths = RunPaths(Path(row.run_dir))
