@@ -60,6 +60,7 @@ async def test_silent_start_failure_is_qemu_gone(
     paths = RunPaths(tmp_path / "vm")
     with pytest.raises(QemuGone, match=r"status 1\) before it finished starting and said nothing"):
         await QemuProcess.launch(["-daemonize"], paths, timeout=10)
+    assert not paths.dir.exists(), "a failed start left its run dir behind"
     fake.write_text("#!/bin/sh\necho 'qemu: bad option' >&2\nexit 1\n")
     with pytest.raises(VMError, match="QEMU failed to start: qemu: bad option") as info:
         await QemuProcess.launch(["-daemonize"], paths, timeout=10)

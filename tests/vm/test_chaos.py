@@ -33,6 +33,7 @@ async def test_chaos_never_answers_500(runtime: Runtime, template: str, tmp_path
     rng = random.Random(10)
     live: set[str] = set()
     pids: dict[str, int] = {}
+    run_dirs: list[Path] = []
     branches: list[str] = []
     seen: Counter[str] = Counter()
     bad: list[str] = []
@@ -47,6 +48,7 @@ async def test_chaos_never_answers_500(runtime: Runtime, template: str, tmp_path
                 for s in r.json():
                     live.add(s["id"])
                     pids[s["id"]] = s["pid"]
+                    run_dirs.append(Path(s["run_dir"]))
         else:
             sid = rng.choice(sorted(live))
             if op == "eval":
@@ -92,6 +94,10 @@ async def test_chaos_never_answers_500(runtime: Runtime, template: str, tmp_path
     assert sum(n for k, n in seen.items() if k.startswith("spawn 201")) > 0
     leftover = [p for p in pids.values() if pid_alive(p)]
     assert not leftover, f"QEMUs outlived their sandboxes: {leftover}"
-    ours = set(pids)
-    dirs = [d.name for d in runtime.settings.run_dir.iterdir() if d.name in ours]
-    assert not dirs, f"run dirs left behind: {dirs}"
+    assert run_dirs and not [d for d in run_dirs if d.exists()], "sandbox run dirs left behind"
+    await runtime.settle()  # warm-pool refills and discards that may still create or remove dirs
+    await asyncio.gather(*runtime._pool._discarding, return_exceptions=True)
+    expected = {Path(s.run_dir) for s in runtime.list_sandboxes(include_dead=True) if s.run_dir}
+    expected |= {p.paths.dir for entries in runtime._pool._ready.values() for p in entries}
+    stray = set(runtime.settings.run_dir.iterdir()) - expected
+    assert not stray, f"run dirs nobody owns: {sorted(stray)}"

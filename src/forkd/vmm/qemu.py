@@ -86,8 +86,21 @@ class QemuProcess:
     async def launch(
         cls, argv: list[str], paths: RunPaths, *, timeout: float = 60.0
     ) -> QemuProcess:
-        """Start QEMU with ``argv`` (which must include ``-daemonize`` and ``-pidfile``)."""
+        """Start QEMU with ``argv`` (which must include ``-daemonize`` and ``-pidfile``).
+
+        A run dir created here is removed again when the start fails.
+        """
+        created = not paths.dir.exists()
         paths.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            return await cls._start(argv, paths, timeout)
+        except BaseException:
+            if created:
+                shutil.rmtree(paths.dir, ignore_errors=True)
+            raise
+
+    @classmethod
+    async def _start(cls, argv: list[str], paths: RunPaths, timeout: float) -> QemuProcess:
         proc = await asyncio.create_subprocess_exec(
             qemu_binary(),
             *argv,
