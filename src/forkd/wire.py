@@ -107,7 +107,7 @@ class SandboxInfo(BaseModel):
     # forkd extras
     state: Literal["running", "dead"] = "running"
     dead_reason: str | None = None
-    run_dir: str | None = None  # QMP and agent sockets, serial.log, qemu.log
+    run_dir: str | None = None  # QMP and agent sockets, qemu.log
     network: SandboxNetwork | None = None
 
 

@@ -20,7 +20,15 @@ from forkd import wire
 from forkd.api.app import create_app
 from forkd.api.auth import check_bind, parse_bind, token_problem
 from forkd.config import Limits, Settings
-from forkd.errors import AgentError, GuestOSError, InvalidInput, NotFound
+from forkd.errors import (
+    AgentError,
+    AgentProtocolError,
+    GuestOSError,
+    InvalidInput,
+    NotFound,
+    QemuGone,
+    VMError,
+)
 from forkd.runtime.engine import ForkTiming, Runtime, Spawned
 
 pytestmark = pytest.mark.daemon
@@ -83,6 +91,10 @@ class FakeRuntime:
     async def eval(self, sandbox_id: str, code: str) -> wire.EvalResponse:
         if sandbox_id in self.dead:
             raise AgentError("agent connection lost")
+        if sandbox_id == "sb-gone":  # deleted by another request meanwhile
+            raise AgentError("agent client closed")
+        if code == "abuse":
+            raise AgentProtocolError("agent flooded the channel: connection closed")
         await asyncio.sleep(self.eval_delay)
         return wire.EvalResponse(result=repr(code), error=None, exit_code=0)
 
@@ -94,6 +106,10 @@ class FakeRuntime:
 
     async def branch(self, sandbox_id: str, **kw: Any) -> wire.SnapshotInfo:
         self.calls.append(("branch", kw))
+        if sandbox_id in self.dead:
+            raise VMError("QMP getfd failed on QEMU pid 42: Disconnected")
+        if kw.get("tag") == "gone":
+            raise QemuGone("QEMU pid 43 exited during QMP getfd (killed or crashed)")
         status = "writing" if kw["mode"] == "live" and not kw["wait"] else "ready"
         return wire.SnapshotInfo(tag="b", dir="/x/b", created_at_unix=1, status=status)
 
@@ -294,6 +310,15 @@ async def test_timeouts_dead_sandboxes_and_body_cap(
     fake.dead.add("sb-dead")
     r = await client.post("/v1/sandboxes/sb-dead/eval", headers=AUTH, json={"code": "x"})
     assert r.status_code == 410 and "QEMU exited" in r.json()["error"]
+    r = await client.post("/v1/sandboxes/sb-gone/eval", headers=AUTH, json={"code": "x"})
+    assert r.status_code == 410 and "deleted while this request ran" in r.json()["error"]
+    # a QMP failure racing the QEMU's death: the sandbox is dead, not the daemon broken
+    r = await client.post("/v1/sandboxes/sb-dead/branch", headers=AUTH, json={"mode": "full"})
+    assert r.status_code == 410 and "is dead: QEMU exited" in r.json()["error"], r.text
+    r = await client.post(
+        "/v1/sandboxes/sb-1/branch", headers=AUTH, json={"mode": "full", "tag": "gone"}
+    )
+    assert r.status_code == 503 and "killed or crashed" in r.json()["error"], r.text
 
     big = {"path": "/a"}
     r = await client.put(
@@ -371,6 +396,12 @@ async def test_added_latency_is_small(client: httpx.AsyncClient) -> None:
         await client.post("/v1/sandboxes/sb-1/eval", headers=AUTH, json={"code": "1"})
     per_request_ms = (time.perf_counter() - t0) / n * 1000
     assert per_request_ms < 2.0, per_request_ms
+
+
+async def test_abusive_agent_is_a_clean_502(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/sandboxes/sb-1/eval", headers=AUTH, json={"code": "abuse"})
+    assert r.status_code == 502
+    assert r.json() == {"error": "agent flooded the channel: connection closed"}
 
 
 @pytest.mark.parametrize(

@@ -193,7 +193,7 @@ async def test_killed_materializer_fails_the_branch_not_the_source(
 def small_tmpfs(tmp_path: Path) -> AsyncIterator[Path]:
     mnt = tmp_path / "small-shm"
     mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600m", "tmpfs", str(mnt)],
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600m,mode=0700", "tmpfs", str(mnt)],
                           capture_output=True, text=True)  # fmt: skip
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")

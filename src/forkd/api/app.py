@@ -41,7 +41,9 @@ from forkd.errors import (
     ForkdError,
     GatewayTimeout,
     InvalidInput,
+    NotFound,
     SandboxDead,
+    VMError,
 )
 from forkd.runtime.engine import Runtime
 from forkd.runtime.workspaces import Workspaces
@@ -218,14 +220,19 @@ def create_app(
             raise
 
     async def on_sandbox(sandbox_id: str, call: Awaitable[T], seconds: float, what: str) -> T:
-        """An agent call; a failure because the VM just died is reported as 410 with why."""
+        """An agent or QMP call; a failure because the VM just died is reported as 410 with why."""
         try:
             return await bounded(call, seconds, what)
         except SandboxDead:
             raise
-        except AgentError as exc:
+        except (AgentError, VMError) as exc:
             try:
                 info = runtime.get_sandbox(sandbox_id)
+            except NotFound:
+                # Deleted by a concurrent request while this one ran.
+                raise SandboxDead(
+                    f"sandbox {sandbox_id} was deleted while this request ran"
+                ) from exc
             except ForkdError:
                 raise exc from None
             if info.state == "dead":

@@ -26,12 +26,14 @@ from forkd.errors import (
     ForkdError,
     InvalidInput,
     NotFound,
+    QemuGone,
     SandboxDead,
     Unavailable,
     VMError,
 )
 from forkd.images.store import Image, ImageStore
 from forkd.net.policy import EgressPolicy
+from forkd.private import private_dir
 from forkd.runtime import cgroups as cgroup_limits
 from forkd.runtime import leftovers
 from forkd.runtime.network import SandboxNetworks, template_key
@@ -122,7 +124,8 @@ class Runtime:
 
     async def start(self) -> None:
         """Sweep unfinished snapshots, adopt what still runs, mark the rest dead."""
-        self.settings.run_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.settings.home, "forkd home")
+        private_dir(self.settings.run_dir, "run dir")
         self.snapshots.sweep_staging()
         known = {row.tag for row in self.registry.list_snapshots()}
         for row in self.registry.list_snapshots():
@@ -432,11 +435,27 @@ class Runtime:
         cgroups: cgroup_limits.MemoryCgroups | None,
         policy: EgressPolicy,
     ) -> Spawned:
+        try:
+            return await self._fork_attempt(tag, manifest, memory_limit_mib, cgroups, policy, True)
+        except QemuGone:
+            # The QEMU died under us, silently (killed from outside): once more, on a fresh
+            # QEMU, so a pool member's death never fails the spawn.
+            return await self._fork_attempt(tag, manifest, memory_limit_mib, cgroups, policy, False)
+
+    async def _fork_attempt(
+        self,
+        tag: str,
+        manifest: SnapshotManifest,
+        memory_limit_mib: int | None,
+        cgroups: cgroup_limits.MemoryCgroups | None,
+        policy: EgressPolicy,
+        use_pool: bool,
+    ) -> Spawned:
         agent: AgentClient | None = None
         async with self._launch_gate:
             t0 = time.monotonic()
             # Pooled children run a restricted backend (fixed at launch): only for egress none.
-            child = self._pool.take(manifest) if policy.restricted else None
+            child = self._pool.take(manifest) if use_pool and policy.restricted else None
             pooled = child is not None
             if child is None:
                 try:
@@ -484,7 +503,8 @@ class Runtime:
                 await self.networks.give_host_ca(agent, policy)
                 t3 = time.monotonic()
             except BaseException as exc:
-                qemu_said = "" if qemu.alive() else qemu.log_tail()
+                gone = not qemu.alive()
+                qemu_said = qemu.log_tail() if gone else ""
                 if agent is not None:
                     await agent.close()
                 await child.discard()
@@ -496,6 +516,11 @@ class Runtime:
                     raise
                 if qemu_said:
                     raise VMError(f"fork from {tag!r} failed, QEMU exited: {qemu_said}") from exc
+                if gone:
+                    raise QemuGone(
+                        f"fork from {tag!r} failed: its QEMU exited without a word (killed or "
+                        f"crashed) during {type(exc).__name__}: {exc}"
+                    ) from exc
                 if isinstance(exc, ForkdError):
                     raise
                 raise AgentError(f"fork from {tag!r} failed: {exc}") from exc
@@ -563,6 +588,8 @@ class Runtime:
     async def kill(self, sandbox_id: str) -> None:
         """Stop the sandbox's QEMU and remove its run dir and record."""
         row = self._sandbox_row(sandbox_id)
+        # First, so a request whose agent call this kill cuts off is told why (410, not 500).
+        self.registry.mark_dead(sandbox_id, "killed: the sandbox is being deleted")
         await self._drop_agent(sandbox_id)
         self._unwatch(sandbox_id)
         paths = RunPaths(Path(row.run_dir))
@@ -664,6 +691,11 @@ class Runtime:
             reason = self._branch_failed(snapshot_row, staging, exc)
             await qemu.close_qmp()
             lock.release()
+            if isinstance(exc, Exception) and not qemu.alive():
+                self._mark_dead(sandbox_id, "QEMU process exited (killed or crashed)")
+                raise SandboxDead(
+                    f"sandbox {sandbox_id} died during the branch (QEMU exited): {reason}"
+                ) from exc
             if isinstance(exc, ForkdError) or not isinstance(exc, Exception):
                 raise
             raise VMError(f"branch {tag!r} failed: {reason}") from exc
@@ -814,6 +846,7 @@ class Runtime:
                 await asyncio.to_thread(overlay, Path(manifest.delta.path), staging.memory,
                                         max_pages=size // PAGE)  # fmt: skip
             shutil.copyfile(self.snapshots.devstate_path(tag), staging.devstate)
+            os.chmod(staging.devstate, 0o600)
             new = manifest.model_copy(update={
                 "tag": to, "created_at_unix": row.created_at_unix, "parent_tag": tag,
                 "memory": Artifact(path=str(staging.memory), bytes=size),

@@ -170,6 +170,7 @@ async def start_live(
     events_cm = qemu.events("STOP", "RESUME")
     events = await events_cm.__aenter__()
     deadline = time.monotonic() + PAUSE_TIMEOUT_S
+    qemu.allow_large_files(True)  # the stream holds all guest RAM
     try:
         await qemu.execute("migrate", {"uri": await qemu.file_uri(stream, write=True)})
         # The snapshot instant: once the guest is stopped, nothing it does later can reach the
@@ -180,15 +181,19 @@ async def start_live(
         await events_cm.__aexit__(None, None, None)
         with contextlib.suppress(Exception):
             await qemu.execute("migrate_cancel")
+        qemu.allow_large_files(False)
         raise
     stats.phases["stop_return_ms"] = (time.monotonic() - t0) * 1000
 
     async def finish() -> BranchStats:
         try:
-            stats.pause_ms = await _resumed_after(events, stop, deadline)
+            try:
+                stats.pause_ms = await _resumed_after(events, stop, deadline)
+            finally:
+                await events_cm.__aexit__(None, None, None)
+            await qemu.wait_migration(timeout=LIVE_TIMEOUT_S, what="live snapshot")
         finally:
-            await events_cm.__aexit__(None, None, None)
-        await qemu.wait_migration(timeout=LIVE_TIMEOUT_S, what="live snapshot")
+            qemu.allow_large_files(False)
         stats.phases["stream_ms"] = (time.monotonic() - t0) * 1000
         stats.bytes_written = stream.stat().st_size
         full = staging.memory.with_name(staging.memory.name + ".full")

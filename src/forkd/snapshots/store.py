@@ -20,6 +20,7 @@ from pathlib import Path
 
 from forkd.config import Settings
 from forkd.errors import Conflict, NotFound
+from forkd.private import private_dir
 from forkd.snapshots.manifest import MANIFEST_NAME, SnapshotManifest
 from forkd.snapshots.memfs import prepare_memory_dir
 from forkd.validate import validate_tag
@@ -73,17 +74,21 @@ class SnapshotStore:
             raise Conflict(
                 f"snapshot {tag!r} already exists: delete it first or choose another tag"
             )
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root.parent, "forkd home")
+        private_dir(self.root, "snapshot dir")
         if not self._memory_prepared:
             prepare_memory_dir(self.memory_root, mount_huge=self._mount_huge)
             self._memory_prepared = True
-        self.memory_root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.memory_root, "memory dir")
         suffix = secrets.token_hex(4)
         # The writer's pid is in the name: only a dead writer's leftovers are ever swept.
         name = f"{STAGING_PREFIX}{os.getpid()}-{tag}-{suffix}"
         staging_dir = self.root / name
-        staging_dir.mkdir()
-        return Staging(tag, staging_dir, self.memory_root / f"{name}.mem")
+        staging_dir.mkdir(mode=0o700)
+        memory = self.memory_root / f"{name}.mem"
+        # Created here, 0600: a daemonized QEMU would create it with its own umask (027).
+        os.close(os.open(memory, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        return Staging(tag, staging_dir, memory)
 
     def commit(self, staging: Staging, manifest: SnapshotManifest) -> SnapshotManifest:
         """Move memory and the staging dir into place; the manifest is written last."""
