@@ -191,7 +191,7 @@ def test_error_rows(api: httpx.Client, sandboxes: list[str], snapshots: list[str
             "either cascade or force",
         ),
         ("GET", "/v1/snapshots/nope/info", {}, 404, "not found"),
-        ("POST", "/v1/snapshots/py/compact", {"json": {"to": "py"}}, 409, "already exists"),
+        ("POST", "/v1/snapshots/py/compact", {"json": {"to": "py"}}, 400, "equals the source"),
         ("POST", "/v1/snapshots/py/compact", {"json": {"to": "../x"}}, 400, "invalid"),
         ("GET", "/v1/sandboxes/sb-000000000000", {}, 404, "not found"),
         ("GET", "/v1/sandboxes/bad.id", {}, 400, "invalid sandbox id"),

@@ -63,8 +63,9 @@ class FakeBackend:
         warmup: str | None,
         progress: Any,
         network: dict[str, Any] | None = None,
+        cpus: int | None = None,
     ) -> dict[str, Any]:
-        assert network is None
+        assert network is None and cpus is None
         self.calls.append(("create_snapshot", (tag, image, mem_mib, warmup)))
         return {"tag": tag, "status": "ready", "dir": f"/x/{tag}"}
 

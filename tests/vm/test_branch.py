@@ -118,7 +118,7 @@ async def test_child_of_a_branch_can_branch_again(runtime: Runtime, source: str)
     grandchild = (await runtime.spawn("gen2", 1))[0].sandbox.id
     assert (await runtime.eval(grandchild, "GENERATION")).result == "2"
     detail = runtime.snapshot_detail("gen2")
-    assert detail.ancestors == ["gen1", "py"] and detail.chain_depth == 2
+    assert detail.ancestors == ["py", "gen1"] and detail.chain_depth == 2  # root -> parent
     assert detail.dependents == [] and runtime.snapshot_detail("gen1").dependents == ["gen2"]
     for sid in (child, grandchild):
         await runtime.kill(sid)
@@ -137,6 +137,8 @@ async def test_branch_validation(runtime: Runtime, source: str) -> None:
         await runtime.branch(source, tag="../evil")
     with pytest.raises(InvalidInput, match="mode must be"):
         await runtime.branch(source, mode="sideways")
+    with pytest.raises(InvalidInput, match="parent_tag must be the source's template"):
+        await runtime.branch(source, mode="full", parent_tag="py")
     with pytest.raises(NotFound):
         await runtime.branch("sb-doesnotexist")
     with pytest.raises(Conflict, match="already exists"):

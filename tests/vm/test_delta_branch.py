@@ -63,6 +63,14 @@ async def test_three_generations_of_delta_branches(runtime: Runtime) -> None:
         tags.append("delta-flat")
         flat = runtime.snapshots.load("delta-flat")
         assert flat.delta is None and flat.memory.path != str(root_memory)
+        flat_info = runtime.get_snapshot("delta-flat")  # parentless, as forkd v0.5's
+        assert (flat_info.branched_from, flat_info.parent_tag) == ("compact:delta-gen3", None)
+        detail = runtime.snapshot_detail("delta-gen3")
+        assert detail.ancestors == [ROOT, "delta-gen1", "delta-gen2"]  # root -> parent
+        assert detail.memory_logical_bytes == root.mem_mib * 1024 * 1024
+        assert 0 < (detail.memory_physical_bytes or 0) < detail.memory_logical_bytes
+        assert detail.vmstate_bytes and detail.root_tag == ROOT
+        assert detail.parent_content_hash == root.memory.sha256
         flat_child = (await runtime.spawn("delta-flat", 1))[0].sandbox.id
         kids.append(flat_child)
         assert await _state(runtime, flat_child) == ("3", "3")

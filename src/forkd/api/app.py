@@ -324,6 +324,7 @@ def create_app(
             mem_mib=req.mem_mib if req.mem_mib is not None else DEFAULT_MEM_MIB,
             warmup=req.warmup,
             network=req.network,
+            cpus=req.cpus,
         )
         info = await bounded(call, lim.snapshot_timeout_s, f"creating snapshot {req.tag!r}")
         if warnings:

@@ -48,6 +48,7 @@ class Backend(Protocol):
         warmup: str | None,
         progress: Callable[[str], None],
         network: dict[str, Any] | None = None,
+        cpus: int | None = None,
     ) -> dict[str, Any]: ...
     def delete_snapshot(self, tag: str, cascade: bool, force: bool) -> None: ...
     def compact_snapshot(self, tag: str, to: str) -> dict[str, Any]: ...
@@ -113,11 +114,12 @@ class LocalBackend:
         warmup: str | None,
         progress: Callable[[str], None],
         network: dict[str, Any] | None = None,
+        cpus: int | None = None,
     ) -> dict[str, Any]:
         info = self._run(
             self.runtime.create_snapshot(
                 tag, image=image, mem_mib=mem_mib, warmup=warmup, progress=progress,
-                network=_network(network),
+                network=_network(network), cpus=cpus,
             )
         )  # fmt: skip
         return info.model_dump()
@@ -233,10 +235,11 @@ class RemoteBackend:
         warmup: str | None,
         progress: Callable[[str], None],
         network: dict[str, Any] | None = None,
+        cpus: int | None = None,
     ) -> dict[str, Any]:
         progress("daemon is booting and warming the parent")
         return dict(self.c.create_snapshot(
-            tag, image=image, mem_mib=mem_mib, warmup=warmup, network=network
+            tag, image=image, mem_mib=mem_mib, warmup=warmup, network=network, cpus=cpus
         ))  # fmt: skip
 
     def delete_snapshot(self, tag: str, cascade: bool, force: bool) -> None:

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"guest memory (default {DEFAULT_MEM_MIB})",
     )  # fmt: skip
     s.add_argument("--warmup", help="Python code run in the guest's interpreter before the pause")
+    s.add_argument("--cpus", type=int, help="vCPUs of the template and its children "
+                   "(default 2 on KVM, 1 on TCG: 'forkd doctor' says which)")  # fmt: skip
     s.add_argument("--from-sandbox", metavar="ID", help="BRANCH this running sandbox")
     s.add_argument(
         "--diff", action="store_true", help="branch writing only memory changed since the fork"
@@ -347,7 +349,13 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             raise Usage(
                 "--no-wait requires --live (only a live branch can finish in the background)"
             )
-        if args.image or args.mem_mib or args.warmup or netcmds.network_from_args(args):
+        if (
+            args.image
+            or args.mem_mib
+            or args.warmup
+            or args.cpus
+            or netcmds.network_from_args(args)
+        ):
             raise Usage(
                 "--image, --mem-mib, --warmup and the network flags apply to templates, not to "
                 "--from-sandbox"
@@ -363,7 +371,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             step = _step_printer()
             info = backend.create_snapshot(
                 args.tag, args.image or DEFAULT_IMAGE, args.mem_mib or DEFAULT_MEM_MIB,
-                args.warmup, step, netcmds.network_from_args(args),
+                args.warmup, step, netcmds.network_from_args(args), args.cpus,
             )  # fmt: skip
         else:
             info = backend.branch(

@@ -53,6 +53,7 @@ from forkd.snapshots.template import TemplateRequest, artifact, make_template
 from forkd.validate import (
     validate_branch_request,
     validate_count,
+    validate_cpus,
     validate_image_name,
     validate_mem_mib,
     validate_sandbox_id,
@@ -221,14 +222,20 @@ class Runtime:
         detail = wire.SnapshotDetail(
             **info.model_dump(),
             chain_depth=len(ancestors),
-            ancestors=ancestors,
+            ancestors=ancestors[::-1],  # root -> parent, as forkd v0.5 documents
             dependents=self._dependents(tag),
         )
         if self.snapshots.exists(tag):
             m = self.snapshots.load(tag)
+            owned = m.delta if m.delta is not None else m.memory
+            detail.memory_logical_bytes = m.mem_mib * 1024 * 1024
+            detail.memory_physical_bytes = _physical_bytes(Path(owned.path))
+            detail.vmstate_bytes = detail.devstate_bytes = m.devstate.bytes
             detail.memory_bytes = m.memory.bytes
-            detail.devstate_bytes = m.devstate.bytes
             detail.memory_path = m.memory.path
+            if m.delta is not None:
+                detail.delta_path, detail.root_tag = m.delta.path, m.root_tag
+                detail.parent_content_hash = m.memory.sha256
         return detail
 
     async def create_snapshot(
@@ -241,17 +248,20 @@ class Runtime:
         network: wire.NetworkRequest | None = None,
         progress: Progress = _quiet,
         nic: bool = True,
+        cpus: int | None = None,
     ) -> wire.SnapshotInfo:
         """Boot a parent from ``image``, warm it with ``warmup`` (with ``network``'s egress), and
-        save template ``tag`` (with a NIC when the image supports one, unless ``nic`` is off)."""
+        save template ``tag`` (with a NIC when the image supports one, unless ``nic`` is off).
+        ``cpus``: its vCPUs (children have the same), default per accelerator."""
         validate_tag(tag)
         validate_image_name(image)
         validate_mem_mib(mem_mib)
+        cpus = self.accel.default_cpus if cpus is None else validate_cpus(cpus)
         built = self.images.get(image)
         machine_nic = GuestNetwork() if nic and built.manifest.network else None
         policy = self.networks.check(tag, machine_nic, network, None)
         row = SnapshotRow(tag=tag, status="writing", created_at_unix=now_unix(),
-                          extra={"image": image, "mem_mib": mem_mib,
+                          extra={"image": image, "mem_mib": mem_mib, "cpus": cpus,
                                  "writer_pid": os.getpid()})  # fmt: skip
         if self.snapshots.exists(tag) or not self.registry.reserve_snapshot(row):
             raise Conflict(
@@ -259,9 +269,11 @@ class Runtime:
             )
         key = template_key()
         try:
-            req = self._template_request(
-                tag, image, built, mem_mib, warmup, machine_nic, policy, key
-            )
+            req = dataclasses.replace(
+                self._template_request(tag, image, built, mem_mib, warmup, machine_nic, policy,
+                                       key),
+                cpus=cpus,
+            )  # fmt: skip
             await self.networks.prepare(key, policy, machine_nic)
             manifest = await make_template(self.snapshots, self.settings.run_dir, req, progress)
         except BaseException:
@@ -633,6 +645,12 @@ class Runtime:
         row = self._refresh(self._sandbox_row(sandbox_id))
         if row.state == "dead":
             raise SandboxDead(f"sandbox {sandbox_id} is dead: {row.dead_reason}")
+        if parent_tag is not None and (parent_tag != row.snapshot_tag or resolved != "diff"):
+            # forkd v0.5: a diff layer names the template its source was forked from, nothing else
+            raise InvalidInput(
+                f"parent_tag must be the source's template {row.snapshot_tag!r} with mode diff "
+                f"(got {parent_tag!r}, mode {resolved})"
+            )
         base = self._base_manifest(row)
         cap = self.settings.branch_concurrency
         if len(self._branching) >= cap:
@@ -643,7 +661,8 @@ class Runtime:
         snapshot_row = SnapshotRow(
             tag=tag, status="writing", created_at_unix=now_unix(), branched_from=sandbox_id,
             parent_tag=parent_tag or row.snapshot_tag, mode=resolved,
-            extra={"image": base.image_name, "mem_mib": base.mem_mib, "writer_pid": os.getpid()},
+            extra={"image": base.image_name, "mem_mib": base.mem_mib, "cpus": base.cpus,
+                   "writer_pid": os.getpid()},
         )  # fmt: skip
         if self.snapshots.exists(tag) or not self.registry.reserve_snapshot(snapshot_row):
             raise Conflict(f"snapshot {tag!r} already exists or is being written")
@@ -832,10 +851,13 @@ class Runtime:
         this is a sparse copy; kept for API compatibility)."""
         validate_tag(to)
         manifest = self._ready_manifest(tag)
+        if to == tag:
+            raise InvalidInput("compact needs a new tag: 'to' equals the source tag")
+        # Parentless, as forkd v0.5's: the copy depends on nothing, the source may go.
         row = SnapshotRow(tag=to, status="writing", created_at_unix=now_unix(),
-                          parent_tag=tag, extra={"image": manifest.image_name,
-                                                 "mem_mib": manifest.mem_mib,
-                                                 "writer_pid": os.getpid()})  # fmt: skip
+                          branched_from=f"compact:{tag}",
+                          extra={"image": manifest.image_name, "mem_mib": manifest.mem_mib,
+                                 "writer_pid": os.getpid()})  # fmt: skip
         if self.snapshots.exists(to) or not self.registry.reserve_snapshot(row):
             raise Conflict(f"snapshot {to!r} already exists")
         staging = self.snapshots.begin(to)
@@ -848,7 +870,8 @@ class Runtime:
             shutil.copyfile(self.snapshots.devstate_path(tag), staging.devstate)
             os.chmod(staging.devstate, 0o600)
             new = manifest.model_copy(update={
-                "tag": to, "created_at_unix": row.created_at_unix, "parent_tag": tag,
+                "tag": to, "created_at_unix": row.created_at_unix, "parent_tag": None,
+                "branched_from": f"compact:{tag}",
                 "memory": Artifact(path=str(staging.memory), bytes=size),
                 "delta": None, "root_tag": None,
             })  # fmt: skip
@@ -1027,7 +1050,7 @@ def _sandbox_info(row: SandboxRow) -> wire.SandboxInfo:
 
 
 def _row_from_manifest(m: SnapshotManifest) -> SnapshotRow:
-    extra: dict[str, object] = {"image": m.image_name, "mem_mib": m.mem_mib}
+    extra: dict[str, object] = {"image": m.image_name, "mem_mib": m.mem_mib, "cpus": m.cpus}
     for key in ("pause_ms", "total_ms", "diff_ms"):
         if key in m.timings_ms:
             extra[key] = m.timings_ms[key]

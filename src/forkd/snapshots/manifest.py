@@ -38,6 +38,7 @@ class SnapshotManifest(BaseModel):
     root_tag: str | None = None  # the template a delta's lineage started from
     devstate: Artifact
     mem_mib: int
+    cpus: int = 1  # part of machine_args (-smp); children have the same
     machine_args: list[str]
     accel: str
     qemu_version: str
