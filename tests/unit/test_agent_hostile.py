@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_agent_protocol import Bridge, running_agent
+from .test_agent_protocol import Bridge, running_agent
 
 from forkd.errors import AgentProtocolError, ForkdError, PayloadTooLarge, Unavailable
 from forkd.vmm import agent_wire
