@@ -21,12 +21,13 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from .test_agent_protocol import Bridge, running_agent
 
 from forkd.errors import AgentProtocolError, ForkdError, PayloadTooLarge, Unavailable
 from forkd.vmm import agent_wire
 from forkd.vmm.agent_client import FILE_CHUNK_BYTES, MAX_IN_FLIGHT, MAX_STRAY_LINES, AgentClient
 from forkd.vmm.agent_wire import MAX_LINE_BYTES
+
+from .test_agent_protocol import Bridge, running_agent
 
 Writer = asyncio.StreamWriter
 Behaviour = Callable[[dict[str, Any], Writer], Awaitable[None]]
