@@ -268,7 +268,14 @@ async def test_routes_answer_wire_shapes(client: httpx.AsyncClient, fake: FakeRu
     assert r.json()["warning"].startswith("rw is ignored")
     assert fake.calls[-1] == (
         "create_snapshot",
-        {"tag": "t", "image": "python", "mem_mib": 512, "warmup": None, "network": None},
+        {
+            "tag": "t",
+            "image": "python",
+            "mem_mib": 512,
+            "warmup": None,
+            "network": None,
+            "cpus": None,
+        },
     )
 
     r = await client.post(

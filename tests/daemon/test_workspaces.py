@@ -180,7 +180,9 @@ def small_tmpfs_daemon(tmp_path: Path) -> Iterator[tuple[DaemonProcess, Path]]:
         pytest.skip("mounting a tmpfs needs root")
     shm = tmp_path / "shm"
     shm.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4g", "tmpfs", str(shm)], check=True)
+    # mode=0700: forkd refuses a memory dir others may write
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4g,mode=0700", "tmpfs", str(shm)],
+                   check=True)  # fmt: skip
     home = tmp_path / "home"
     try:
         build_image(Settings.from_env(home=home), ImageRequest.default("python", None, None),
@@ -211,11 +213,12 @@ def test_suspend_on_a_full_tmpfs_keeps_the_workspace_running(
         write(api, sandbox, "v2")
         before = expect(api.get("/v1/workspaces/full"), 200)
 
-        # Leave the tmpfs no room: the branch runs out of space writing memory (a diff suspend
-        # writes only a delta of a few MiB, so any room at all would let it through).
+        # Leave the tmpfs 256 KiB: less than even a diff suspend's delta (a few MiB), while an
+        # idle guest that touches a fresh page of its memory file still finds room (a full
+        # tmpfs would make that fault SIGBUS the QEMU).
         st = os.statvfs(shm)
         used = (st.f_blocks - st.f_bfree) * st.f_frsize
-        remount = ["mount", "-o", f"remount,size={used}", str(shm)]
+        remount = ["mount", "-o", f"remount,size={used + (256 << 10)}", str(shm)]
         subprocess.run(remount, check=True)
         try:
             for diff in (False, True):

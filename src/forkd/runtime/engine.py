@@ -40,8 +40,11 @@ from forkd.runtime.network import SandboxNetworks, template_key
 from forkd.runtime.pool import (
     AGENT_CONNECT_TIMEOUT_S,
     BASE_MANIFEST,
+    WARM_SNIPPETS,
+    Prelaunched,
     WarmPool,
     launch_incoming,
+    set_priority,
 )
 from forkd.runtime.registry import Registry, SandboxRow, SnapshotRow, now_unix
 from forkd.snapshots.branch import BranchStats, pause_and_copy, start_live
@@ -109,7 +112,10 @@ class Runtime:
         self._pidfds: dict[str, int] = {}
         self._launch_gate = asyncio.Semaphore(MAX_PARALLEL_LAUNCHES)
         self._background: set[asyncio.Future[None]] = set()
-        self._pool = WarmPool(settings.run_dir, settings.warm_pool_size, self._launch_gate)
+        self._pool = WarmPool(
+            settings.run_dir, settings.warm_pool_size, self._launch_gate,
+            make_hot=self._make_hot if watch else None,
+        )  # fmt: skip
         self._branching: set[str] = set()
         self._source_locks: dict[str, asyncio.Lock] = {}
         # Sources whose QEMU has background-snapshot on (a sandbox id is one QEMU process).
@@ -490,28 +496,30 @@ class Runtime:
                 await self.networks.prepare(sandbox_id, policy, manifest.network)
                 self.networks.enter(sandbox_id, policy, qemu.pid)
                 t1 = time.monotonic()
-                if manifest.delta is not None:
-                    # Before the device state loads: devices read their rings from guest RAM.
-                    ram = find_ram_mapping(qemu.pid, manifest.memory.path,
-                                           manifest.mem_mib * 1024 * 1024)  # fmt: skip
-                    await asyncio.to_thread(apply_delta, ram, Path(manifest.delta.path))
-                await qemu.restore_and_run(self.snapshots.devstate_path(tag))
-                await qemu.close_qmp()
-                t2 = time.monotonic()
                 net = None
                 if manifest.network is not None:
                     template_open = (manifest.egress or {}).get("egress", "none") != "none"
                     net = self.networks.guest_config(
                         sandbox_id, manifest.network, policy, template_open=template_open
                     )
-                # Entropy, clock and network all arrive with the hello: one round trip.
-                agent = await child.sock.handshake(
-                    timeout=CHILD_HANDSHAKE_TIMEOUT_S, entropy=os.urandom(64), net=net
-                )
-                if not agent.hello.get("reseeded"):
-                    raise AgentError(f"the child's agent could not reseed: {agent.hello}")
-                if net is not None and not agent.hello.get("net_set"):
-                    raise AgentError(f"the child's agent could not set its network: {agent.hello}")
+                if child.agent is not None:
+                    # Hot: already restored and running; what its hello gave, given afresh.
+                    agent = child.agent
+                    t2 = time.monotonic()
+                    try:
+                        renewed = await agent.renew(os.urandom(64), net=net)
+                    except ForkdError as exc:  # died in the pool: a fresh QEMU takes its place
+                        raise QemuGone(f"a pooled child of {tag!r} was unusable: {exc}") from exc
+                    set_priority(qemu.pid, 0)
+                    _check_hello(renewed, net)
+                else:
+                    await self._restore(child, manifest)
+                    t2 = time.monotonic()
+                    # Entropy, clock and network all arrive with the hello: one round trip.
+                    agent = await child.sock.handshake(
+                        timeout=CHILD_HANDSHAKE_TIMEOUT_S, entropy=os.urandom(64), net=net
+                    )
+                    _check_hello(agent.hello, net)
                 await self.networks.give_host_ca(agent, policy)
                 t3 = time.monotonic()
             except BaseException as exc:
@@ -525,6 +533,8 @@ class Runtime:
                 await self.networks.release(sandbox_id)
                 self.registry.delete_sandbox(sandbox_id)
                 if not isinstance(exc, Exception):
+                    raise
+                if pooled and isinstance(exc, QemuGone):
                     raise
                 if qemu_said:
                     raise VMError(f"fork from {tag!r} failed, QEMU exited: {qemu_said}") from exc
@@ -547,6 +557,29 @@ class Runtime:
             agent_ms=(t3 - t2) * 1000, total_ms=(t3 - t0) * 1000, pooled=pooled,
         )  # fmt: skip
         return Spawned(self._info(row), timing)
+
+    async def _restore(self, child: Prelaunched, manifest: SnapshotManifest) -> None:
+        """Load a launched child's memory delta and device state, and let it run."""
+        qemu = child.qemu
+        if manifest.delta is not None:
+            # Before the device state loads: devices read their rings from guest RAM.
+            ram = find_ram_mapping(qemu.pid, manifest.memory.path, manifest.mem_mib * 1024 * 1024)
+            await asyncio.to_thread(apply_delta, ram, Path(manifest.delta.path))
+        await qemu.restore_and_run(self.snapshots.devstate_path(manifest.tag))
+        await qemu.close_qmp()
+
+    async def _make_hot(self, child: Prelaunched, manifest: SnapshotManifest) -> AgentClient:
+        """A pool member restored, greeted and warmed before anyone asks for it; it waits at
+        low CPU priority, and its take gives it fresh entropy, clock and network."""
+        await self._restore(child, manifest)
+        agent = await child.sock.handshake(timeout=CHILD_HANDSHAKE_TIMEOUT_S,
+                                           entropy=os.urandom(64))  # fmt: skip
+        try:
+            await agent.warm(list(WARM_SNIPPETS))
+        except BaseException:
+            await agent.close()
+            raise
+        return agent
 
     def _info(self, row: SandboxRow) -> wire.SandboxInfo:
         info = _sandbox_info(row)
@@ -1017,6 +1050,13 @@ class Runtime:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(fd)
             os.close(fd)
+
+
+def _check_hello(answer: dict[str, object], net: object) -> None:
+    if not answer.get("reseeded"):
+        raise AgentError(f"the child's agent could not reseed: {answer}")
+    if net is not None and not answer.get("net_set"):
+        raise AgentError(f"the child's agent could not set its network: {answer}")
 
 
 def _physical_bytes(path: Path) -> int:

@@ -1,9 +1,11 @@
-"""Pre-launched children: QEMU processes already started with ``-incoming defer`` against a
-template, their QMP session and agent socket open, waiting for a fork to claim them.
+"""Pooled children, ready before a fork asks: per template recently forked from, up to ``size``.
 
-QEMU's own start-up (~40-60 ms of process and machine set-up) then happens off the fork's path.
-A long-lived runtime (the daemon) keeps ``size`` of them for each template it recently forked
-from; a one-shot CLI process keeps none.
+Pre-launched: QEMU started with ``-incoming defer``, QMP and agent socket open, so QEMU's own
+start-up (~40-60 ms) is off the fork's path. Hot (the daemon's, ``make_hot``): also restored,
+greeted and warmed (eval's guest code run once in a throw-away namespace, so it is translated
+already), then left idle at low CPU priority; taking one costs one agent round trip that gives
+it fresh entropy, clock and network. Refills stop while the host is short of memory. A one-shot
+CLI process keeps no pool.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import contextlib
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,34 @@ from forkd.vmm.spec import RunPaths, instance_args, without_boot_files
 
 AGENT_CONNECT_TIMEOUT_S = 10.0
 BASE_MANIFEST = "base-manifest.json"
+# run once in a hot child before it is handed out (a throw-away namespace: nothing stays)
+WARM_SNIPPETS = ("1+1", "x = [0.0] * 5\nx", "None")
+POOL_NICE = 10
+MiB = 1024 * 1024
+# refills stop below this much available host memory (plus the template's own size)
+POOL_MIN_AVAILABLE_BYTES = 1 << 30
+
+
+def set_priority(pid: int, nice: int) -> None:
+    """Set the nice value of every thread of ``pid`` (QEMU's vCPUs are threads of their own)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for tid in tasks:
+        with contextlib.suppress(OSError, ValueError):
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+
+
+def mem_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def template_key(manifest: SnapshotManifest) -> tuple[str, str, int]:
@@ -40,8 +70,11 @@ class Prelaunched:
     qemu: QemuProcess
     sock: AgentSocket
     key: tuple[str, str, int]
+    agent: AgentClient | None = None  # set once hot: restored, greeted, running
 
     async def discard(self) -> None:
+        if self.agent is not None:
+            await self.agent.close()
         await self.sock.close()
         await self.qemu.terminate()
         shutil.rmtree(self.paths.dir, ignore_errors=True)
@@ -97,10 +130,18 @@ async def launch_incoming(
 class WarmPool:
     """Up to ``size`` pre-launched children per template, refilled in the background."""
 
-    def __init__(self, run_root: Path, size: int, gate: asyncio.Semaphore) -> None:
+    def __init__(
+        self,
+        run_root: Path,
+        size: int,
+        gate: asyncio.Semaphore,
+        *,
+        make_hot: Callable[[Prelaunched, SnapshotManifest], Awaitable[AgentClient]] | None = None,
+    ) -> None:
         self.run_root = run_root
         self.size = size
         self._gate = gate
+        self._make_hot = make_hot
         self._ready: dict[str, list[Prelaunched]] = {}
         self._refills: dict[str, asyncio.Task[None]] = {}
         self._discarding: set[asyncio.Future[None]] = set()
@@ -111,7 +152,8 @@ class WarmPool:
         entries = self._ready.get(manifest.tag, [])
         while entries:
             entry = entries.pop()
-            if entry.key == key and entry.qemu.alive():
+            hot_ok = entry.agent is None or not entry.agent.closed
+            if entry.key == key and hot_ok and entry.qemu.alive():
                 return entry
             task = asyncio.ensure_future(entry.discard())
             self._discarding.add(task)
@@ -131,8 +173,18 @@ class WarmPool:
         entries = self._ready.setdefault(manifest.tag, [])
         try:
             while len(entries) < self.size:
+                if mem_available_bytes() < POOL_MIN_AVAILABLE_BYTES + manifest.mem_mib * MiB:
+                    return
                 async with self._gate:
-                    entries.append(await launch_incoming(self.run_root, manifest, pooled=True))
+                    entry = await launch_incoming(self.run_root, manifest, pooled=True)
+                set_priority(entry.qemu.pid, POOL_NICE)  # refills yield to user work
+                if self._make_hot is not None:
+                    try:
+                        entry.agent = await self._make_hot(entry, manifest)
+                    except BaseException:
+                        await entry.discard()
+                        raise
+                entries.append(entry)
         except Exception as exc:  # a refill failure only costs latency; forks launch directly
             self.on_error(manifest.tag, exc)
 

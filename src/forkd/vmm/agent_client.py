@@ -506,6 +506,25 @@ class AgentClient:
         as a fork's hello does."""
         return await self.call("set_net", {"net": dict(net)}, timeout=timeout)
 
+    async def renew(
+        self,
+        entropy: bytes,
+        *,
+        net: Mapping[str, Any] | None = None,
+        timeout: float | None = 10.0,
+    ) -> dict[str, Any]:
+        """What a fork's hello does, on this open session: reseed with ``entropy``, set the
+        clock and (optionally) the network; for a pre-restored child handed out by a pool."""
+        args: dict[str, Any] = {"entropy_b64": base64.b64encode(entropy).decode("ascii"),
+                                "wall_ns": time.time_ns()}  # fmt: skip
+        if net is not None:
+            args["net"] = dict(net)
+        return await self.call("renew", args, timeout=timeout)
+
+    async def warm(self, snippets: list[str], *, timeout: float | None = 60.0) -> dict[str, Any]:
+        """Run ``snippets`` through eval's path in a throw-away namespace (pool warm-up)."""
+        return await self.call("warm", {"code": list(snippets)}, timeout=timeout)
+
     async def set_clock(self, *, timeout: float | None = 10.0) -> dict[str, Any]:
         """Step the guest's wall clock to the host's (``clock_set``, ``clock_step_ms``)."""
         return await self.call("set_clock", {"wall_ns": time.time_ns()}, timeout=timeout)
