@@ -158,8 +158,13 @@ class Settings:
         """tmpfs folder for guest memory files; unique per home so two homes never collide."""
         if self.shm_dir is not None:
             return self.shm_dir
-        digest = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:12]
-        return Path("/dev/shm") / f"forkd-{digest}"
+        return Path("/dev/shm") / f"forkd-{self.home_key}"
+
+    @property
+    def home_key(self) -> str:
+        """A short name of this home, for host-wide things it must not share with other homes
+        (its default memory dir, its egress-guard tables)."""
+        return hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:12]
 
     @property
     def images_dir(self) -> Path:

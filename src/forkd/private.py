@@ -70,18 +70,24 @@ def private_dir(path: Path, what: str = "directory") -> Path:
 
 
 def private_file(path: Path, what: str = "file") -> None:
-    """Make sure ``path`` exists as this user's regular file, mode 0600."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    """Make sure ``path`` exists as this user's regular file, mode 0600.
+
+    An existing file is only stat'ed and chmod'ed by path, never opened: closing any descriptor
+    of a file drops every POSIX lock this process holds on it, and SQLite's locks on a database
+    another connection of this process has open are exactly that."""
     try:
-        fd = os.open(path, flags, FILE_MODE)
-    except OSError as e:
-        raise _refuse(path, what, f"cannot be opened ({e.strerror})", "remove it") from e
-    try:
-        st = os.fstat(fd)
-        check_owned(path, st, what)
-        if not stat.S_ISREG(st.st_mode):
-            raise _refuse(path, what, "is not a regular file", "remove it")
-        if stat.S_IMODE(st.st_mode) != FILE_MODE:
-            os.fchmod(fd, FILE_MODE)
-    finally:
-        os.close(fd)
+        st = os.lstat(path)
+    except FileNotFoundError:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            os.close(os.open(path, flags, FILE_MODE))
+        except FileExistsError:
+            pass  # made meanwhile by another process: checked below
+        except OSError as e:
+            raise _refuse(path, what, f"cannot be created ({e.strerror})", "remove it") from e
+        st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+        raise _refuse(path, what, "is not a regular file", "remove it")
+    check_owned(path, st, what)
+    if stat.S_IMODE(st.st_mode) != FILE_MODE:
+        os.chmod(path, FILE_MODE)

@@ -75,7 +75,7 @@ def test_guard_rules_allow_only_the_policy() -> None:
     blocked = internet.index("goto refuse")
     assert internet.index("th dport 53 accept") < blocked < internet.index("nfproto ipv4 accept")
     assert "169.254.0.0/16" in internet and "192.0.2.2" in internet and "127.0.0.0/8" in internet
-    assert guard.table_name("sb-ab.c") == "forkd_sb_ab_c"
+    assert guard.table_name("h1", "sb-ab.c") == "forkd_h1_sb_ab_c"
 
 
 def test_cgroup2_root_from_mountinfo(tmp_path: Any) -> None:

@@ -162,7 +162,7 @@ def test_symlinked_file_is_refused(tmp_path: Path) -> None:
     target.write_text("")
     (tmp_path / "home").mkdir(mode=0o700)
     (tmp_path / "home" / "audit.log").symlink_to(target)
-    with pytest.raises(HostSetupError, match=r"audit log .* cannot be opened"):
+    with pytest.raises(HostSetupError, match=r"audit log .* is not a regular file"):
         private_file(tmp_path / "home" / "audit.log", "audit log")
 
 
@@ -206,3 +206,19 @@ async def test_qemu_creates_private_files_and_is_file_capped(
     finally:
         qemu.kill()
         await qemu.wait_exit(10)
+
+
+def test_checking_an_open_database_keeps_its_locks(tmp_path: Path) -> None:
+    """A second Registry on the same home in one process must not drop the first one's SQLite
+    locks (closing any descriptor of a file releases this process's POSIX locks on it)."""
+    from forkd.runtime.registry import Registry, SnapshotRow
+
+    home = tmp_path / "home"
+    first = Registry(home / "forkd.db")
+    first.put_snapshot(SnapshotRow(tag="a", status="ready", created_at_unix=1))
+    second = Registry(home / "forkd.db")
+    second.put_snapshot(SnapshotRow(tag="b", status="ready", created_at_unix=2))
+    assert {r.tag for r in first.list_snapshots()} == {"a", "b"}
+    assert {r.tag for r in second.list_snapshots()} == {"a", "b"}
+    first.close()
+    second.close()

@@ -20,6 +20,9 @@ pytestmark = pytest.mark.vm
 async def test_spawn_survives_its_qemu_dying_mid_restore(
     runtime: Runtime, template: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Hot pool members are restored already: empty the pool so this spawn restores.
+    await runtime.settle()
+    await runtime._pool.drain(template)
     original = QemuProcess.restore_and_run
     victims: list[int] = []
 

@@ -313,3 +313,26 @@ async def test_warmup_with_network_and_neutral_children(runtime: Runtime) -> Non
             await runtime.kill(sid)
     finally:
         await runtime.delete_snapshot(tag)
+
+
+async def test_another_homes_start_leaves_this_homes_guard(
+    runtime: Runtime, template: str, host_server: HostServer, tmp_path: Path
+) -> None:
+    """nftables tables are host-wide: a forkd on another home sweeping its leftovers must not
+    remove the guard of a sandbox here (its egress would run unfiltered)."""
+    import dataclasses
+
+    from forkd.net.guard import table_name
+
+    sandbox_id = await _spawn(runtime, template, egress="internet")
+    try:
+        other = Runtime(dataclasses.replace(runtime.settings, home=tmp_path / "other-home"))
+        await other.start()
+        await other.close()
+        table = table_name(runtime.settings.home_key, sandbox_id)
+        listed = subprocess.run(["nft", "list", "table", "inet", table], capture_output=True)
+        assert listed.returncode == 0, listed.stderr
+        got = await _fetch(runtime, sandbox_id, f"http://10.0.2.2:{host_server.port}/x")
+        assert got.startswith("ERROR") and host_server.requests == []
+    finally:
+        await runtime.kill(sandbox_id)

@@ -66,8 +66,10 @@ def probe() -> str | None:
     return None
 
 
-def table_name(sandbox_id: str) -> str:
-    return TABLE_PREFIX + re.sub(r"[^A-Za-z0-9_]", "_", sandbox_id)
+def table_name(scope: str, sandbox_id: str) -> str:
+    """``forkd_<scope>_<id>``: ``scope`` names the forkd home, so that one home's sweep never
+    touches the tables of another home's sandboxes (nftables tables are host-wide)."""
+    return f"{TABLE_PREFIX}{scope}_" + re.sub(r"[^A-Za-z0-9_]", "_", sandbox_id)
 
 
 def host_nameservers(resolv: Path = Path("/etc/resolv.conf")) -> list[str]:
@@ -143,16 +145,18 @@ def ruleset(
 
 @dataclass(frozen=True)
 class Guard:
-    """Installs, and removes, one sandbox's cgroup leaf and nftables table."""
+    """Installs, and removes, one sandbox's cgroup leaf and nftables table (of one home:
+    ``scope``)."""
 
     root: Path
+    scope: str
 
     @classmethod
-    def available(cls) -> Guard | None:
+    def available(cls, scope: str) -> Guard | None:
         if probe() is not None:
             return None
         root = cgroup2_root()
-        return None if root is None else cls(root)
+        return None if root is None else cls(root, scope)
 
     def leaf(self, sandbox_id: str) -> Path:
         return self.root / LEAF_PARENT / sandbox_id
@@ -164,7 +168,7 @@ class Guard:
         leaf = self.leaf(sandbox_id)
         leaf.mkdir(parents=True, exist_ok=True)
         script = ruleset(
-            table_name(sandbox_id), str(leaf.relative_to(NFT_CGROUP_BASE)), 2, policy,
+            table_name(self.scope, sandbox_id), str(leaf.relative_to(NFT_CGROUP_BASE)), 2, policy,
             proxy_port=proxy_port, nameservers=host_nameservers(), host_addrs=host_addresses(),
         )  # fmt: skip
         await asyncio.to_thread(self._nft, ["-f", "-"], script)
@@ -175,19 +179,20 @@ class Guard:
 
     async def remove(self, sandbox_id: str) -> None:
         with contextlib.suppress(Unavailable):
-            await asyncio.to_thread(self._nft, ["delete", "table", "inet", table_name(sandbox_id)])
+            table = table_name(self.scope, sandbox_id)
+            await asyncio.to_thread(self._nft, ["delete", "table", "inet", table])
         with contextlib.suppress(OSError):
             self.leaf(sandbox_id).rmdir()
 
     def tables(self) -> list[str]:
-        """Sandbox ids that have a table installed (for sweeping leftovers)."""
+        """This home's installed tables (for sweeping leftovers)."""
         try:
             out = self._nft(["-j", "list", "tables"])
             items = json.loads(out).get("nftables", [])
         except (Unavailable, ValueError):
             return []
         names = [i["table"]["name"] for i in items if "table" in i]
-        return [n for n in names if n.startswith(TABLE_PREFIX)]
+        return [n for n in names if n.startswith(f"{TABLE_PREFIX}{self.scope}_")]
 
     def remove_table(self, table: str) -> None:
         with contextlib.suppress(Unavailable):

@@ -124,6 +124,7 @@ class Runtime:
             self.registry,
             default="internet" if settings.default_egress == "internet" else "none",
             long_lived=watch,
+            scope=settings.home_key,
         )
         self.on_sandbox_death: Callable[[str, str], None] | None = None
 

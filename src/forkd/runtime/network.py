@@ -70,8 +70,11 @@ def host_ca_bundle() -> Path | None:
 class SandboxNetworks:
     """Policies, guards, proxies and port forwards of one runtime's sandboxes."""
 
-    def __init__(self, registry: Registry, *, default: Egress, long_lived: bool) -> None:
+    def __init__(
+        self, registry: Registry, *, default: Egress, long_lived: bool, scope: str = "x"
+    ) -> None:
         self.registry = registry
+        self.scope = scope  # this home's name in host-wide guard tables
         self.default: Egress = default
         self._long_lived = long_lived
         self._guard: Guard | None = None
@@ -127,7 +130,7 @@ class SandboxNetworks:
 
     def require_guard(self) -> Guard:
         if not self._guard_probed:
-            self._guard, self._guard_probed = Guard.available(), True
+            self._guard, self._guard_probed = Guard.available(self.scope), True
         if self._guard is None:
             raise Unavailable(
                 "egress other than 'none' needs the egress guard, which this host lacks: "
@@ -215,7 +218,7 @@ class SandboxNetworks:
         row = self.registry.get_network(sandbox_id)
         if row is not None and row.policy.get("egress") != "none":
             if not self._guard_probed:
-                self._guard, self._guard_probed = Guard.available(), True
+                self._guard, self._guard_probed = Guard.available(self.scope), True
             if self._guard is not None:
                 await self._guard.remove(sandbox_id)
         self.registry.delete_network(sandbox_id)
@@ -244,9 +247,9 @@ class SandboxNetworks:
         for key in self.registry.network_ids():
             if key not in keep:
                 await self.release(key)
-        g = Guard.available()
+        g = Guard.available(self.scope)
         if g is not None:
-            names = {guard_mod.table_name(k) for k in keep}
+            names = {guard_mod.table_name(self.scope, k) for k in keep}
             for table in g.tables():
                 if table not in names:
                     g.remove_table(table)
