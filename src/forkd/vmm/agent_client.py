@@ -14,7 +14,7 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -26,6 +26,10 @@ from forkd.errors import AgentError, GuestOSError, InvalidInput, NotFound
 MAX_LINE_BYTES = 256 << 20
 EXEC_TIMEOUT_MARGIN_S = 10.0
 HELLO_RESEND_S = 1.0
+# Output of one tracked process queued on the host before its reader takes it; beyond this the
+# output is dropped (counted in ProcStream.dropped_bytes) so a chatty guest cannot grow memory.
+PROC_QUEUE_BYTES = 16 << 20
+PROC_SUBSCRIBERS_MAX = 16  # readers of one process at once
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,80 @@ class EvalResult:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+@dataclass(frozen=True)
+class ProcEvent:
+    """One event of a tracked process: output (``stdout``/``stderr``) or its ``exit``."""
+
+    kind: str
+    data: bytes = b""
+    exit_code: int | None = None
+    signal: int | None = None
+    timed_out: bool = False
+
+
+class ProcStream:
+    """The events of one tracked process as one reader sees them (:meth:`AgentClient.proc_start`).
+
+    Output beyond :data:`PROC_QUEUE_BYTES` not yet taken is dropped and counted; the exit event
+    always arrives. :meth:`next` raises :class:`AgentError` when the connection is lost.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.dropped_bytes = 0
+        self._queue: asyncio.Queue[ProcEvent | AgentError] = asyncio.Queue()
+        self._queued_bytes = 0
+        self.exited: ProcEvent | None = None
+
+    def _put(self, event: ProcEvent) -> None:
+        if event.kind == "exit":
+            self.exited = event
+        elif self._queued_bytes + len(event.data) > PROC_QUEUE_BYTES:
+            self.dropped_bytes += len(event.data)
+            return
+        self._queued_bytes += len(event.data)
+        self._queue.put_nowait(event)
+
+    def _fail(self, error: AgentError) -> None:
+        self._queue.put_nowait(error)
+
+    async def next(self) -> ProcEvent:
+        item = await self._queue.get()
+        if isinstance(item, AgentError):
+            self._queue.put_nowait(item)  # every later call fails the same way
+            raise item
+        self._queued_bytes -= len(item.data)
+        return item
+
+
+def _proc_event(msg: dict[str, Any]) -> tuple[int, ProcEvent] | None:
+    """A well-formed process event from the guest, or None."""
+    pid = msg.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        return None
+    kind = msg.get("event")
+    if kind == "proc_output":
+        stream = msg.get("stream")
+        data = msg.get("data_b64")
+        if stream not in ("stdout", "stderr") or not isinstance(data, str):
+            return None
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except ValueError:
+            return None
+        return pid, ProcEvent(kind=str(stream), data=raw)
+    if kind == "proc_exit":
+        code = msg.get("exit_code")
+        sig = msg.get("signal")
+        return pid, ProcEvent(
+            kind="exit",
+            exit_code=code if isinstance(code, int) else -1,
+            signal=sig if isinstance(sig, int) else None,
+            timed_out=msg.get("timed_out") is True,
+        )
+    return None
 
 
 def _encode(msg: Mapping[str, Any]) -> bytes:
@@ -112,6 +190,8 @@ class AgentClient:
         self._close_reason = "agent client closed"
         self._unknown_responses = 0
         self._junk_lines = 0
+        self._proc_streams: dict[int, list[ProcStream]] = {}
+        self._on_answer: dict[str, Callable[[dict[str, Any]], None]] = {}
         self._reader_task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
             self._read_loop(), name=f"agent-reader-{session}"
         )
@@ -197,6 +277,10 @@ class AgentClient:
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(AgentError(reason))
+        streams, self._proc_streams = self._proc_streams, {}
+        for subs in streams.values():
+            for sub in subs:
+                sub._fail(AgentError(reason))
         self._writer.close()
 
     async def _read_loop(self) -> None:
@@ -216,10 +300,16 @@ class AgentClient:
                         self._junk_lines += 1
                     continue
                 rid = msg.get("id")
+                if rid is None and isinstance(msg.get("event"), str):
+                    self._deliver_event(msg)
+                    continue
                 fut = self._pending.pop(rid, None) if isinstance(rid, str) else None
                 if fut is None:
                     self._unknown_responses += 1
                     continue
+                hook = self._on_answer.pop(rid, None) if isinstance(rid, str) else None
+                if hook is not None and msg.get("ok") is True:
+                    hook(msg)  # before any later line (an event it enables) is read
                 if not fut.done():
                     fut.set_result(msg)
         except asyncio.CancelledError:
@@ -244,9 +334,18 @@ class AgentClient:
         return await self.call(op, args, timeout=timeout)
 
     async def call(
-        self, op: str, args: Mapping[str, Any], *, timeout: float | None = None
+        self,
+        op: str,
+        args: Mapping[str, Any],
+        *,
+        timeout: float | None = None,
+        on_answer: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """Like :meth:`request`, with the protocol arguments given as a mapping."""
+        """Like :meth:`request`, with the protocol arguments given as a mapping.
+
+        ``on_answer`` runs in the reader as soon as a successful answer is read, before any
+        later line: it is how a caller subscribes to events the answer announces.
+        """
         if self._closed:
             raise AgentError(self._close_reason)
         rid = f"{self.session}-{self._next_id}"
@@ -256,6 +355,8 @@ class AgentClient:
         msg["op"] = op
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
+        if on_answer is not None:
+            self._on_answer[rid] = on_answer
         try:
             try:
                 self._writer.write(_encode(msg))
@@ -270,8 +371,97 @@ class AgentClient:
                 raise AgentError(f"agent {op} timed out after {timeout:g} s") from None
         finally:
             self._pending.pop(rid, None)
+            self._on_answer.pop(rid, None)
         _raise_for(op, resp)
         return resp
+
+    def _deliver_event(self, msg: dict[str, Any]) -> None:
+        parsed = _proc_event(msg)
+        if parsed is None:
+            self._unknown_responses += 1
+            return
+        pid, event = parsed
+        subs = self._proc_streams.get(pid)
+        if not subs:
+            return  # nobody reads this process (or it was started by an earlier connection)
+        if event.kind == "exit":
+            del self._proc_streams[pid]
+        for sub in subs:
+            sub._put(event)
+
+    # ----------------------------------------------------------------- tracked processes
+
+    async def proc_start(
+        self,
+        argv: list[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bool = False,
+        timeout: float | None = None,
+        tag: str | None = None,
+        call_timeout: float | None = 30.0,
+    ) -> ProcStream:
+        """Start ``argv`` as a tracked process; its output and exit arrive on the stream.
+
+        ``timeout`` (None: none) has the guest kill the process group when it passes.
+        """
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise InvalidInput("argv must be a non-empty list of strings")
+        args: dict[str, Any] = {"argv": list(argv), "stdin": stdin}
+        if env is not None:
+            args["env"] = dict(env)
+        if cwd is not None:
+            args["cwd"] = cwd
+        if timeout is not None and timeout > 0:
+            args["timeout"] = timeout
+        if tag is not None:
+            args["tag"] = tag
+        holder: list[ProcStream] = []
+
+        def subscribe(resp: dict[str, Any]) -> None:
+            pid = resp.get("pid")
+            if isinstance(pid, int) and not isinstance(pid, bool):
+                stream = ProcStream(pid)
+                self._proc_streams[pid] = [stream]
+                holder.append(stream)
+
+        resp = await self.call("proc_start", args, timeout=call_timeout, on_answer=subscribe)
+        if not holder:
+            raise AgentError(f"agent proc_start: bad answer {resp!r}")
+        return holder[0]
+
+    def proc_attach(self, pid: int) -> ProcStream:
+        """Another reader of running tracked process ``pid`` (events from now on)."""
+        subs = self._proc_streams.get(pid)
+        if subs is None:
+            raise NotFound(f"no running tracked process with pid {pid} on this connection")
+        if len(subs) >= PROC_SUBSCRIBERS_MAX:
+            raise InvalidInput(f"process {pid} has {len(subs)} readers already")
+        stream = ProcStream(pid)
+        subs.append(stream)
+        return stream
+
+    def proc_detach(self, stream: ProcStream) -> None:
+        subs = self._proc_streams.get(stream.pid)
+        if subs is not None and stream in subs:
+            subs.remove(stream)
+
+    async def proc_input(self, pid: int, data: bytes, *, timeout: float | None = 30.0) -> None:
+        args = {"pid": pid, "data_b64": base64.b64encode(data).decode("ascii")}
+        await self.call("proc_input", args, timeout=timeout)
+
+    async def proc_close_stdin(self, pid: int, *, timeout: float | None = 10.0) -> None:
+        await self.call("proc_close_stdin", {"pid": pid}, timeout=timeout)
+
+    async def proc_signal(self, pid: int, signal: int, *, timeout: float | None = 10.0) -> None:
+        await self.call("proc_signal", {"pid": pid, "signal": signal}, timeout=timeout)
+
+    async def proc_list(self, *, timeout: float | None = 10.0) -> list[dict[str, Any]]:
+        """Running tracked processes: pid, argv, env (as given), cwd, tag."""
+        resp = await self.call("proc_list", {}, timeout=timeout)
+        procs = resp.get("processes", [])
+        return [p for p in procs if isinstance(p, dict)] if isinstance(procs, list) else []
 
     async def ping(self, *, timeout: float | None = 5.0) -> dict[str, Any]:
         return await self.call("ping", {}, timeout=timeout)
@@ -311,6 +501,20 @@ class AgentClient:
             stderr_truncated=bool(resp.get("stderr_truncated", False)),
             duration_ms=float(resp.get("duration_ms", 0.0)),
         )
+
+    async def eval_rich(
+        self, code: str, *, context: str | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """``eval`` in namespace ``context`` (None: the default one) with the richer answer:
+        ``stderr`` apart, ``error_type``/``error_value``, ``result_str``, ``result_none``."""
+        args: dict[str, Any] = {"code": code, "split_stderr": True}
+        if context is not None:
+            args["context"] = context
+        return await self.call("eval", args, timeout=timeout)
+
+    async def eval_context_drop(self, context: str, *, timeout: float | None = 10.0) -> bool:
+        resp = await self.call("eval_context_drop", {"context": context}, timeout=timeout)
+        return resp.get("removed") is True
 
     async def eval(self, code: str, *, timeout: float | None = None) -> EvalResult:
         """Evaluate Python ``code`` in the agent's persistent namespace."""
