@@ -119,3 +119,16 @@ async def test_eval_contexts_and_rich_answer(client: AgentClient) -> None:
     assert await client.eval_context_drop("c1") is True
     gone = await client.eval_rich("y", context="c1")
     assert gone["error_type"] == "NameError"
+
+
+async def test_stat_mkdir_move(client: AgentClient, tmp_path: Path) -> None:
+    d = tmp_path / "a" / "b"
+    assert await client.mkdir(str(d)) is True
+    assert await client.mkdir(str(d)) is False
+    await client.write_file(str(d / "f.txt"), b"hello")
+    st = await client.stat(str(d / "f.txt"))
+    assert (st["name"], st["type"], st["size"]) == ("f.txt", "file", 5)
+    moved = await client.move(str(d / "f.txt"), str(tmp_path / "c" / "g.txt"))
+    assert moved["path"] == str(tmp_path / "c" / "g.txt") and moved["size"] == 5
+    with pytest.raises(NotFound):
+        await client.stat(str(d / "f.txt"))

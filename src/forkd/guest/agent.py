@@ -881,6 +881,50 @@ def op_list_files(req: dict) -> dict:
     return {"entries": entries}
 
 
+def _entry(full: str, st) -> dict:
+    entry = {
+        "name": os.path.basename(full.rstrip("/")) or "/",
+        "path": full,
+        "type": _file_type(st.st_mode),
+        "size": st.st_size,
+        "mode": stat.S_IMODE(st.st_mode),
+        "mtime": st.st_mtime,
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+    }
+    if stat.S_ISLNK(st.st_mode):
+        with contextlib.suppress(OSError):
+            entry["symlink_target"] = os.readlink(full)
+    return entry
+
+
+def op_stat(req: dict) -> dict:
+    path = _arg_path(req)
+    return {"entry": _entry(path, os.lstat(path))}
+
+
+def op_mkdir(req: dict) -> dict:
+    """Create directory ``path`` with its parents; ``created`` false if it already was one."""
+    path = _arg_path(req)
+    if os.path.isdir(path):
+        return {"created": False, "entry": _entry(path, os.lstat(path))}
+    os.makedirs(path)
+    return {"created": True, "entry": _entry(path, os.lstat(path))}
+
+
+def op_move(req: dict) -> dict:
+    source = _arg_str(req, "source", required=True)
+    destination = _arg_str(req, "destination", required=True)
+    for p in (source, destination):
+        if not p.startswith("/") or "\0" in p:
+            raise _bad("paths must be absolute")
+    parent = os.path.dirname(destination)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    os.rename(source, destination)
+    return {"entry": _entry(destination, os.lstat(destination))}
+
+
 def op_remove_file(req: dict) -> dict:
     path = _arg_path(req)
     recursive = _arg_bool(req, "recursive", False)
@@ -987,6 +1031,9 @@ OPS = {
     "reseed": op_reseed,
     "set_env": op_set_env,
     "eval_context_drop": op_eval_context_drop,
+    "stat": op_stat,
+    "mkdir": op_mkdir,
+    "move": op_move,
     "proc_start": op_proc_start,
     "proc_input": op_proc_input,
     "proc_close_stdin": op_proc_close_stdin,

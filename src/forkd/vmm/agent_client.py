@@ -573,6 +573,26 @@ class AgentClient:
         entries = resp.get("entries", [])
         return [e for e in entries if isinstance(e, dict)]
 
+    async def stat(self, path: str, *, timeout: float | None = 30.0) -> dict[str, Any]:
+        """``lstat`` of ``path``: name, path, type, size, mode, mtime, uid, gid (symlink_target)."""
+        resp = await self.call("stat", {"path": path}, timeout=timeout)
+        entry = resp.get("entry")
+        return entry if isinstance(entry, dict) else {}
+
+    async def mkdir(self, path: str, *, timeout: float | None = 30.0) -> bool:
+        """Create ``path`` and its parents; False if it was a directory already."""
+        resp = await self.call("mkdir", {"path": path}, timeout=timeout)
+        return resp.get("created") is True
+
+    async def move(
+        self, source: str, destination: str, *, timeout: float | None = 60.0
+    ) -> dict[str, Any]:
+        """Rename ``source`` to ``destination`` (parents created); the new entry."""
+        args = {"source": source, "destination": destination}
+        resp = await self.call("move", args, timeout=timeout)
+        entry = resp.get("entry")
+        return entry if isinstance(entry, dict) else {}
+
     async def remove_file(
         self, path: str, *, recursive: bool = False, timeout: float | None = 60.0
     ) -> None:
