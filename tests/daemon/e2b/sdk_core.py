@@ -1,0 +1,163 @@
+"""Drives forkd through the unmodified E2B Python SDK; run with a venv that has ``e2b``.
+
+Usage: python sdk_core.py TEMPLATE. The E2B_* variables point the SDK at the daemon. Prints one
+JSON object: what each step observed (or the error it raised), for the test to assert on.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+from e2b import CommandExitException, Sandbox
+
+out: dict[str, Any] = {}
+
+
+def step(name: str, fn: Callable[[], Any]) -> Any:
+    try:
+        value = fn()
+        out[name] = value
+        return value
+    except Exception as e:
+        out[name] = {"raised": type(e).__name__, "message": str(e)[:500], "tb": traceback.format_exc()[-1500:]}
+        return None
+
+
+def main(template: str) -> None:
+    t0 = time.monotonic()
+    sbx = Sandbox.create(template, envs={"FOO": "bar"}, metadata={"suite": "e2b"}, timeout=120)
+    out["create_s"] = time.monotonic() - t0
+    out["sandbox_id"] = sbx.sandbox_id
+
+    def echo() -> dict[str, Any]:
+        r = sbx.commands.run("echo hi")
+        return {"stdout": r.stdout, "stderr": r.stderr, "exit_code": r.exit_code}
+
+    step("echo", echo)
+    out["first_result_s"] = time.monotonic() - t0
+
+    def failing() -> dict[str, Any]:
+        try:
+            sbx.commands.run("echo oops >&2; exit 3")
+        except CommandExitException as e:
+            return {"exception": type(e).__name__, "exit_code": e.exit_code, "stderr": e.stderr}
+        return {"exception": None}
+
+    step("failing", failing)
+    step("env", lambda: sbx.commands.run("echo $FOO-$BAR", envs={"BAR": "baz"}).stdout)
+    step("cwd", lambda: sbx.commands.run("pwd").stdout)
+
+    def streaming() -> dict[str, Any]:
+        seen: list[tuple[float, str]] = []
+        r = sbx.commands.run(
+            "echo one; sleep 2; echo two",
+            on_stdout=lambda s: seen.append((time.monotonic(), s)),
+        )
+        end = time.monotonic()
+        return {
+            "chunks": [s for _, s in seen],
+            "first_before_end_s": end - seen[0][0] if seen else None,
+            "stdout": r.stdout,
+        }
+
+    step("streaming", streaming)
+
+    def background() -> dict[str, Any]:
+        h = sbx.commands.run("sleep 120", background=True)
+        listed = [p.pid for p in sbx.commands.list()]
+        killed = h.kill()
+        try:
+            h.wait()
+            waited = "returned"
+        except CommandExitException as e:
+            waited = f"exit {e.exit_code}"
+        after = [p.pid for p in sbx.commands.list()]
+        return {"pid": h.pid, "listed": h.pid in listed, "killed": killed, "waited": waited,
+                "listed_after": h.pid in after}
+
+    step("background", background)
+
+    def stdin() -> str:
+        h = sbx.commands.run("read line; echo got:$line", background=True, stdin=True)
+        sbx.commands.send_stdin(h.pid, "hello\n")
+        return h.wait().stdout
+
+    step("stdin", stdin)
+
+    def files() -> dict[str, Any]:
+        info = sbx.files.write("notes/hello.txt", "hello file")
+        content = sbx.files.read("notes/hello.txt")
+        names = [e.name for e in sbx.files.list("notes")]
+        exists = sbx.files.exists("notes/hello.txt")
+        sbx.files.make_dir("/tmp/e2bdir")
+        sbx.files.rename("notes/hello.txt", "/tmp/e2bdir/moved.txt")
+        moved = sbx.files.read("/tmp/e2bdir/moved.txt")
+        sbx.files.remove("/tmp/e2bdir/moved.txt")
+        gone = not sbx.files.exists("/tmp/e2bdir/moved.txt")
+        via_shell = sbx.commands.run("cat /tmp/e2bdir/moved.txt || echo missing").stdout
+        return {"path": info.path, "content": content, "names": names, "exists": exists,
+                "moved": moved, "gone": gone, "via_shell": via_shell}
+
+    step("files", files)
+
+    def missing_file() -> str:
+        try:
+            sbx.files.read("/no/such/file")
+        except Exception as e:
+            return type(e).__name__
+        return "no error"
+
+    step("missing_file", missing_file)
+
+    def connect() -> dict[str, Any]:
+        other = Sandbox.connect(sbx.sandbox_id)
+        r = other.commands.run("echo from-second")
+        return {"same_id": other.sandbox_id == sbx.sandbox_id, "stdout": r.stdout}
+
+    step("connect", connect)
+
+    def info() -> dict[str, Any]:
+        i = sbx.get_info()
+        sbx.set_timeout(600)
+        later = sbx.get_info()
+        listed = [s.sandbox_id for s in Sandbox.list().next_items()]
+        return {"template": i.template_id, "metadata": i.metadata,
+                "extended": (later.end_at - i.end_at).total_seconds() > 60,
+                "listed": sbx.sandbox_id in listed, "running": sbx.is_running()}
+
+    step("info", info)
+
+    def unknown_connect() -> str:
+        try:
+            Sandbox.connect("nosuchsandbox")
+        except Exception as e:
+            return type(e).__name__
+        return "no error"
+
+    step("unknown_connect", unknown_connect)
+
+    def short_timeout() -> dict[str, Any]:
+        s = Sandbox.create(template, timeout=2)
+        time.sleep(5)
+        return {"running_after": s.is_running(), "killed_again": Sandbox.kill(s.sandbox_id)}
+
+    step("short_timeout", short_timeout)
+
+    def kill() -> dict[str, Any]:
+        first = sbx.kill()
+        second = Sandbox.kill(sbx.sandbox_id)
+        return {"first": first, "second": second}
+
+    step("kill", kill)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1])
+    except Exception as e:
+        out["fatal"] = {"raised": type(e).__name__, "message": str(e)[:1000], "tb": traceback.format_exc()[-3000:]}
+    print(json.dumps(out))
