@@ -6,7 +6,8 @@ import json
 import sys
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from e2b_code_interpreter import Sandbox
 
@@ -19,7 +20,11 @@ def step(name: str, fn: Callable[[], Any]) -> Any:
         out[name] = value
         return value
     except Exception as e:
-        out[name] = {"raised": type(e).__name__, "message": str(e)[:500], "tb": traceback.format_exc()[-1500:]}
+        out[name] = {
+            "raised": type(e).__name__,
+            "message": str(e)[:500],
+            "tb": traceback.format_exc()[-1500:],
+        }
         return None
 
 
@@ -46,8 +51,13 @@ def main(template: str) -> None:
             "import sys\nprint('hello')\nprint('warn', file=sys.stderr)\n42",
             on_stdout=lambda m: seen.append(m.line),
         )
-        return {"stdout": ex.logs.stdout, "stderr": ex.logs.stderr, "text": ex.text,
-                "callback": seen, "count": ex.execution_count}
+        return {
+            "stdout": ex.logs.stdout,
+            "stderr": ex.logs.stderr,
+            "text": ex.text,
+            "callback": seen,
+            "count": ex.execution_count,
+        }
 
     step("prints", prints)
 
@@ -58,8 +68,11 @@ def main(template: str) -> None:
         e = sbx.run_code("y").error
         listed = [c.id for c in sbx.list_code_contexts()]
         sbx.remove_code_context(ctx)
-        return {"in_ctx": in_ctx, "default_error": e.name if e else None,
-                "listed": ctx.id in listed}
+        return {
+            "in_ctx": in_ctx,
+            "default_error": e.name if e else None,
+            "listed": ctx.id in listed,
+        }
 
     step("contexts", contexts)
 
@@ -79,5 +92,9 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1])
     except Exception as e:
-        out["fatal"] = {"raised": type(e).__name__, "message": str(e)[:1000], "tb": traceback.format_exc()[-3000:]}
+        out["fatal"] = {
+            "raised": type(e).__name__,
+            "message": str(e)[:1000],
+            "tb": traceback.format_exc()[-3000:],
+        }
     print(json.dumps(out))

@@ -10,7 +10,8 @@ import json
 import sys
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from e2b import CommandExitException, Sandbox
 
@@ -23,7 +24,11 @@ def step(name: str, fn: Callable[[], Any]) -> Any:
         out[name] = value
         return value
     except Exception as e:
-        out[name] = {"raised": type(e).__name__, "message": str(e)[:500], "tb": traceback.format_exc()[-1500:]}
+        out[name] = {
+            "raised": type(e).__name__,
+            "message": str(e)[:500],
+            "tb": traceback.format_exc()[-1500:],
+        }
         return None
 
 
@@ -76,8 +81,13 @@ def main(template: str) -> None:
         except CommandExitException as e:
             waited = f"exit {e.exit_code}"
         after = [p.pid for p in sbx.commands.list()]
-        return {"pid": h.pid, "listed": h.pid in listed, "killed": killed, "waited": waited,
-                "listed_after": h.pid in after}
+        return {
+            "pid": h.pid,
+            "listed": h.pid in listed,
+            "killed": killed,
+            "waited": waited,
+            "listed_after": h.pid in after,
+        }
 
     step("background", background)
 
@@ -99,8 +109,15 @@ def main(template: str) -> None:
         sbx.files.remove("/tmp/e2bdir/moved.txt")
         gone = not sbx.files.exists("/tmp/e2bdir/moved.txt")
         via_shell = sbx.commands.run("cat /tmp/e2bdir/moved.txt || echo missing").stdout
-        return {"path": info.path, "content": content, "names": names, "exists": exists,
-                "moved": moved, "gone": gone, "via_shell": via_shell}
+        return {
+            "path": info.path,
+            "content": content,
+            "names": names,
+            "exists": exists,
+            "moved": moved,
+            "gone": gone,
+            "via_shell": via_shell,
+        }
 
     step("files", files)
 
@@ -125,9 +142,13 @@ def main(template: str) -> None:
         sbx.set_timeout(600)
         later = sbx.get_info()
         listed = [s.sandbox_id for s in Sandbox.list().next_items()]
-        return {"template": i.template_id, "metadata": i.metadata,
-                "extended": (later.end_at - i.end_at).total_seconds() > 60,
-                "listed": sbx.sandbox_id in listed, "running": sbx.is_running()}
+        return {
+            "template": i.template_id,
+            "metadata": i.metadata,
+            "extended": (later.end_at - i.end_at).total_seconds() > 60,
+            "listed": sbx.sandbox_id in listed,
+            "running": sbx.is_running(),
+        }
 
     step("info", info)
 
@@ -159,5 +180,9 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1])
     except Exception as e:
-        out["fatal"] = {"raised": type(e).__name__, "message": str(e)[:1000], "tb": traceback.format_exc()[-3000:]}
+        out["fatal"] = {
+            "raised": type(e).__name__,
+            "message": str(e)[:1000],
+            "tb": traceback.format_exc()[-3000:],
+        }
     print(json.dumps(out))
