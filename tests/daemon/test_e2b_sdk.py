@@ -145,6 +145,11 @@ def check_core(out: dict[str, Any]) -> None:
         "listed": True,
         "running": True,
     }
+    # fork = BRANCH + spawn: each child sees the parent's files and env; the parent is unchanged
+    assert out["fork"] == {
+        "children": ["parent-state\nbar\n"] * 2,
+        "parent_after": "parent-state\n",
+    }
     assert out["unknown_connect"] == "SandboxNotFoundException"
     # timeout=2: the daemon's reaper killed it; killing it again finds nothing
     assert out["short_timeout"] == {"running_after": False, "killed_again": False}
@@ -178,6 +183,7 @@ def test_e2b_code_interpreter(new_sdk: Path, daemon: DaemonProcess) -> None:
     assert out["contexts"] == {"in_ctx": "10", "default_error": "NameError", "listed": True}
     assert out["language"] == "SandboxException"
     assert out["commands"] == "hi\n"
+    assert out["fork"] == {"child": "42", "parent": "41"}
     assert out["kill"] is True
 
 

@@ -152,6 +152,22 @@ def main(template: str) -> None:
 
     step("info", info)
 
+    def fork() -> dict[str, Any]:
+        sbx.commands.run("echo parent-state > /tmp/state.txt")
+        children = sbx.fork(count=2)
+        seen = []
+        for child in children:
+            if isinstance(child, Exception):
+                seen.append(f"{type(child).__name__}: {child}")
+                continue
+            seen.append(child.commands.run("cat /tmp/state.txt; echo $FOO").stdout)
+            child.commands.run("echo child > /tmp/state.txt")
+            child.kill()
+        after = sbx.commands.run("cat /tmp/state.txt").stdout
+        return {"children": seen, "parent_after": after}
+
+    step("fork", fork)
+
     def unknown_connect() -> str:
         try:
             Sandbox.connect("nosuchsandbox")

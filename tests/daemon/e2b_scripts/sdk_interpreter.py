@@ -85,6 +85,16 @@ def main(template: str) -> None:
 
     step("language", language)
     step("commands", lambda: sbx.commands.run("echo hi").stdout)
+
+    def fork() -> dict[str, Any]:
+        sbx.run_code("forked_value = 41")
+        (child,) = sbx.fork()
+        seen = child.run_code("forked_value + 1").text
+        child.run_code("forked_value = 0")
+        child.kill()
+        return {"child": seen, "parent": sbx.run_code("forked_value").text}
+
+    step("fork", fork)
     step("kill", lambda: sbx.kill())
 
 

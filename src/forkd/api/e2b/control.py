@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import secrets
 import time
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
@@ -77,6 +78,16 @@ class NewSandbox(BaseModel):
     allow_internet_access: bool | None = None
     network: NetworkConfig | None = None
     auto_pause: bool | None = Field(default=None, alias="autoPause")
+
+
+class ForkBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    timeout: int | None = None
+    count: int | None = None
+
+
+MAX_FORKS = 20
 
 
 class TimeoutBody(BaseModel):
@@ -292,6 +303,37 @@ class Control:
             sb.end_at = max(sb.end_at, time.time() + extend)
         return Response(status_code=204)
 
+    async def fork(self, request: Request, sandbox_id: str) -> Response:
+        """``sbx.fork(count=n)``: BRANCH the sandbox into a template (it keeps running), then
+        spawn ``n`` children of it; each child starts with the parent's memory and files."""
+        body = _parse(ForkBody, await request.body(), empty_ok=True)
+        count = 1 if body.count is None else body.count
+        if isinstance(count, bool) or not 1 <= count <= MAX_FORKS:
+            raise E2BError(400, f"count must be 1..{MAX_FORKS}, got {count}")
+        timeout_s = _timeout(body.timeout, DEFAULT_TIMEOUT_S)
+        parent = self._get(sandbox_id)
+        tag = f"e2b-fork-{secrets.token_hex(6)}"
+        try:
+            async with asyncio.timeout(self.limits.branch_timeout_s):
+                await self.runtime.branch(sandbox_id, tag=tag)
+            async with asyncio.timeout(self.limits.spawn_timeout_s):
+                spawned = await self.runtime.spawn(tag, count)
+        except TimeoutError:
+            raise GatewayTimeout("forking did not finish in time") from None
+        results = []
+        for child in spawned:
+            sb = self.state.add(
+                child.sandbox.id,
+                parent.template_id,
+                timeout_s=timeout_s,
+                metadata=parent.metadata,
+                envs=parent.envs,
+                allow_internet_access=parent.allow_internet_access,
+            )
+            sb.home_ready = parent.home_ready
+            results.append({"sandbox": self.sandbox_body(sb)})
+        return _json(results, 201)
+
     def _get(self, sandbox_id: str) -> E2BSandbox:
         try:
             return self.state.get(sandbox_id)
@@ -342,6 +384,10 @@ def control_router(control: Control) -> APIRouter:
     @router.post("/sandboxes/{sandbox_id}/timeout", include_in_schema=False)
     async def set_timeout(request: Request, sandbox_id: str) -> Response:
         return await guarded(request, control.set_timeout, request, sandbox_id)
+
+    @router.post("/sandboxes/{sandbox_id}/fork", include_in_schema=False)
+    async def fork(request: Request, sandbox_id: str) -> Response:
+        return await guarded(request, control.fork, request, sandbox_id)
 
     @router.post("/sandboxes/{sandbox_id}/refreshes", include_in_schema=False)
     async def refresh(request: Request, sandbox_id: str) -> Response:
