@@ -388,4 +388,10 @@ def envd_router(envd: Envd) -> APIRouter:
             return StreamingResponse(failed(), 200, media_type=STREAM_TYPE)
         return StreamingResponse(events, 200, media_type=STREAM_TYPE)
 
+    @router.api_route(
+        "/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False
+    )
+    async def unknown(request: Request, rest: str) -> Response:
+        return error_response(404, f"{request.method} /{rest} is not served by forkd's envd")
+
     return router
