@@ -150,6 +150,16 @@ def check_core(out: dict[str, Any]) -> None:
         "children": ["parent-state\nbar\n"] * 2,
         "parent_after": "parent-state\n",
     }
+    # pause = BRANCH + stop; connect resumes it under the same id with its files and env
+    assert out["pause_resume"] == {
+        "paused": True,
+        "state": "paused",
+        "pause_again": False,
+        "same_id": True,
+        "kept": "kept\npaused\n",
+        "running": "running",
+        "killed": True,
+    }
     assert out["unknown_connect"] == "SandboxNotFoundException"
     # timeout=2: the daemon's reaper killed it; killing it again finds nothing
     assert out["short_timeout"] == {"running_after": False, "killed_again": False}
@@ -161,6 +171,9 @@ def test_e2b_sdk_v2_paths(new_sdk: Path, daemon: DaemonProcess, api: httpx.Clien
     check_core(out)
     ids = {sb["id"] for sb in api.get("/v1/sandboxes").json()}
     assert out["sandbox_id"] not in ids
+    # the templates made for forks and pauses went with the sandboxes that needed them
+    tags = {s["tag"] for s in api.get("/v1/snapshots").json()}
+    assert not [t for t in tags if t.startswith("e2b-")], tags
 
 
 def test_e2b_sdk_v1_paths(old_sdk: Path, daemon: DaemonProcess) -> None:

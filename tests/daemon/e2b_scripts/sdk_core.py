@@ -168,6 +168,28 @@ def main(template: str) -> None:
 
     step("fork", fork)
 
+    def pause_resume() -> dict[str, Any]:
+        s = Sandbox.create(template, envs={"FOO": "paused"})
+        s.commands.run("echo kept > /tmp/p.txt")
+        paused = s.pause()
+        state = Sandbox.get_info(s.sandbox_id).state
+        again = s.pause()
+        resumed = Sandbox.connect(s.sandbox_id)
+        kept = resumed.commands.run("cat /tmp/p.txt; echo $FOO").stdout
+        running = Sandbox.get_info(s.sandbox_id).state
+        killed = resumed.kill()
+        return {
+            "paused": paused,
+            "state": str(getattr(state, "value", state)),
+            "pause_again": again,
+            "same_id": resumed.sandbox_id == s.sandbox_id,
+            "kept": kept,
+            "running": str(getattr(running, "value", running)),
+            "killed": killed,
+        }
+
+    step("pause_resume", pause_resume)
+
     def unknown_connect() -> str:
         try:
             Sandbox.connect("nosuchsandbox")

@@ -198,7 +198,7 @@ class Control:
             "cpuCount": 1,
             "memoryMB": self._mem_mib(sb.template_id),
             "diskSizeMB": 0,
-            "state": "running",
+            "state": "paused" if sb.paused else "running",
             "metadata": sb.metadata,
         }
         if not listed:
@@ -250,15 +250,59 @@ class Control:
         return _json(self.sandbox_body(sb), 201)
 
     async def connect(self, request: Request, sandbox_id: str) -> Response:
+        """Connect to a running sandbox (200), or resume a paused one (201)."""
         body = _parse(TimeoutBody, await request.body(), empty_ok=True)
-        sb = self._get(sandbox_id)
+        sb = self._get(sandbox_id, paused_ok=True)
         timeout_s = _timeout(body.timeout, None)
+        status = 200
+        if sb.paused:
+            await self._resume(sb)
+            status = 201
+            if timeout_s is None:
+                timeout_s = DEFAULT_TIMEOUT_S
         if timeout_s is not None:
             sb.set_timeout(timeout_s)
-        return _json(self.sandbox_body(sb), 200)
+        return _json(self.sandbox_body(sb), status)
+
+    async def resume(self, request: Request, sandbox_id: str) -> Response:
+        """The legacy ``POST /sandboxes/{id}/resume``: 201, or 409 when it is running."""
+        body = _parse(TimeoutBody, await request.body(), empty_ok=True)
+        sb = self._get(sandbox_id, paused_ok=True)
+        if not sb.paused:
+            raise E2BError(409, f"sandbox {sandbox_id!r} is already running")
+        await self._resume(sb)
+        sb.set_timeout(_timeout(body.timeout, DEFAULT_TIMEOUT_S) or DEFAULT_TIMEOUT_S)
+        return _json(self.sandbox_body(sb), 201)
+
+    async def pause(self, request: Request, sandbox_id: str) -> Response:
+        """``sbx.pause()``: BRANCH the sandbox into a template and stop its VM; a later
+        connect (or resume) spawns it again from there, memory and files as they were."""
+        sb = self._get(sandbox_id, paused_ok=True)
+        if sb.paused:
+            raise E2BError(409, f"sandbox {sandbox_id!r} is already paused")
+        tag = f"e2b-pause-{secrets.token_hex(6)}"
+        try:
+            async with asyncio.timeout(self.limits.branch_timeout_s):
+                await self.runtime.branch(sb.vm_id, tag=tag)
+        except TimeoutError:
+            raise GatewayTimeout("pausing did not finish in time") from None
+        await self.runtime.kill(sb.vm_id)
+        sb.paused_tag = tag
+        sb.owned_tags.append(tag)
+        return Response(status_code=204)
+
+    async def _resume(self, sb: E2BSandbox) -> None:
+        tag = str(sb.paused_tag)
+        try:
+            async with asyncio.timeout(self.limits.spawn_timeout_s):
+                spawned = await self.runtime.spawn(tag, 1)
+        except TimeoutError:
+            raise GatewayTimeout("resuming did not finish in time") from None
+        sb.vm_id = spawned[0].sandbox.id
+        sb.paused_tag = None
 
     async def info(self, sandbox_id: str) -> Response:
-        return _json(self.detail_body(self._get(sandbox_id)))
+        return _json(self.detail_body(self._get(sandbox_id, paused_ok=True)))
 
     async def list(self, request: Request) -> Response:
         params = request.query_params
@@ -266,19 +310,30 @@ class Control:
         if params.get("metadata"):
             wanted = dict(parse_qsl(params["metadata"], keep_blank_values=True))
         states = {s for s in (params.get("state") or "running").split(",") if s}
-        out: list[dict[str, Any]] = []
+        found: list[E2BSandbox] = []
         if "running" in states:
             for info in self.runtime.list_sandboxes():
-                sb = self.state.get(info.id)
-                if all(sb.metadata.get(k) == v for k, v in wanted.items()):
-                    out.append(self.detail_body(sb, listed=True))
+                entry = self.state.by_vm(info.id)
+                if entry is None:
+                    try:
+                        entry = self.state.get(info.id)
+                    except NotFound:
+                        continue
+                found.append(entry)
+        if "paused" in states:
+            found += [sb for sb in self.state.sandboxes.values() if sb.paused]
+        out = [
+            self.detail_body(sb, listed=True)
+            for sb in found
+            if all(sb.metadata.get(k) == v for k, v in wanted.items())
+        ]
         limit = params.get("limit")
         if limit and limit.isdigit():
             out = out[: int(limit)]
         return _json(out)
 
     async def kill(self, sandbox_id: str) -> Response:
-        self._get(sandbox_id)
+        self._get(sandbox_id, paused_ok=True)
         await self.state.kill(sandbox_id)
         return Response(status_code=204)
 
@@ -315,9 +370,13 @@ class Control:
         tag = f"e2b-fork-{secrets.token_hex(6)}"
         try:
             async with asyncio.timeout(self.limits.branch_timeout_s):
-                await self.runtime.branch(sandbox_id, tag=tag)
-            async with asyncio.timeout(self.limits.spawn_timeout_s):
-                spawned = await self.runtime.spawn(tag, count)
+                await self.runtime.branch(parent.vm_id, tag=tag)
+            try:
+                async with asyncio.timeout(self.limits.spawn_timeout_s):
+                    spawned = await self.runtime.spawn(tag, count)
+            except BaseException:
+                await self.state.drop_tags([tag])
+                raise
         except TimeoutError:
             raise GatewayTimeout("forking did not finish in time") from None
         results = []
@@ -331,12 +390,13 @@ class Control:
                 allow_internet_access=parent.allow_internet_access,
             )
             sb.home_ready = parent.home_ready
+            sb.owned_tags.append(tag)
             results.append({"sandbox": self.sandbox_body(sb)})
         return _json(results, 201)
 
-    def _get(self, sandbox_id: str) -> E2BSandbox:
+    def _get(self, sandbox_id: str, *, paused_ok: bool = False) -> E2BSandbox:
         try:
-            return self.state.get(sandbox_id)
+            return self.state.get(sandbox_id, paused_ok=paused_ok)
         except NotFound as e:
             raise E2BError(404, str(e)) from None
 
@@ -384,6 +444,14 @@ def control_router(control: Control) -> APIRouter:
     @router.post("/sandboxes/{sandbox_id}/timeout", include_in_schema=False)
     async def set_timeout(request: Request, sandbox_id: str) -> Response:
         return await guarded(request, control.set_timeout, request, sandbox_id)
+
+    @router.post("/sandboxes/{sandbox_id}/pause", include_in_schema=False)
+    async def pause(request: Request, sandbox_id: str) -> Response:
+        return await guarded(request, control.pause, request, sandbox_id)
+
+    @router.post("/sandboxes/{sandbox_id}/resume", include_in_schema=False)
+    async def resume(request: Request, sandbox_id: str) -> Response:
+        return await guarded(request, control.resume, request, sandbox_id)
 
     @router.post("/sandboxes/{sandbox_id}/fork", include_in_schema=False)
     async def fork(request: Request, sandbox_id: str) -> Response:

@@ -82,7 +82,7 @@ class Envd:
         return sb
 
     async def agent(self, sb: E2BSandbox) -> AgentClient:
-        agent = await self.runtime.agent(sb.sandbox_id)
+        agent = await self.runtime.agent(sb.vm_id)
         if not sb.home_ready:
             with contextlib.suppress(InvalidInput):  # an older guest agent: no mkdir op
                 await agent.mkdir(HOME)

@@ -26,6 +26,10 @@ REAP_INTERVAL_S = 1.0
 
 @dataclass
 class E2BSandbox:
+    """``sandbox_id`` is the id E2B clients use; ``vm_id`` the forkd sandbox running it now
+    (they differ after a pause and resume), ``paused_tag`` the template a paused one resumes
+    from."""
+
     sandbox_id: str
     template_id: str
     access_token: str
@@ -35,8 +39,18 @@ class E2BSandbox:
     envs: dict[str, str] = field(default_factory=dict)
     allow_internet_access: bool | None = None
     home_ready: bool = False
+    vm_id: str = ""
+    paused_tag: str | None = None
+    owned_tags: list[str] = field(default_factory=list)  # templates made for its pause/fork
     contexts: dict[str, dict[str, str]] = field(default_factory=dict)  # id -> language, cwd
     exec_counts: dict[str, int] = field(default_factory=dict)  # per context id
+
+    def __post_init__(self) -> None:
+        self.vm_id = self.vm_id or self.sandbox_id
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_tag is not None
 
     def set_timeout(self, seconds: int) -> None:
         self.end_at = time.time() + seconds
@@ -79,28 +93,58 @@ class E2BState:
         self._ensure_reaper()
         return sb
 
-    def get(self, sandbox_id: str) -> E2BSandbox:
-        """The entry of a running sandbox (made on first sight); :class:`NotFound` otherwise."""
+    def get(self, sandbox_id: str, *, paused_ok: bool = False) -> E2BSandbox:
+        """The entry of a running (or with ``paused_ok`` a paused) sandbox, made on first sight
+        of a forkd sandbox; :class:`NotFound` otherwise."""
+        sb = self.sandboxes.get(sandbox_id)
+        if sb is not None and sb.paused:
+            if paused_ok:
+                return sb
+            raise NotFound(f"sandbox {sandbox_id!r} was not found (it is paused)")
+        vm_id = sb.vm_id if sb is not None else sandbox_id
         try:
-            info = self.runtime.get_sandbox(sandbox_id)
+            info = self.runtime.get_sandbox(vm_id)
         except ForkdError:
             self.sandboxes.pop(sandbox_id, None)
             raise NotFound(f"sandbox {sandbox_id!r} was not found") from None
         if info.state != "running":
             self.sandboxes.pop(sandbox_id, None)
             raise NotFound(f"sandbox {sandbox_id!r} was not found (it is {info.state})")
-        sb = self.sandboxes.get(sandbox_id)
         if sb is None:
+            if self.by_vm(vm_id) is not None:  # a resumed sandbox's VM, under its E2B id
+                raise NotFound(f"sandbox {sandbox_id!r} was not found")
             sb = self.add(sandbox_id, info.snapshot_tag, timeout_s=None)
             sb.started_at = float(info.created_at_unix)
         return sb
+
+    def by_vm(self, vm_id: str) -> E2BSandbox | None:
+        for sb in self.sandboxes.values():
+            if sb.vm_id == vm_id and sb.vm_id != sb.sandbox_id:
+                return sb
+        return None
 
     def known(self, sandbox_id: str) -> E2BSandbox | None:
         return self.sandboxes.get(sandbox_id)
 
     async def kill(self, sandbox_id: str) -> None:
-        self.sandboxes.pop(sandbox_id, None)
-        await self.runtime.kill(sandbox_id)
+        sb = self.sandboxes.pop(sandbox_id, None)
+        if sb is None:
+            await self.runtime.kill(sandbox_id)
+            return
+        if not sb.paused:
+            await self.runtime.kill(sb.vm_id)
+        await self.drop_tags(sb.owned_tags)
+
+    async def drop_tags(self, tags: list[str]) -> None:
+        """Delete the templates forkd made for E2B pauses and forks once no sandbox needs them
+        (a template other sandboxes still run from stays; the last one's kill deletes it)."""
+        needed = {t for s in self.sandboxes.values() for t in s.owned_tags}
+        pooled = self.runtime.pooled_sandbox_ids()
+        needed |= {i.snapshot_tag for i in self.runtime.list_sandboxes() if i.id not in pooled}
+        for tag in tags:
+            if tag not in needed:
+                with contextlib.suppress(ForkdError):
+                    await self.runtime.delete_snapshot(tag)
 
     # --- the reaper --------------------------------------------------------------------------
 
@@ -118,7 +162,11 @@ class E2BState:
     async def reap_once(self) -> list[str]:
         """Kill every sandbox whose timeout has passed; their ids."""
         now = time.time()
-        due = [s.sandbox_id for s in self.sandboxes.values() if s.end_at and s.end_at <= now]
+        due = [
+            s.sandbox_id
+            for s in self.sandboxes.values()
+            if s.end_at and s.end_at <= now and not s.paused
+        ]
         for sandbox_id in due:
             log.info("e2b: sandbox %s timed out; killing it", sandbox_id)
             try:
