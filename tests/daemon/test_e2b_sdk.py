@@ -30,6 +30,7 @@ pytestmark = [pytest.mark.daemon, pytest.mark.vm]
 SCRIPTS = Path(__file__).parent / "e2b_scripts"
 SDK_CORE_NEW = ("e2b==2.63.*", "e2b-code-interpreter==2.11.*")
 SDK_CORE_OLD = ("e2b==2.50.*",)
+SDK_JS = ("e2b@~2.51.0", "@e2b/code-interpreter@~2.8.0")
 _UNREACHABLE = (
     "Max retries exceeded",
     "Failed to establish a new connection",
@@ -75,6 +76,39 @@ def sdk_python(specs: tuple[str, ...]) -> Path:
             raise AssertionError(f"pip install {specs} failed:\n{output[-3000:]}")
         done.write_text("\n".join(specs) + "\n")
     return python
+
+
+def js_project(specs: tuple[str, ...]) -> Path:
+    """A node project dir with the npm ``specs`` installed (once; skip without node or npm)."""
+    npm, node = shutil.which("npm"), shutil.which("node")
+    if npm is None or node is None:
+        pytest.skip("node and npm are needed for the JS SDK tests")
+    key = hashlib.sha256("\n".join(specs).encode()).hexdigest()[:12]
+    project = _cache_dir() / f"e2b-js-{key}"
+    done = project / ".complete"
+    project.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(project) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.exists():
+            return project
+        shutil.rmtree(project, ignore_errors=True)
+        project.mkdir()
+        (project / "package.json").write_text('{"name": "forkd-e2b-js", "private": true}\n')
+        r = subprocess.run(
+            [npm, "install", "--no-audit", "--no-fund", "--loglevel=error", *specs],
+            cwd=project,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        if r.returncode != 0:
+            shutil.rmtree(project, ignore_errors=True)
+            output = r.stdout + r.stderr
+            if any(m in output for m in ("ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ETIMEDOUT")):
+                pytest.skip(f"npm registry unreachable, cannot install {specs}: {output[-300:]}")
+            raise AssertionError(f"npm install {specs} failed:\n{output[-3000:]}")
+        done.write_text("\n".join(specs) + "\n")
+    return project
 
 
 def e2b_env(daemon: DaemonProcess) -> dict[str, str]:
@@ -198,6 +232,37 @@ def test_e2b_code_interpreter(new_sdk: Path, daemon: DaemonProcess) -> None:
     assert out["commands"] == "hi\n"
     assert out["fork"] == {"child": "42", "parent": "41"}
     assert out["kill"] is True
+
+
+def test_e2b_js_sdks(daemon: DaemonProcess) -> None:
+    project = js_project(SDK_JS)
+    node = shutil.which("node")
+    assert node is not None
+    r = subprocess.run(
+        [node, str(SCRIPTS / "sdk_js.cjs"), TEMPLATE_TAG, str(project)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=e2b_env(daemon),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "fatal" not in out, out["fatal"]
+    assert out["echo"] == {"stdout": "hi\n", "exit_code": 0}
+    assert out["failing"] == {"exception": "CommandExitError", "exit_code": 3}
+    assert out["env"] == "bar\n"
+    assert out["streaming"]["chunks"] == ["one\n", "two\n"]
+    assert out["streaming"]["first_before_end_s"] > 1.5
+    assert out["background"] == {"listed": True, "killed": True, "waited": "exit 137"}
+    assert out["files"] == {"content": "from js", "names": ["js.txt"], "exists": False}
+    assert out["connect"] == "second\n"
+    assert out["kill"] == {"first": True, "second": False}
+    assert out["interpreter"] == {
+        "text": "2",
+        "error": "ZeroDivisionError",
+        "traceback": True,
+        "stdout": ["hello\n"],
+    }
 
 
 # --- the wire, without an SDK ----------------------------------------------------------------
