@@ -26,6 +26,16 @@ from forkd.runtime.engine import Runtime
 from forkd.vmm.agent_client import AgentClient, ProcStream
 
 NDJSON = "application/x-ndjson"
+_ERRORS = (
+    (400, "Invalid input"),
+    (401, "Missing or invalid bearer token"),
+    (404, "No such sandbox, program or working directory"),
+    (409, "Conflicts with the sandbox's state"),
+    (410, "The sandbox is dead"),
+    (413, "Request body too large"),
+    (500, "The guest agent or VM failed"),
+    (504, "The agent did not answer in time"),
+)
 
 
 def _line(obj: dict[str, Any]) -> bytes:
@@ -82,17 +92,19 @@ async def _events(agent: AgentClient, stream: ProcStream, started: float) -> Asy
 
 def exec_stream_router(runtime: Runtime, limits: Limits) -> APIRouter:
     router = APIRouter()
-    max_timeout_s = runtime.settings.max_exec_timeout_s
 
     @router.post(
         "/v1/sandboxes/{sandbox_id}/exec/stream",
         response_class=Response,
-        responses={200: {"content": {NDJSON: {"schema": {"type": "string"}}}}},
+        responses={
+            200: {"content": {NDJSON: {"schema": {"type": "string"}}}},
+            **{code: {"model": wire.ErrorBody, "description": why} for code, why in _ERRORS},
+        },
         tags=["sandboxes"],
     )
     async def exec_stream(sandbox_id: str, req: wire.ExecRequest) -> Response:
         """Run ``args`` (argv, no shell) and stream stdout/stderr as NDJSON while it runs."""
-        _check(req, max_timeout_s)
+        _check(req, runtime.settings.max_exec_timeout_s)
         agent = await runtime.agent(sandbox_id)
         started = time.monotonic()
         stream = await agent.proc_start(
