@@ -99,7 +99,7 @@ class TimeoutBody(BaseModel):
 M = TypeVar("M", bound=BaseModel)
 
 
-def _parse(model: type[M], raw: bytes, *, empty_ok: bool = False) -> M:
+def parse_body(model: type[M], raw: bytes, *, empty_ok: bool = False) -> M:
     try:
         data = json.loads(raw) if raw.strip() else ({} if empty_ok else None)
     except ValueError as e:
@@ -210,7 +210,7 @@ class Control:
     # --- handlers --------------------------------------------------------------------------
 
     async def create(self, request: Request) -> Response:
-        req = _parse(NewSandbox, await request.body())
+        req = parse_body(NewSandbox, await request.body())
         tag = req.template_id
         timeout_s = _timeout(req.timeout, DEFAULT_TIMEOUT_S)
         metadata = _check_map("metadata", req.metadata)
@@ -251,7 +251,7 @@ class Control:
 
     async def connect(self, request: Request, sandbox_id: str) -> Response:
         """Connect to a running sandbox (200), or resume a paused one (201)."""
-        body = _parse(TimeoutBody, await request.body(), empty_ok=True)
+        body = parse_body(TimeoutBody, await request.body(), empty_ok=True)
         sb = self._get(sandbox_id, paused_ok=True)
         timeout_s = _timeout(body.timeout, None)
         status = 200
@@ -266,7 +266,7 @@ class Control:
 
     async def resume(self, request: Request, sandbox_id: str) -> Response:
         """The legacy ``POST /sandboxes/{id}/resume``: 201, or 409 when it is running."""
-        body = _parse(TimeoutBody, await request.body(), empty_ok=True)
+        body = parse_body(TimeoutBody, await request.body(), empty_ok=True)
         sb = self._get(sandbox_id, paused_ok=True)
         if not sb.paused:
             raise E2BError(409, f"sandbox {sandbox_id!r} is already running")
@@ -338,7 +338,7 @@ class Control:
         return Response(status_code=204)
 
     async def set_timeout(self, request: Request, sandbox_id: str) -> Response:
-        body = _parse(TimeoutBody, await request.body())
+        body = parse_body(TimeoutBody, await request.body())
         timeout_s = _timeout(body.timeout, None)
         if timeout_s is None:
             raise E2BError(400, "timeout is required")
@@ -361,7 +361,7 @@ class Control:
     async def fork(self, request: Request, sandbox_id: str) -> Response:
         """``sbx.fork(count=n)``: BRANCH the sandbox into a template (it keeps running), then
         spawn ``n`` children of it; each child starts with the parent's memory and files."""
-        body = _parse(ForkBody, await request.body(), empty_ok=True)
+        body = parse_body(ForkBody, await request.body(), empty_ok=True)
         count = 1 if body.count is None else body.count
         if isinstance(count, bool) or not 1 <= count <= MAX_FORKS:
             raise E2BError(400, f"count must be 1..{MAX_FORKS}, got {count}")

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 from starlette.responses import Response, StreamingResponse
 
-from forkd.api.e2b.control import E2BError, _parse
+from forkd.api.e2b.control import E2BError, parse_body
 from forkd.api.e2b.envd import Envd
 from forkd.api.e2b.state import E2BSandbox
 from forkd.errors import ForkdError
@@ -79,7 +79,7 @@ class Interpreter:
         return "e2b-" + context_id
 
     async def execute(self, sb: E2BSandbox, request: Request) -> Response:
-        req = _parse(ExecuteRequest, await request.body())
+        req = parse_body(ExecuteRequest, await request.body())
         if req.language is not None and req.context_id is not None:
             raise E2BError(400, "give a context or a language, not both")
         self._language(req.language)
@@ -147,7 +147,7 @@ class Interpreter:
         return StreamingResponse(lines(), 200, media_type="application/x-ndjson")
 
     async def create_context(self, sb: E2BSandbox, request: Request) -> Response:
-        req = _parse(ContextRequest, await request.body())
+        req = parse_body(ContextRequest, await request.body())
         language = self._language(req.language)
         if len(sb.contexts) >= MAX_CONTEXTS:
             raise E2BError(400, f"at most {MAX_CONTEXTS} contexts per sandbox")
