@@ -359,3 +359,27 @@ def _frames(data: bytes) -> list[tuple[int, Any]]:
         out.append((flags, json.loads(data[5 : 5 + n])))
         data = data[5 + n :]
     return out
+
+
+def test_e2b_egress_maps_onto_forkd_policies(daemon: DaemonProcess, api: httpx.Client) -> None:
+    headers = {"X-API-KEY": daemon.token or ""}
+    cases = [
+        ({"allow_internet_access": False}, ("none", [])),
+        ({"network": {"allowOut": ["example.com"]}}, ("allowlist", ["example.com"])),
+        ({"network": {"denyOut": ["0.0.0.0/0"]}}, ("none", [])),
+    ]
+    with httpx.Client(base_url=f"{daemon.url}/e2b", headers=headers, timeout=120) as c:
+        for extra, (egress, allow) in cases:
+            r = c.post("/v2/sandboxes", json={"templateID": TEMPLATE_TAG, **extra})
+            assert r.status_code == 201, r.text
+            sid = r.json()["sandboxID"]
+            try:
+                net = api.get(f"/v1/sandboxes/{sid}").json()["network"]
+                assert (net["egress"], net["allow"]) == (egress, allow), extra
+                detail = c.get(f"/sandboxes/{sid}").json()
+                assert detail["allowInternetAccess"] is False
+            finally:
+                assert c.delete(f"/sandboxes/{sid}").status_code == 204
+        r = c.post("/v2/sandboxes", json={"templateID": TEMPLATE_TAG,
+                                          "network": {"denyOut": ["10.0.0.0/8"]}})  # fmt: skip
+        assert r.status_code == 400 and "denyOut" in r.json()["message"]

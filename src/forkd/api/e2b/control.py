@@ -237,7 +237,7 @@ class Control:
         allowed = (
             internet
             if internet is not None
-            else (network.egress != "none" if network is not None else None)
+            else (network.egress == "internet" if network is not None else None)
         )
         sb = self.state.add(
             sandbox_id,
