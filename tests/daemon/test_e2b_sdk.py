@@ -227,6 +227,9 @@ def test_e2b_code_interpreter(new_sdk: Path, daemon: DaemonProcess) -> None:
     prints = out["prints"]
     assert prints["stdout"] == ["hello\n"] and prints["stderr"] == ["warn\n"]
     assert prints["text"] == "42" and prints["callback"] == ["hello\n"]
+    live = out["live"]  # print output reaches on_stdout while the cell still runs
+    assert live["lines"] == ["one\n", "two\n"] and live["stdout"] == ["one\n", "two\n"]
+    assert live["first_before_end_s"] > 1.0
     assert out["contexts"] == {"in_ctx": "10", "default_error": "NameError", "listed": True}
     assert out["language"] == "SandboxException"
     assert out["commands"] == "hi\n"

@@ -132,3 +132,15 @@ async def test_stat_mkdir_move(client: AgentClient, tmp_path: Path) -> None:
     assert moved["path"] == str(tmp_path / "c" / "g.txt") and moved["size"] == 5
     with pytest.raises(NotFound):
         await client.stat(str(d / "f.txt"))
+
+
+async def test_eval_streams_output_before_answering(client: AgentClient) -> None:
+    seen: list[tuple[float, str, str]] = []
+    code = "import sys, time\nprint('a')\nprint('e', file=sys.stderr)\ntime.sleep(1)\nprint('b')"
+    r = await client.eval_rich(
+        code, on_output=lambda stream, text: seen.append((time.monotonic(), stream, text))
+    )
+    done = time.monotonic()
+    assert [(s, t) for _, s, t in seen] == [("stdout", "a\n"), ("stderr", "e\n"), ("stdout", "b\n")]
+    assert done - seen[0][0] > 0.8
+    assert (r["stdout"], r["stderr"]) == ("a\nb\n", "e\n")

@@ -719,13 +719,57 @@ def op_eval_context_drop(req: dict) -> dict:
     return {"removed": removed}
 
 
+EVAL_OUTPUT_CHUNK = 8 << 10  # characters of streamed eval output per event at most
+
+
+class _StreamedOutput(io.StringIO):
+    """Captures like StringIO and also sends what is written as ``eval_output`` events of the
+    request ``ref`` (a line at a time, or a chunk of a long line), before the answer."""
+
+    def __init__(self, ref: str, name: str) -> None:
+        super().__init__()
+        self._ref = ref
+        self._name = name
+        self._pending = []
+        self._size = 0
+
+    def write(self, s) -> int:
+        n = super().write(s)
+        self._pending.append(s)
+        self._size += len(s)
+        if "\n" in s or self._size >= EVAL_OUTPUT_CHUNK:
+            self.flush()
+        return n
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        text = "".join(self._pending)
+        self._pending = []
+        self._size = 0
+        for i in range(0, len(text), EVAL_OUTPUT_CHUNK):
+            _emit(
+                {
+                    "event": "eval_output",
+                    "ref": self._ref,
+                    "stream": self._name,
+                    "text": text[i : i + EVAL_OUTPUT_CHUNK],
+                }
+            )
+
+
 def op_eval(req: dict) -> dict:
     code = _arg_str(req, "code", required=True)
     namespace = _eval_namespace(req)
     split_stderr = _arg_bool(req, "split_stderr", False)
+    streamed = _arg_bool(req, "stream", False) and split_stderr
     filename = _eval_filename(code)
-    out = io.StringIO()
-    err = io.StringIO() if split_stderr else None
+    if streamed:
+        out = _StreamedOutput(req["id"], "stdout")
+        err = _StreamedOutput(req["id"], "stderr")
+    else:
+        out = io.StringIO()
+        err = io.StringIO() if split_stderr else None
     result = None
     result_str = None
     none_result = False
@@ -763,6 +807,9 @@ def op_eval(req: dict) -> dict:
         finally:
             _tls.buf = None
             _tls.err = None
+            if streamed:
+                out.flush()
+                err.flush()
     resp = {
         "result": result if error is None else None,
         "error": error,

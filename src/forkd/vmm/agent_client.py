@@ -192,6 +192,7 @@ class AgentClient:
         self._junk_lines = 0
         self._proc_streams: dict[int, list[ProcStream]] = {}
         self._on_answer: dict[str, Callable[[dict[str, Any]], None]] = {}
+        self._listeners: dict[str, Callable[[dict[str, Any]], None]] = {}
         self._reader_task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
             self._read_loop(), name=f"agent-reader-{session}"
         )
@@ -340,11 +341,14 @@ class AgentClient:
         *,
         timeout: float | None = None,
         on_answer: Callable[[dict[str, Any]], None] | None = None,
+        listener: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Like :meth:`request`, with the protocol arguments given as a mapping.
 
         ``on_answer`` runs in the reader as soon as a successful answer is read, before any
         later line: it is how a caller subscribes to events the answer announces.
+        ``listener`` gets the events that name this request (``"ref": <id>``) until it is
+        answered.
         """
         if self._closed:
             raise AgentError(self._close_reason)
@@ -357,6 +361,8 @@ class AgentClient:
         self._pending[rid] = fut
         if on_answer is not None:
             self._on_answer[rid] = on_answer
+        if listener is not None:
+            self._listeners[rid] = listener
         try:
             try:
                 self._writer.write(_encode(msg))
@@ -372,10 +378,19 @@ class AgentClient:
         finally:
             self._pending.pop(rid, None)
             self._on_answer.pop(rid, None)
+            self._listeners.pop(rid, None)
         _raise_for(op, resp)
         return resp
 
     def _deliver_event(self, msg: dict[str, Any]) -> None:
+        ref = msg.get("ref")
+        if isinstance(ref, str):
+            listener = self._listeners.get(ref)
+            if listener is None:
+                self._unknown_responses += 1
+            else:
+                listener(msg)
+            return
         parsed = _proc_event(msg)
         if parsed is None:
             self._unknown_responses += 1
@@ -503,14 +518,32 @@ class AgentClient:
         )
 
     async def eval_rich(
-        self, code: str, *, context: str | None = None, timeout: float | None = None
+        self,
+        code: str,
+        *,
+        context: str | None = None,
+        timeout: float | None = None,
+        on_output: Callable[[str, str], None] | None = None,
     ) -> dict[str, Any]:
         """``eval`` in namespace ``context`` (None: the default one) with the richer answer:
-        ``stderr`` apart, ``error_type``/``error_value``, ``result_str``, ``result_none``."""
+        ``stderr`` apart, ``error_type``/``error_value``, ``result_str``, ``result_none``.
+
+        ``on_output(stream, text)`` gets what the code prints while it runs (the answer still
+        carries all of it)."""
         args: dict[str, Any] = {"code": code, "split_stderr": True}
         if context is not None:
             args["context"] = context
-        return await self.call("eval", args, timeout=timeout)
+        listener = None
+        if on_output is not None:
+            args["stream"] = True
+            callback = on_output
+
+            def listener(msg: dict[str, Any]) -> None:
+                stream, text = msg.get("stream"), msg.get("text")
+                if stream in ("stdout", "stderr") and isinstance(text, str):
+                    callback(str(stream), text)
+
+        return await self.call("eval", args, timeout=timeout, listener=listener)
 
     async def eval_context_drop(self, context: str, *, timeout: float | None = 10.0) -> bool:
         resp = await self.call("eval_context_drop", {"context": context}, timeout=timeout)

@@ -61,6 +61,21 @@ def main(template: str) -> None:
 
     step("prints", prints)
 
+    def live() -> dict[str, Any]:
+        seen: list[tuple[float, str]] = []
+        ex = sbx.run_code(
+            "import time\nprint('one')\ntime.sleep(1.5)\nprint('two')",
+            on_stdout=lambda m: seen.append((time.monotonic(), m.line)),
+        )
+        end = time.monotonic()
+        return {
+            "lines": [s for _, s in seen],
+            "stdout": ex.logs.stdout,
+            "first_before_end_s": end - seen[0][0] if seen else None,
+        }
+
+    step("live", live)
+
     def contexts() -> dict[str, Any]:
         ctx = sbx.create_code_context()
         sbx.run_code("y = 5", context=ctx)

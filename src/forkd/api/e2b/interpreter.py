@@ -30,6 +30,7 @@ LANGUAGES = ("python", "python3")
 KEEPALIVE_S = 5.0
 DEFAULT_CONTEXT = "default"
 MAX_CONTEXTS = 32
+MAX_QUEUED_CHARS = 16 << 20  # streamed output waiting for a slow client
 
 
 class ExecuteRequest(BaseModel):
@@ -87,17 +88,60 @@ class Interpreter:
         agent = await self.envd.agent(sb)
         key = req.context_id or DEFAULT_CONTEXT
         n = sb.exec_counts[key] = sb.exec_counts.get(key, 0) + 1
+        output: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        sent = {"stdout": 0, "stderr": 0}
+        queued = [0]
+
+        overflowed = [False]
+
+        def on_output(stream: str, text: str) -> None:
+            # Beyond the bound the rest is sent from the answer, after the streamed prefix.
+            if overflowed[0] or queued[0] + len(text) > MAX_QUEUED_CHARS:
+                overflowed[0] = True
+                return
+            queued[0] += len(text)
+            output.put_nowait((stream, text))
+
         task = asyncio.ensure_future(
-            asyncio.wait_for(agent.eval_rich(req.code, context=context), self.eval_timeout_s)
+            asyncio.wait_for(
+                agent.eval_rich(req.code, context=context, on_output=on_output),
+                self.eval_timeout_s,
+            )
         )
 
+        def emit(stream: str, text: str) -> bytes:
+            queued[0] -= len(text)
+            sent[stream] += len(text)
+            return _line({"type": stream, "text": text, "timestamp": _now()})
+
         async def lines() -> AsyncIterator[bytes]:
+            getter: asyncio.Future[tuple[str, str]] | None = None
             try:
-                while True:
-                    done, _ = await asyncio.wait({task}, timeout=KEEPALIVE_S)
-                    if done:
-                        break
-                    yield _line({"type": "keepalive"})
+                idle = 0.0
+                while not task.done():
+                    if getter is None:
+                        getter = asyncio.ensure_future(output.get())
+                    waiting: set[asyncio.Future[Any]] = {task, getter}
+                    done, _ = await asyncio.wait(
+                        waiting, timeout=1.0, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if getter in done:
+                        yield emit(*getter.result())
+                        getter = None
+                        idle = 0.0
+                    elif not done:
+                        idle += 1.0
+                        if idle >= KEEPALIVE_S:
+                            idle = 0.0
+                            yield _line({"type": "keepalive"})
+                if getter is not None:
+                    if getter.done():
+                        yield emit(*getter.result())
+                    else:
+                        getter.cancel()
+                    getter = None
+                while not output.empty():
+                    yield emit(*output.get_nowait())
                 try:
                     r = task.result()
                 except TimeoutError:
@@ -123,8 +167,9 @@ class Interpreter:
                     yield _line({"type": "end_of_execution"})
                     return
                 for stream in ("stdout", "stderr"):
-                    if r.get(stream):
-                        yield _line({"type": stream, "text": r[stream], "timestamp": _now()})
+                    rest = str(r.get(stream) or "")[sent[stream] :]  # what was not streamed
+                    if rest:
+                        yield _line({"type": stream, "text": rest, "timestamp": _now()})
                 if r.get("error") is not None:
                     yield _line(
                         {
@@ -141,6 +186,8 @@ class Interpreter:
                 yield _line({"type": "number_of_executions", "execution_count": n})
                 yield _line({"type": "end_of_execution"})
             finally:
+                if getter is not None:
+                    getter.cancel()
                 if not task.done():
                     task.cancel()
 
