@@ -386,3 +386,24 @@ def test_e2b_egress_maps_onto_forkd_policies(daemon: DaemonProcess, api: httpx.C
         r = c.post("/v2/sandboxes", json={"templateID": TEMPLATE_TAG,
                                           "network": {"denyOut": ["10.0.0.0/8"]}})  # fmt: skip
         assert r.status_code == 400 and "denyOut" in r.json()["message"]
+
+
+def test_e2b_sandbox_survives_a_daemon_restart(daemon: DaemonProcess) -> None:
+    """E2B state lives in the daemon's memory: after a restart a running sandbox is reachable
+    again through connect, with a fresh access token (the old one is refused)."""
+    with e2b_sandbox(daemon) as (c, sb):
+        sid, old_token = sb["sandboxID"], sb["envdAccessToken"]
+        daemon.restart()
+        c.headers["X-API-KEY"] = daemon.token or ""
+        r = c.post(f"/v2/sandboxes/{sid}/connect", json={})
+        assert r.status_code == 200, r.text
+        token = r.json()["envdAccessToken"]
+        assert token != old_token
+        sbx = f"{daemon.url}/e2b/sandbox"
+        old = {"E2b-Sandbox-Id": sid, "X-Access-Token": old_token}
+        assert httpx.get(f"{sbx}/health", headers=old).status_code == 401
+        new = {"E2b-Sandbox-Id": sid, "X-Access-Token": token}
+        assert httpx.get(f"{sbx}/health", headers=new).status_code == 204
+        r = httpx.post(f"{sbx}/filesystem.Filesystem/Stat", json={"path": "/tmp"},
+                       headers={**new, "Content-Type": "application/json"})  # fmt: skip
+        assert r.status_code == 200 and r.json()["entry"]["type"] == "FILE_TYPE_DIRECTORY"
