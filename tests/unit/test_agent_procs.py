@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from test_agent_protocol import Bridge, running_agent
 
 from forkd.errors import InvalidInput, NotFound
 from forkd.vmm.agent_client import AgentClient, ProcEvent, ProcStream
+
+from .test_agent_protocol import Bridge, running_agent
 
 
 @pytest.fixture(scope="module")
