@@ -84,6 +84,9 @@ class Settings:
     guest memory files, which must live on shmem for copy-on-write forks and live BRANCH.
     ``huge_memory``: when ``shm_dir`` is not set and forkd runs as root, mount a tmpfs with
     transparent huge pages at the default memory dir (shorter live-BRANCH pauses).
+    ``cgroups``: put sandboxes with a ``memory_limit_mib`` into a memory cgroup when the host
+    offers a writable one; ``False`` (``FORKD_CGROUPS=0``) behaves as a host without one: the
+    limit is accepted but not enforced, and the spawn answer's ``warning`` says so.
     """
 
     home: Path = field(default_factory=_default_home)
@@ -99,6 +102,7 @@ class Settings:
     warm_pool_size: int = 2
     # egress of a sandbox (and template warm-up) whose request names none: "none" or "internet"
     default_egress: str = "none"
+    cgroups: bool = True
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
@@ -113,6 +117,8 @@ class Settings:
             values["shm_dir"] = Path(shm)
         if huge := os.environ.get("FORKD_HUGE_MEMORY"):
             values["huge_memory"] = _flag("FORKD_HUGE_MEMORY", huge)
+        if cgroups := os.environ.get("FORKD_CGROUPS"):
+            values["cgroups"] = _flag("FORKD_CGROUPS", cgroups)
         if accel := os.environ.get("FORKD_ACCEL"):
             values["accel"] = accel
         if pool := os.environ.get("FORKD_WARM_POOL"):
@@ -121,8 +127,17 @@ class Settings:
             values["max_sandboxes"] = int(maxsb)
         if egress := os.environ.get("FORKD_DEFAULT_EGRESS"):
             values["default_egress"] = egress
+        if cap := os.environ.get("FORKD_BRANCH_CONCURRENCY"):
+            try:
+                values["branch_concurrency"] = int(cap)
+            except ValueError:
+                msg = f"FORKD_BRANCH_CONCURRENCY must be an integer, got {cap!r}"
+                raise InvalidInput(msg) from None
         values["limits"] = Limits.from_env()
         values.update({k: v for k, v in overrides.items() if v is not None})
+        branch_cap = values.get("branch_concurrency", 1)
+        if not isinstance(branch_cap, int) or branch_cap < 1:
+            raise InvalidInput(f"branch concurrency must be at least 1, got {branch_cap!r}")
         return cls(**values)  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:

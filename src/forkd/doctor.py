@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Literal
 
 from forkd.config import DEFAULT_IMAGE, Settings
+from forkd.errors import HostSetupError
+from forkd.private import check_owned
 from forkd.snapshots.memfs import AccessSampler, access_samplers, free_page_reporting, mount_of
 from forkd.vmm.accel import detect_accel
 
@@ -105,6 +107,28 @@ def check_tmpfs(settings: Settings) -> Check:
     if free < MIN_SHM_FREE_BYTES:
         return Check("tmpfs", "WARN", text, "each template needs its guest memory size in tmpfs")
     return Check("tmpfs", "PASS", text)
+
+
+def check_private_state(settings: Settings) -> Check:
+    """forkd's dirs must be its user's alone (docs/security.md); FAIL names the first that is
+    not."""
+    dirs = (settings.home, settings.run_dir, settings.snapshots_dir, settings.memory_dir)
+    for d in dirs:
+        try:
+            st = os.lstat(d)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            return Check("private state", "FAIL", f"{d}: {exc}")
+        try:
+            check_owned(d, st, "directory")
+        except HostSetupError as exc:
+            message, _, fix = str(exc).partition("; ")
+            return Check("private state", "FAIL", message, fix)
+    return Check(
+        "private state", "PASS",
+        "home, run, snapshot and memory dirs are yours, writable by nobody else (kept 0700)",
+    )  # fmt: skip
 
 
 def check_huge_memory(settings: Settings) -> Check:
@@ -256,6 +280,7 @@ def run_checks(settings: Settings) -> list[Check]:
         check_accel(settings),
         check_uffd(),
         check_tmpfs(settings),
+        check_private_state(settings),
         huge,
         check_access_sampling(huge.status == "PASS", access_samplers()),
         check_page_reporting(huge.status == "PASS", free_page_reporting()),

@@ -69,8 +69,22 @@ class VMError(ForkdError):
     """A QEMU process failed to start, answer QMP, migrate or stop."""
 
 
+class QemuGone(VMError):
+    """A QEMU process exited (killed or crashed) in the middle of an operation. Nothing the
+    caller sent was wrong and a retry may well succeed: 503 (a sandbox's own QEMU: 410)."""
+
+    http_status = 503
+
+
 class AgentError(ForkdError):
     """The guest agent could not be reached or answered with an error."""
+
+
+class AgentProtocolError(AgentError):
+    """The guest agent broke the protocol: a line over the cap, a malformed or out-of-bounds
+    reply, or a flood of lines nobody asked for. The guest is at fault, not the request: 502."""
+
+    http_status = 502
 
 
 class GuestOSError(AgentError):

@@ -1,10 +1,12 @@
-"""MCP server exposing a forkd daemon as tools (``forkd mcp``).
+"""MCP server exposing a forkd daemon as tools (``forkd mcp``, or ``forkd-mcp`` as forkd v0.5's
+separate package called it).
 
 Any MCP client (Claude Desktop, Claude Code, an agent framework) can then boot sandboxes, run
 code in them, move files, and branch/fork running VMs. The server holds no sandbox state: every
 tool call is one or a few REST calls to the daemon through :class:`AsyncController`.
 
-Configuration: ``FORKD_URL`` (default ``http://127.0.0.1:8889``) and ``FORKD_TOKEN``.
+Configuration: ``FORKD_URL`` (default ``http://127.0.0.1:8889``), ``FORKD_TOKEN`` and
+``FORKD_HTTP_TIMEOUT`` (seconds per daemon request, default 60).
 Transports: ``stdio`` (default, what MCP clients launch) and ``streamable-http``
 (``http://HOST:PORT/mcp``). The HTTP transport has no authentication of its own while it holds
 the daemon's token, so :func:`run` refuses a non-loopback host unless ``allow_remote=True``.
@@ -16,8 +18,9 @@ errors (``isError``) carrying the daemon's message, so the model can read and co
 import base64
 import ipaddress
 import json
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Annotated, Any, Literal
 
@@ -37,6 +40,8 @@ from forkd.client.controller import (
 )
 
 __all__ = ["TOOL_NAMES", "create_server", "run"]
+
+DEFAULT_HTTP_TIMEOUT_S = 60.0
 
 TOOL_NAMES = (
     "list_snapshots",
@@ -146,7 +151,7 @@ def create_server(
     It talks to the daemon through ``controller``, or a new :class:`AsyncController` on
     ``base_url``/``token`` (default ``$FORKD_URL``/``$FORKD_TOKEN``).
     """
-    ctl = controller if controller is not None else AsyncController(base_url, token)
+    ctl = controller if controller is not None else AsyncController(base_url, token, http_timeout())
     server: MCPServer = MCPServer(
         name="forkd",
         title="forkd microVM sandboxes",
@@ -188,6 +193,20 @@ def create_server(
         rootfs: Annotated[
             str | None, Field(description="Host path of a root filesystem (with kernel).")
         ] = None,
+        rw: Annotated[
+            bool | None, Field(description="forkd v0.5 form; templates here boot read-only.")
+        ] = None,
+        tap: Annotated[
+            str | None, Field(description="forkd v0.5 form; ignored (the answer says so).")
+        ] = None,
+        boot_wait_secs: Annotated[
+            int | None,
+            Field(
+                description="forkd v0.5 form; ignored: the template is saved once its agent "
+                "answers and warmup has run (the answer's warning says so).",
+                ge=0,
+            ),
+        ] = None,
         wait: Annotated[
             bool, Field(description="Wait until the snapshot is ready before returning.")
         ] = True,
@@ -200,8 +219,9 @@ def create_server(
         """
         with _daemon_errors():
             info = await ctl.create_snapshot(
-                tag, image=image, mem_mib=mem_mib, warmup=warmup, kernel=kernel, rootfs=rootfs
-            )
+                tag, image=image, mem_mib=mem_mib, warmup=warmup, kernel=kernel, rootfs=rootfs,
+                rw=rw, tap=tap, boot_wait_secs=boot_wait_secs,
+            )  # fmt: skip
             if wait and info.get("status", "ready") == "writing":
                 info = await ctl.wait_for_snapshot(tag, timeout=900)
             return info
@@ -268,7 +288,13 @@ def create_server(
             ),
         ] = False,
         memory_limit_mib: Annotated[
-            int | None, Field(description="Memory cap per sandbox in MiB.", ge=1)
+            int | None,
+            Field(
+                description="Memory cap per sandbox in MiB, enforced by a cgroup where the "
+                "host offers a writable one; elsewhere accepted and not enforced (each "
+                "answer's 'warning' says so).",
+                ge=1,
+            ),
         ] = None,
         prewarm: Annotated[
             bool,
@@ -276,7 +302,10 @@ def create_server(
         ] = False,
         per_child_netns: Annotated[
             bool,
-            Field(description="Accepted for compatibility: every sandbox has its own NAT."),
+            Field(
+                description="Accepted for compatibility with older forkd; no effect here: a "
+                "sandbox never shares a network stack with its siblings."
+            ),
         ] = False,
         egress: Annotated[
             Literal["none", "internet", "allowlist"] | None,
@@ -412,8 +441,7 @@ def create_server(
             Field(
                 description="'full' writes all memory; 'diff' writes only pages changed "
                 "since the sandbox's snapshot (shorter pause); 'live' copies memory while the "
-                "sandbox keeps running (needs spawn_sandboxes(live_fork=true)). Omit for the "
-                "daemon's default."
+                "sandbox keeps running (any sandbox can). Omit for the daemon's default."
             ),
         ] = None,
         wait: Annotated[
@@ -644,6 +672,25 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def http_timeout(environ: Mapping[str, str] | None = None) -> float:
+    """Seconds per daemon request: ``$FORKD_HTTP_TIMEOUT`` (forkd-mcp's variable), else 60."""
+    raw = (os.environ if environ is None else environ).get("FORKD_HTTP_TIMEOUT")
+    if raw is None or not raw.strip():
+        return DEFAULT_HTTP_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"FORKD_HTTP_TIMEOUT must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"FORKD_HTTP_TIMEOUT must be positive, got {raw!r}")
+    return value
+
+
+def main() -> None:
+    """The ``forkd-mcp`` command (forkd v0.5's MCP server's name): serve MCP over stdio."""
+    run("stdio")
 
 
 def run(

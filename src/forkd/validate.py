@@ -63,6 +63,18 @@ def validate_mem_mib(mem_mib: object) -> int:
     return mem_mib
 
 
+MAX_CPUS = 64
+
+
+def validate_cpus(cpus: object) -> int:
+    """Return a template's vCPU count if sensible (1..64), else raise."""
+    if isinstance(cpus, bool) or not isinstance(cpus, int):
+        raise InvalidInput(f"cpus must be an integer, got {cpus!r}")
+    if not 1 <= cpus <= MAX_CPUS:
+        raise InvalidInput(f"cpus must be between 1 and {MAX_CPUS}, got {cpus}")
+    return cpus
+
+
 def validate_branch_request(mode: str | None, diff: bool, wait: bool) -> str:
     """The branch mode a request resolves to (legacy ``diff`` means "diff", else "full"), or
     :class:`InvalidInput` for a combination forkd refuses."""

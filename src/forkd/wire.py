@@ -37,8 +37,11 @@ class SnapshotInfo(BaseModel):
     parent_tag: str | None = None
     image: str | None = None
     mem_mib: int | None = None
+    cpus: int | None = None
     total_ms: float | None = None
     bytes_written: int | None = None
+    # memory and device state this snapshot owns (a delta branch: only its pages)
+    stored_bytes: int | None = None
     error: str | None = None
 
 
@@ -46,11 +49,22 @@ class SnapshotDetail(SnapshotInfo):
     """``GET /v1/snapshots/{tag}/info``: lineage and sizes."""
 
     chain_depth: int = 0
-    ancestors: list[str] = Field(default_factory=list)
+    ancestors: list[str] = Field(default_factory=list, description="lineage, root -> parent")
     dependents: list[str] = Field(default_factory=list)
+    memory_logical_bytes: int | None = None
+    memory_physical_bytes: int | None = Field(
+        default=None, description="memory this snapshot owns (a delta branch: its pages)"
+    )
+    vmstate_bytes: int | None = None
+    parent_content_hash: str | None = Field(
+        default=None, description="sha256 of the memory file this snapshot's pages apply over"
+    )
+    # forkd extras
     memory_bytes: int | None = None
     devstate_bytes: int | None = None
     memory_path: str | None = None
+    delta_path: str | None = None
+    root_tag: str | None = None
 
 
 class NetworkRequest(BaseModel):
@@ -105,7 +119,7 @@ class SandboxInfo(BaseModel):
     # forkd extras
     state: Literal["running", "dead"] = "running"
     dead_reason: str | None = None
-    run_dir: str | None = None  # QMP and agent sockets, serial.log, qemu.log
+    run_dir: str | None = None  # QMP and agent sockets, qemu.log
     network: SandboxNetwork | None = None
 
 
@@ -122,6 +136,9 @@ class CreateSnapshotRequest(BaseModel):
     boot_wait_secs: int = 10
     image: str | None = None
     mem_mib: int | None = None
+    cpus: int | None = Field(
+        default=None, description="vCPUs (children have the same); default 2 on KVM, 1 on TCG"
+    )
     warmup: str | None = None
     network: NetworkRequest | None = Field(default=None, description="egress of the warm-up")
 

@@ -4,6 +4,7 @@ audit, body cap, timeouts, OpenAPI shape, token and bind rules, and the added la
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import json
 import time
@@ -18,8 +19,16 @@ import pytest
 from forkd import wire
 from forkd.api.app import create_app
 from forkd.api.auth import check_bind, parse_bind, token_problem
-from forkd.config import Limits
-from forkd.errors import AgentError, GuestOSError, InvalidInput, NotFound
+from forkd.config import Limits, Settings
+from forkd.errors import (
+    AgentError,
+    AgentProtocolError,
+    GuestOSError,
+    InvalidInput,
+    NotFound,
+    QemuGone,
+    VMError,
+)
 from forkd.runtime.engine import ForkTiming, Runtime, Spawned
 
 pytestmark = pytest.mark.daemon
@@ -49,6 +58,10 @@ class FakeRuntime:
         self.calls: list[tuple[str, Any]] = []
         self.dead: set[str] = set()
         self.eval_delay = 0.0
+        # A memory dir that is not a huge-page tmpfs, and a cap the metrics must report.
+        self.settings = Settings(home=Path("/nonexistent/forkd"), shm_dir=Path("/proc"))
+        self.settings = dataclasses.replace(self.settings, branch_concurrency=7)
+        self.spawn_warning: str | None = None
 
     async def start(self) -> None: ...
     async def close(self, *, kill_sandboxes: bool = False) -> None: ...
@@ -72,11 +85,16 @@ class FakeRuntime:
 
     async def spawn(self, tag: str, n: int = 1, **kw: Any) -> list[Spawned]:
         self.calls.append(("spawn", (tag, n, kw)))
-        return [Spawned(_sandbox(f"sb-{i}"), ForkTiming(1.04, 2.0, 3.0, 6.04)) for i in range(n)]
+        timing = ForkTiming(1.04, 2.0, 3.0, 6.04)
+        return [Spawned(_sandbox(f"sb-{i}"), timing, self.spawn_warning) for i in range(n)]
 
     async def eval(self, sandbox_id: str, code: str) -> wire.EvalResponse:
         if sandbox_id in self.dead:
             raise AgentError("agent connection lost")
+        if sandbox_id == "sb-gone":  # deleted by another request meanwhile
+            raise AgentError("agent client closed")
+        if code == "abuse":
+            raise AgentProtocolError("agent flooded the channel: connection closed")
         await asyncio.sleep(self.eval_delay)
         return wire.EvalResponse(result=repr(code), error=None, exit_code=0)
 
@@ -88,6 +106,10 @@ class FakeRuntime:
 
     async def branch(self, sandbox_id: str, **kw: Any) -> wire.SnapshotInfo:
         self.calls.append(("branch", kw))
+        if sandbox_id in self.dead:
+            raise VMError("QMP getfd failed on QEMU pid 42: Disconnected")
+        if kw.get("tag") == "gone":
+            raise QemuGone("QEMU pid 43 exited during QMP getfd (killed or crashed)")
         status = "writing" if kw["mode"] == "live" and not kw["wait"] else "ready"
         return wire.SnapshotInfo(tag="b", dir="/x/b", created_at_unix=1, status=status)
 
@@ -212,6 +234,24 @@ async def test_routes_answer_wire_shapes(client: httpx.AsyncClient, fake: FakeRu
         "spawn",
         ("py", 2, {"memory_limit_mib": None, "network": None, "allow_internet_access": None}),
     )
+    warning = r.json()[0]["warning"]
+    assert "per_child_netns changes nothing" in warning and "prewarm changes nothing" in warning
+    assert "hugepages is not in effect" in warning and "live_fork" not in warning
+
+    # forkd-mcp 0.2 sends memory_limit_mib=256 on every spawn: without a cgroup the runtime
+    # accepts it and says so, and the answer carries that note beside the flags' notes.
+    fake.spawn_warning = "memory_limit_mib=256 is not enforced: cgroups are disabled"
+    body = {"snapshot_tag": "py", "memory_limit_mib": 256, "prewarm": False}
+    r = await client.post("/v1/sandboxes", headers=AUTH, json=body)
+    assert r.status_code == 201
+    assert r.json()[0]["warning"] == fake.spawn_warning
+    assert fake.calls[-1] == (
+        "spawn",
+        ("py", 1, {"memory_limit_mib": 256, "network": None, "allow_internet_access": None}),
+    )
+    fake.spawn_warning = None
+    r = await client.post("/v1/sandboxes", headers=AUTH, json={"snapshot_tag": "py"})
+    assert r.json()[0]["warning"] is None
 
     r = await client.post(
         "/v1/snapshots",
@@ -221,6 +261,11 @@ async def test_routes_answer_wire_shapes(client: httpx.AsyncClient, fake: FakeRu
     assert r.status_code == 201
     assert "kernel and rootfs paths are ignored" in r.json()["warning"]
     assert "tap is ignored" in r.json()["warning"]
+    assert "boot_wait_secs" not in r.json()["warning"]
+    r = await client.post("/v1/snapshots", headers=AUTH, json={"tag": "t", "boot_wait_secs": 30})
+    assert r.json()["warning"].startswith("boot_wait_secs=30 is ignored")
+    r = await client.post("/v1/snapshots", headers=AUTH, json={"tag": "t", "rw": True})
+    assert r.json()["warning"].startswith("rw is ignored")
     assert fake.calls[-1] == (
         "create_snapshot",
         {"tag": "t", "image": "python", "mem_mib": 512, "warmup": None, "network": None},
@@ -265,6 +310,15 @@ async def test_timeouts_dead_sandboxes_and_body_cap(
     fake.dead.add("sb-dead")
     r = await client.post("/v1/sandboxes/sb-dead/eval", headers=AUTH, json={"code": "x"})
     assert r.status_code == 410 and "QEMU exited" in r.json()["error"]
+    r = await client.post("/v1/sandboxes/sb-gone/eval", headers=AUTH, json={"code": "x"})
+    assert r.status_code == 410 and "deleted while this request ran" in r.json()["error"]
+    # a QMP failure racing the QEMU's death: the sandbox is dead, not the daemon broken
+    r = await client.post("/v1/sandboxes/sb-dead/branch", headers=AUTH, json={"mode": "full"})
+    assert r.status_code == 410 and "is dead: QEMU exited" in r.json()["error"], r.text
+    r = await client.post(
+        "/v1/sandboxes/sb-1/branch", headers=AUTH, json={"mode": "full", "tag": "gone"}
+    )
+    assert r.status_code == 503 and "killed or crashed" in r.json()["error"], r.text
 
     big = {"path": "/a"}
     r = await client.put(
@@ -329,6 +383,7 @@ async def test_openapi_and_metrics(client: httpx.AsyncClient) -> None:
     assert {"201", "202", "400", "401", "404", "409", "410", "503"} <= set(branch)
     m = await client.get("/metrics", headers=AUTH)
     assert "forkd_sandboxes_active 1.0" in m.text and "forkd_snapshots_total 1.0" in m.text
+    assert "\nforkd_branch_concurrency_cap 7.0\n" in m.text
 
 
 async def test_added_latency_is_small(client: httpx.AsyncClient) -> None:
@@ -341,6 +396,12 @@ async def test_added_latency_is_small(client: httpx.AsyncClient) -> None:
         await client.post("/v1/sandboxes/sb-1/eval", headers=AUTH, json={"code": "1"})
     per_request_ms = (time.perf_counter() - t0) / n * 1000
     assert per_request_ms < 2.0, per_request_ms
+
+
+async def test_abusive_agent_is_a_clean_502(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/sandboxes/sb-1/eval", headers=AUTH, json={"code": "abuse"})
+    assert r.status_code == 502
+    assert r.json() == {"error": "agent flooded the channel: connection closed"}
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,8 @@ def run_daemon(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
         ("short-tok", "0.0.0.0:{port}", "use at least 16"),
         ("short-tok", "127.0.0.1:{port}", "use at least 16"),
         ("changeme-changeme", "127.0.0.1:{port}", "placeholder"),
+        ("REPLACE_ME_WITH_32_BYTES_BASE64", "127.0.0.1:{port}", "placeholder"),
+        ("CHANGE_ME_TO_A_RANDOM_SECRET", "127.0.0.1:{port}", "placeholder"),
         ("x" * 32, "127.0.0.1:{port}", "too few characters"),
         ("0123456789abcdef0123", "nonsense", "HOST:PORT"),
     ],

@@ -19,6 +19,7 @@ from forkd.client import (
     Controller,
     ControllerConnectionError,
     ControllerError,
+    EvalError,
     EvalResult,
     Sandbox,
     SnapshotFailedError,
@@ -665,9 +666,55 @@ def test_sandbox_files(daemon: FakeDaemon, ctl: Controller) -> None:
 
 
 def test_sandbox_eval(daemon: FakeDaemon, ctl: Controller) -> None:
+    """forkd v0.5's ``eval``: the result string, and a ``RuntimeError`` on a guest error."""
     sb = Sandbox.create(controller=ctl)
-    assert sb.eval("1+1") == EvalResult(result="2", error=None, exit_code=0)
+    assert sb.eval("1+1") == "2"
     assert body(daemon.last) == {"code": "1+1"}
+    assert sb.eval_result("1+1") == EvalResult(result="2", error=None, exit_code=0)
+    failed = {"result": None, "error": "ZeroDivisionError: division by zero", "exit_code": 1,
+              "stdout": "before\n", "traceback": "Traceback ...\nZeroDivisionError"}  # fmt: skip
+    daemon.route("POST", "/v1/sandboxes/sb-0/eval", httpx.Response(200, json=failed))
+    with pytest.raises(EvalError, match=r"^forkd eval: ZeroDivisionError") as caught:
+        sb.eval("1/0")
+    assert isinstance(caught.value, RuntimeError) and isinstance(caught.value, ForkdError)
+    assert caught.value.traceback == failed["traceback"]
+    assert caught.value.result == EvalResult.from_wire(failed)
+    rich = sb.eval_result("1/0")  # never raises on a guest error
+    assert (rich.ok, rich.stdout, rich.error) == (False, "before\n", failed["error"])
+    exited = {"result": None, "error": None, "exit_code": 4}
+    daemon.route("POST", "/v1/sandboxes/sb-0/eval", httpx.Response(200, json=exited))
+    with pytest.raises(EvalError, match="exit code 4"):
+        sb.eval("import sys; sys.exit(4)")
+    statement = {"result": None, "error": None, "exit_code": 0}
+    daemon.route("POST", "/v1/sandboxes/sb-0/eval", httpx.Response(200, json=statement))
+    assert sb.eval("x = 1") is None
+
+
+def test_sandbox_v05_constructor(
+    daemon: FakeDaemon, ctl: Controller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """forkd v0.5's ``Sandbox(tag=None, target=None, timeout=30, *, spawn=True)`` spawns."""
+    monkeypatch.delenv("FORKD_TAG", raising=False)
+    sb = Sandbox(controller=ctl)
+    assert body(daemon.last)["snapshot_tag"] == "python" and sb.tag == sb.template == "python"
+    monkeypatch.setenv("FORKD_TAG", "pwb")
+    sb = Sandbox(timeout=60, controller=ctl)
+    assert body(daemon.last)["snapshot_tag"] == "pwb" and (sb.tag, sb.timeout) == ("pwb", 60)
+    assert Sandbox("t1", controller=ctl).tag == "t1"
+    assert Sandbox(tag="t2", controller=ctl).tag == "t2"
+    assert Sandbox.create(tag="t3", controller=ctl).tag == "t3"
+    assert Sandbox.create(controller=ctl).tag == "pwb"
+    assert sb.target is None  # no guest_addr in the answer
+    spawned = len(daemon.requests)
+    with pytest.raises(ValueError, match=r"Sandbox\.connect\(sandbox_id\)"):
+        Sandbox(target="10.42.0.2:8888", spawn=False, controller=ctl)
+    with pytest.raises(ValueError, match="connect"):
+        Sandbox(spawn=False, controller=ctl)
+    with pytest.raises(ValueError, match="disagree"):
+        Sandbox.create("a", tag="b", controller=ctl)
+    with pytest.raises(ValueError, match="connect"):  # v0.5's create(tag, target)
+        Sandbox.create("a", "10.42.0.2:8888", controller=ctl)  # type: ignore[arg-type]
+    assert len(daemon.requests) == spawned  # nothing was sent for the refused ones
 
 
 def test_sandbox_branch_and_fork(daemon: FakeDaemon, ctl: Controller) -> None:
@@ -724,7 +771,7 @@ def test_sandbox_kill_of_a_vanished_sandbox(daemon: FakeDaemon, ctl: Controller)
 
 def test_owned_controller_closes_with_its_last_sandbox(daemon: FakeDaemon) -> None:
     owned = daemon.controller()
-    parent = Sandbox({"id": "sb-p"}, _Lease(owned, owned=True))
+    parent = Sandbox._wrap({"id": "sb-p"}, _Lease(owned, owned=True))
     kids = parent.fork(2)
     assert parent.kill() is True
     owned.healthz()  # children still use it
@@ -744,7 +791,8 @@ async def test_async_sandbox_twin(daemon: FakeDaemon) -> None:
                 "env": {"A": "b"},
             }
             assert res.stdout == "hi\n"
-            assert (await sb.eval("1+1")).result == "2"
+            assert await sb.eval("1+1") == "2"
+            assert (await sb.eval_result("1+1")).result == "2"
             assert await sb.files.read("/f", format="bytes") == b"\x00\xffraw"
             assert (await sb.files.write("/f", b"xy")).size == 2
             assert [e.name for e in await sb.files.list("/")] == ["a"]

@@ -184,3 +184,26 @@ async def test_proxy_forwards_a_listed_name(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_default_policy_is_closed() -> None:
     assert EgressPolicy().restricted and not EgressPolicy().needs_proxy
+
+
+def test_policy_checks_against_the_machine(tmp_path: Any) -> None:
+    from forkd import wire
+    from forkd.errors import Conflict, Unavailable
+    from forkd.runtime.network import SandboxNetworks
+    from forkd.runtime.registry import Registry
+
+    nets = SandboxNetworks(Registry(tmp_path / "db"), default="none", long_lived=False)
+    internet = wire.NetworkRequest(egress="internet")
+    with pytest.raises(Conflict, match="no network card"):
+        nets.check("old", None, internet, None)
+    assert nets.check("old", None, None, None).egress == "none"  # NIC-less: none still fine
+    domains = wire.NetworkRequest(egress="allowlist", allow=["example.com"])
+    if guard.probe() is None:
+        with pytest.raises(Unavailable, match="needs the daemon"):
+            nets.check("t", GuestNetwork(), domains, None)
+    else:
+        with pytest.raises(Unavailable, match="egress guard"):
+            nets.check("t", GuestNetwork(), internet, None)
+    config = nets.guest_config("sb-x", GuestNetwork(), parse_policy("internet", None))
+    assert config is not None and config["nameserver"] == "10.0.2.3"
+    assert nets.guest_config("sb-x", GuestNetwork(), EgressPolicy()) is None

@@ -33,7 +33,9 @@ def test_commit_makes_snapshot_visible_only_at_the_end(tmp_path: Path) -> None:
     assert not store.exists("t1")
     manifest = store.commit(staging, _manifest("t1", tmp_path))
     assert store.exists("t1")
-    assert Path(manifest.memory.path) == store.memory_of("t1")
+    memory = Path(manifest.memory.path)
+    assert memory.parent == store.memory_root and memory.name.startswith("t1.")
+    assert memory.read_bytes() == b"mem!" and not staging.memory.exists()
     assert bootability(store.load("t1"), store.devstate_path("t1")) is None
     with pytest.raises(Conflict):
         store.begin("t1")
@@ -58,7 +60,7 @@ def test_missing_memory_makes_snapshot_unbootable(tmp_path: Path) -> None:
     staging.memory.write_bytes(b"mem!")
     staging.devstate.write_bytes(b"ds")
     store.commit(staging, _manifest("t3", tmp_path))
-    store.memory_of("t3").unlink()
+    Path(store.load("t3").memory.path).unlink()
     reason = bootability(store.load("t3"), store.devstate_path("t3"))
     assert reason and "is gone" in reason
 
@@ -83,3 +85,22 @@ def test_sweep_spares_a_live_writer_and_clears_a_dead_one(tmp_path: Path) -> Non
     finally:
         live.kill()
         live.wait()
+
+
+def test_shared_memory_outlives_its_template_until_the_last_user(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    staging = store.begin("root")
+    staging.memory.write_bytes(b"mem!")
+    staging.devstate.write_bytes(b"ds")
+    root = store.commit(staging, _manifest("root", tmp_path))
+    branch = store.begin("br")
+    branch.memory.write_bytes(b"delta")
+    branch.devstate.write_bytes(b"ds")
+    delta = Artifact(path="x", bytes=5)
+    store.commit(branch, root.model_copy(update={"tag": "br", "delta": delta, "root_tag": "root"}))
+    store.delete("root")
+    assert Path(root.memory.path).is_file()  # the branch still names it
+    assert bootability(store.load("br"), store.devstate_path("br")) is None
+    store.delete("br")
+    assert not Path(root.memory.path).exists()
+    assert list(store.memory_root.iterdir()) == []

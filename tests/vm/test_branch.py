@@ -118,9 +118,8 @@ async def test_child_of_a_branch_can_branch_again(runtime: Runtime, source: str)
     grandchild = (await runtime.spawn("gen2", 1))[0].sandbox.id
     assert (await runtime.eval(grandchild, "GENERATION")).result == "2"
     detail = runtime.snapshot_detail("gen2")
-    assert detail.ancestors == ["gen1", "py"] and detail.chain_depth == 2
-    with pytest.raises(Conflict, match="dependent snapshots gen2"):
-        await runtime.delete_snapshot("gen1")
+    assert detail.ancestors == ["py", "gen1"] and detail.chain_depth == 2  # root -> parent
+    assert detail.dependents == [] and runtime.snapshot_detail("gen1").dependents == ["gen2"]
     for sid in (child, grandchild):
         await runtime.kill(sid)
     await runtime.delete_snapshot("gen1", cascade=True)
@@ -138,6 +137,8 @@ async def test_branch_validation(runtime: Runtime, source: str) -> None:
         await runtime.branch(source, tag="../evil")
     with pytest.raises(InvalidInput, match="mode must be"):
         await runtime.branch(source, mode="sideways")
+    with pytest.raises(InvalidInput, match="parent_tag must be the source's template"):
+        await runtime.branch(source, mode="full", parent_tag="py")
     with pytest.raises(NotFound):
         await runtime.branch("sb-doesnotexist")
     with pytest.raises(Conflict, match="already exists"):
@@ -145,6 +146,13 @@ async def test_branch_validation(runtime: Runtime, source: str) -> None:
     in_flight = await runtime.branch(source, tag="inflight", mode="live", wait=False)
     with pytest.raises(Conflict, match="already exists or is being written"):
         await runtime.branch(source, tag="inflight", mode="live", wait=False)
+    saved = runtime.settings
+    runtime.settings = dataclasses.replace(saved, branch_concurrency=1)
+    try:
+        with pytest.raises(Unavailable, match=r"cap is 1 \(--branch-concurrency\)"):
+            await runtime.branch(source, mode="full")
+    finally:
+        runtime.settings = saved
     # Another forkd process starting up meanwhile must leave the in-flight branch alone.
     other = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "forkd", "--local", "--home", str(runtime.settings.home),
@@ -153,13 +161,6 @@ async def test_branch_validation(runtime: Runtime, source: str) -> None:
     listed, _ = await other.communicate()
     seen = {s["tag"]: s["status"] for s in json.loads(listed)}
     assert seen["inflight"] in ("writing", "ready")
-    saved = runtime.settings
-    runtime.settings = dataclasses.replace(saved, branch_concurrency=1)
-    try:
-        with pytest.raises(Unavailable, match=r"cap is 1 \(--branch-concurrency\)"):
-            await runtime.branch(source, mode="full")
-    finally:
-        runtime.settings = saved
     assert await wait_status(runtime, in_flight.tag) == "ready"
     assert await counter(runtime, source) > 0
     await runtime.delete_snapshot("inflight")
@@ -194,7 +195,7 @@ async def test_killed_materializer_fails_the_branch_not_the_source(
 def small_tmpfs(tmp_path: Path) -> AsyncIterator[Path]:
     mnt = tmp_path / "small-shm"
     mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600m", "tmpfs", str(mnt)],
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600m,mode=0700", "tmpfs", str(mnt)],
                           capture_output=True, text=True)  # fmt: skip
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")

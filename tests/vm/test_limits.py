@@ -18,9 +18,7 @@ pytestmark = pytest.mark.vm
 async def test_memory_limit_puts_qemu_in_a_limited_cgroup(runtime: Runtime, template: str) -> None:
     found = cgroups.detect()
     if found is None:
-        with pytest.raises(InvalidInput, match="cgroup memory controller"):
-            await runtime.spawn(template, 1, memory_limit_mib=256)
-        return
+        pytest.skip("this host offers no writable cgroup memory controller")
     sb = (await runtime.spawn(template, 1, memory_limit_mib=300))[0].sandbox
     assert sb.memory_limit_mib == 300
     leaf = found.leaf(sb.id)
@@ -47,6 +45,22 @@ async def test_sandbox_cap_answers_unavailable(runtime: Runtime, template: str) 
             await runtime.spawn(template, 2)
     finally:
         runtime.settings = saved
+
+
+async def test_memory_limit_without_cgroups_is_accepted_with_a_warning(
+    runtime: Runtime, template: str
+) -> None:
+    """forkd v0.5 (and its MCP server, which asks for 256 MiB on every spawn) only warns."""
+    saved = runtime.settings
+    runtime.settings = dataclasses.replace(saved, cgroups=False)
+    try:
+        spawned = (await runtime.spawn(template, 1, memory_limit_mib=256))[0]
+    finally:
+        runtime.settings = saved
+    assert spawned.warning is not None and "memory_limit_mib=256 is not enforced" in spawned.warning
+    assert spawned.sandbox.memory_limit_mib is None
+    assert (await runtime.eval(spawned.sandbox.id, "1+1")).result == "2"
+    await runtime.kill(spawned.sandbox.id)
 
 
 async def test_memory_limit_is_validated(runtime: Runtime, template: str) -> None:

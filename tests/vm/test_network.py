@@ -283,3 +283,33 @@ async def test_snapshot_diff_with_network(
     finally:
         await runtime.kill(child.sandbox.id)
         await runtime.delete_snapshot(tag)
+
+
+async def test_warmup_with_network_and_neutral_children(runtime: Runtime) -> None:
+    why = await asyncio.to_thread(_host_reaches_index)
+    if why is not None:
+        pytest.skip(f"this host cannot reach the package index itself: {why}")
+    tag = "warm-net"
+    warmup = (
+        "import subprocess, sys\n"
+        f"subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-cache-dir', "
+        f"{INDEX_PACKAGE!r}], check=True, capture_output=True)\nimport {INDEX_PACKAGE}"
+    )
+    net = wire.NetworkRequest(egress="internet", host_ca=True)
+    await runtime.create_snapshot(tag, warmup=warmup, network=net)
+    try:
+        [child] = await runtime.spawn(tag, 1)
+        sid = child.sandbox.id
+        try:
+            answer = await runtime.eval(sid, f"{INDEX_PACKAGE}.__name__")
+            assert answer.result == repr(INDEX_PACKAGE), answer
+            # the warm-up's egress is not inherited: the child is closed and says so
+            assert child.sandbox.network is not None and child.sandbox.network.egress == "none"
+            resolv = (await runtime.read_file(sid, "/etc/resolv.conf")).decode()
+            assert resolv == "nameserver 127.0.0.1\n"
+            env = await runtime.eval(sid, "__import__('os').environ.get('HTTPS_PROXY')")
+            assert env.result == "None"
+        finally:
+            await runtime.kill(sid)
+    finally:
+        await runtime.delete_snapshot(tag)

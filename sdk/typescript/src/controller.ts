@@ -5,7 +5,9 @@ import type {
   FileEntry,
   FileWriteResult,
   HealthzResult,
+  NetworkPolicy,
   PingResult,
+  PortForward,
   SandboxInfo,
   SnapshotDetail,
   SnapshotInfo,
@@ -17,13 +19,21 @@ export const DEFAULT_BASE_URL = "http://127.0.0.1:8889";
 /** Per-request timeout used when `timeoutMs` is not given. */
 export const DEFAULT_TIMEOUT_MS = 60_000;
 
+/** Base of every error this SDK throws on purpose ({@link ControllerError}, `EvalError`). */
+export class ForkdError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "ForkdError";
+  }
+}
+
 /**
  * A non-2xx answer from the daemon.
  *
  * `status` is the HTTP status, `body` the parsed JSON body (usually `{"error": "..."}`) or the raw
  * text when it was not JSON, `url` the request URL. The message includes the daemon's `error`.
  */
-export class ControllerError extends Error {
+export class ControllerError extends ForkdError {
   readonly status: number;
   readonly body: unknown;
   readonly url: string;
@@ -107,6 +117,10 @@ export interface SpawnOptions {
   liveFork?: boolean;
   /** Back guest memory with huge pages; sent only when true. */
   hugepages?: boolean;
+  /** Egress policy of the children; sent only when set. */
+  network?: NetworkPolicy;
+  /** E2B's shorthand: true is egress internet, false none; sent only when set. */
+  allowInternetAccess?: boolean;
 }
 
 export interface BranchOptions {
@@ -118,6 +132,8 @@ export interface BranchOptions {
   diff?: boolean;
   /** Measure the diff size even for a full branch; sent only when true. */
   measureDiff?: boolean;
+  /** forkd v0.5's spelling of `measureDiff` (its SDK took the wire name); either one works. */
+  measure_diff?: boolean;
   /**
    * Wait for the snapshot to be written (default true). Only `wait: false` is sent, and the daemon
    * accepts it only with `mode: "live"`; the answer then has `status: "writing"` (see
@@ -295,7 +311,26 @@ export class Controller {
     if (options.prewarm) body.prewarm = true;
     if (options.liveFork) body.live_fork = true;
     if (options.hugepages) body.hugepages = true;
+    if (options.network !== undefined) body.network = options.network;
+    if (options.allowInternetAccess !== undefined) {
+      body.allow_internet_access = options.allowInternetAccess;
+    }
     return this.request("POST", "/v1/sandboxes", { json: body });
+  }
+
+  /** `POST /v1/sandboxes/{id}/ports`: forward guest TCP `port` to this host's loopback. */
+  exposePort(id: string, port: number): Promise<PortForward> {
+    return this.request("POST", `/v1/sandboxes/${seg(id)}/ports`, { json: { port } });
+  }
+
+  /** `GET /v1/sandboxes/{id}/ports`. */
+  listPorts(id: string): Promise<PortForward[]> {
+    return this.request("GET", `/v1/sandboxes/${seg(id)}/ports`);
+  }
+
+  /** `DELETE /v1/sandboxes/{id}/ports/{port}`. */
+  async removePort(id: string, port: number): Promise<void> {
+    await this.request("DELETE", `/v1/sandboxes/${seg(id)}/ports/${Math.trunc(port)}`);
   }
 
   /** `GET /v1/sandboxes`. */
@@ -325,7 +360,7 @@ export class Controller {
     if (options.tag !== undefined) body.tag = options.tag;
     if (options.mode !== undefined && options.mode !== null) body.mode = options.mode;
     else if (options.diff) body.diff = true;
-    if (options.measureDiff) body.measure_diff = true;
+    if (options.measureDiff || options.measure_diff) body.measure_diff = true;
     if (options.wait === false) body.wait = false;
     if (options.parentTag !== undefined) body.parent_tag = options.parentTag;
     return this.request("POST", `/v1/sandboxes/${seg(id)}/branch`, { json: body });

@@ -7,6 +7,7 @@
 export {
   Controller,
   ControllerError,
+  ForkdError,
   DEFAULT_BASE_URL,
   DEFAULT_TIMEOUT_MS,
   type BranchOptions,
@@ -20,6 +21,7 @@ export {
 } from "./controller.js";
 export {
   Commands,
+  EvalError,
   Files,
   Sandbox,
   type RunOptions,
@@ -36,8 +38,11 @@ export {
   type FileEntry,
   type FileWriteResult,
   type HealthzResult,
+  type NetworkPolicy,
   type PingResult,
+  type PortForward,
   type SandboxInfo,
+  type SandboxNetwork,
   type SnapshotDetail,
   type SnapshotInfo,
   type SnapshotStatus,

@@ -1,10 +1,11 @@
-import { Controller, type ControllerOptions } from "./controller.js";
+import { Controller, ForkdError, type ControllerOptions, type ExecOptions } from "./controller.js";
 import type {
   BranchMode,
   EvalResult,
   ExecResult,
   FileEntry,
   FileWriteResult,
+  NetworkPolicy,
   PingResult,
   SandboxInfo,
   SnapshotInfo,
@@ -17,13 +18,19 @@ export interface SandboxConnectionOptions extends ControllerOptions {
 }
 
 export interface SandboxCreateOptions extends SandboxConnectionOptions {
-  /** Snapshot tag to fork the sandbox from. */
-  template: string;
+  /** Snapshot tag to fork the sandbox from (or `snapshotTag`; default `$FORKD_TAG`). */
+  template?: string;
+  /** forkd v0.5's name for `template`; either one works. */
+  snapshotTag?: string;
   perChildNetns?: boolean;
   memoryLimitMib?: number;
   prewarm?: boolean;
   liveFork?: boolean;
   hugepages?: boolean;
+  /** Egress policy (`{ egress, allow, host_ca }`); default none. */
+  network?: NetworkPolicy;
+  /** E2B's shorthand: true is egress internet. */
+  allowInternetAccess?: boolean;
 }
 
 export interface RunOptions {
@@ -39,9 +46,33 @@ export interface RunOptions {
 export interface SandboxBranchOptions {
   tag?: string;
   mode?: BranchMode;
+  /** Legacy flag of forkd v0.5, same as `mode: "diff"` (ignored when `mode` is given). */
+  diff?: boolean;
   /** Default true; `false` only with `mode: "live"`. */
   wait?: boolean;
   measureDiff?: boolean;
+  /** forkd v0.5's spelling of `measureDiff`; either one works. */
+  measure_diff?: boolean;
+}
+
+/**
+ * `sandbox.eval`: the code raised (or exited) in the guest. `result` is the whole
+ * {@link EvalResult}; `error` and `traceback` are its fields. A {@link ForkdError}, like
+ * `ControllerError`.
+ */
+export class EvalError extends ForkdError {
+  readonly result: EvalResult;
+  readonly error: string;
+  readonly traceback: string | null;
+
+  constructor(result: EvalResult) {
+    const error = result.error ?? `exit code ${result.exit_code}`;
+    super(`eval error: ${error}`);
+    this.name = "EvalError";
+    this.result = result;
+    this.error = error;
+    this.traceback = result.traceback ?? null;
+  }
 }
 
 export interface SandboxForkOptions {
@@ -67,6 +98,25 @@ function pickControllerOptions(options: SandboxConnectionOptions): SandboxConnec
 }
 
 const textDecoder = new TextDecoder();
+
+function templateOf(options: SandboxCreateOptions): string {
+  const { template, snapshotTag } = options;
+  if (template && snapshotTag && template !== snapshotTag) {
+    throw new TypeError(
+      `Sandbox.create: template ${JSON.stringify(template)} and snapshotTag ` +
+        `${JSON.stringify(snapshotTag)} disagree; pass one of them`,
+    );
+  }
+  const env = typeof process !== "undefined" && process.env ? process.env : {};
+  const tag = template || snapshotTag || env.FORKD_TAG;
+  if (!tag) {
+    throw new TypeError(
+      "Sandbox.create: `template` (or `snapshotTag`), a snapshot tag, is required " +
+        "(or set FORKD_TAG)",
+    );
+  }
+  return tag;
+}
 
 /** Commands of one sandbox (`sandbox.commands`). */
 export class Commands {
@@ -127,9 +177,10 @@ export class Files {
  *
  * @example
  * ```ts
- * const sb = await Sandbox.create({ template: "py" });
+ * const sb = await Sandbox.create({ template: "py" }); // or { snapshotTag: "py" }
  * const r = await sb.commands.run("echo hi");
  * const kids = await sb.fork(3);
+ * const n = await Sandbox.with({ snapshotTag: "py" }, (s) => s.eval("6 * 7")); // "42", killed after
  * ```
  */
 export class Sandbox {
@@ -139,6 +190,7 @@ export class Sandbox {
   readonly files: Files;
   /** The daemon's record of this sandbox when it was created or connected. */
   info: SandboxInfo | undefined;
+  private killed = false;
 
   constructor(controller: Controller, idOrInfo: string | SandboxInfo) {
     this.controller = controller;
@@ -152,23 +204,36 @@ export class Sandbox {
     this.files = new Files(controller, this.id);
   }
 
-  /** Fork one new sandbox from the snapshot `template`. */
+  /**
+   * Fork one new sandbox from the snapshot `template` (forkd v0.5's `snapshotTag` works too;
+   * default `$FORKD_TAG`).
+   */
   static async create(options: SandboxCreateOptions): Promise<Sandbox> {
-    if (!options || !options.template) {
-      throw new TypeError("Sandbox.create: `template` (a snapshot tag) is required");
-    }
+    const template = templateOf(options ?? {});
     const controller = controllerFrom(pickControllerOptions(options));
     const [info] = await controller.spawnSandboxes({
-      snapshotTag: options.template,
+      snapshotTag: template,
       n: 1,
       perChildNetns: options.perChildNetns,
       memoryLimitMib: options.memoryLimitMib,
       prewarm: options.prewarm,
       liveFork: options.liveFork,
       hugepages: options.hugepages,
+      network: options.network,
+      allowInternetAccess: options.allowInternetAccess,
     });
-    if (!info) throw new Error(`Sandbox.create: the daemon spawned no sandbox from ${options.template}`);
+    if (!info) throw new Error(`Sandbox.create: the daemon spawned no sandbox from ${template}`);
     return new Sandbox(controller, info);
+  }
+
+  /** Create a sandbox, run `fn` with it, and kill it afterwards, whatever `fn` did. */
+  static async with<T>(options: SandboxCreateOptions, fn: (sb: Sandbox) => Promise<T>): Promise<T> {
+    const sb = await Sandbox.create(options);
+    try {
+      return await fn(sb);
+    } finally {
+      await sb.kill();
+    }
   }
 
   /** Attach to an existing sandbox (checks that the daemon knows it). */
@@ -184,9 +249,27 @@ export class Sandbox {
     return this.info;
   }
 
-  /** Evaluate code in the guest's persistent namespace. */
-  eval(code: string): Promise<EvalResult> {
+  /**
+   * Evaluate code in the guest's persistent namespace and return the value's repr (`null` for
+   * statements), as forkd v0.5's `eval` did. Throws {@link EvalError} when the code raises or
+   * exits in the guest; {@link Sandbox.evalResult} reports that in the result instead.
+   */
+  async eval(code: string): Promise<string | null> {
+    const r = await this.evalResult(code);
+    if (r.error !== null && r.error !== undefined) throw new EvalError(r);
+    if (r.exit_code !== undefined && r.exit_code !== 0) throw new EvalError(r);
+    return r.result;
+  }
+
+  /** Like {@link Sandbox.eval}, but the whole answer (error, traceback, stdout); never throws on
+   * a guest error. */
+  evalResult(code: string): Promise<EvalResult> {
     return this.controller.evalCode(this.id, code);
+  }
+
+  /** Run `args` as is (no shell), forkd v0.5's `sb.exec`; see also `commands.run`. */
+  exec(args: string[], options: ExecOptions = {}): Promise<ExecResult> {
+    return this.controller.execCommand(this.id, args, options);
   }
 
   /** Round trip to the guest agent. */
@@ -199,8 +282,9 @@ export class Sandbox {
     return this.controller.branchSandbox(this.id, {
       tag: options.tag,
       mode: options.mode,
+      diff: options.diff,
       wait: options.wait,
-      measureDiff: options.measureDiff,
+      measureDiff: options.measureDiff || options.measure_diff,
     });
   }
 
@@ -223,8 +307,16 @@ export class Sandbox {
     return infos.map((info) => new Sandbox(this.controller, info));
   }
 
-  /** Terminate this sandbox. */
-  kill(): Promise<void> {
-    return this.controller.killSandbox(this.id);
+  /** Terminate this sandbox. Idempotent: a second call sends nothing. */
+  /** `host:port` on this machine where guest TCP `port` answers (E2B's name). */
+  async getHost(port: number): Promise<string> {
+    const fwd = await this.controller.exposePort(this.id, port);
+    return `${fwd.host}:${fwd.host_port}`;
+  }
+
+  async kill(): Promise<void> {
+    if (this.killed) return;
+    await this.controller.killSandbox(this.id);
+    this.killed = true;
   }
 }

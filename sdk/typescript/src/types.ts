@@ -69,6 +69,33 @@ export interface SandboxInfo {
   // forkd extras
   state?: "running" | "dead";
   dead_reason?: string | null;
+  network?: SandboxNetwork | null;
+}
+
+/** A sandbox's egress policy: `none` (default), `internet` or `allowlist`. */
+export interface NetworkPolicy {
+  egress?: "none" | "internet" | "allowlist";
+  /** Domains (`example.com`, `*.example.com`), IPv4 CIDRs, or `host:PORT` (host loopback). */
+  allow?: string[];
+  /** Give the guest the host's CA bundle (hosts behind a TLS-inspecting proxy). */
+  host_ca?: boolean;
+}
+
+/** `SandboxInfo.network`. */
+export interface SandboxNetwork {
+  egress: "none" | "internet" | "allowlist";
+  allow: string[];
+  guest_ip: string;
+  /** Where the guest reaches allow-listed `host:PORT` services. */
+  host_alias: string;
+}
+
+/** `POST /v1/sandboxes/{id}/ports` answer: guest `port` answers at `url` on this host. */
+export interface PortForward {
+  port: number;
+  host: string;
+  host_port: number;
+  url: string;
 }
 
 /** `POST /v1/sandboxes/{id}/exec` answer. The last four fields are forkd extras. */

@@ -7,7 +7,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 
-import { Controller, Sandbox } from "../dist/index.js";
+import { Controller, EvalError, Sandbox } from "../dist/index.js";
 
 const url = process.env.FORKD_URL;
 const tag = process.env.FORKD_TEST_TAG;
@@ -36,9 +36,24 @@ test("spawn, exec, eval, files, branch, fork from the branch, clean up", { skip,
     });
 
     await t.test("eval 1+1", async () => {
-      const r = await sb.eval("1+1");
-      assert.equal(r.error, null, r.traceback ?? undefined);
-      assert.equal(String(r.result).trim(), "2");
+      assert.equal(await sb.eval("1+1"), "2");
+      const r = await sb.evalResult("print('out'); 1/0");
+      assert.match(r.error ?? "", /ZeroDivisionError/);
+      assert.equal(r.stdout, "out\n");
+      await assert.rejects(sb.eval("1/0"), (err) => err instanceof EvalError && /ZeroDivision/.test(err.message));
+    });
+
+    await t.test("forkd v0.5 spellings: exec, Sandbox.with({snapshotTag})", async () => {
+      const r = await sb.exec(["sh", "-c", "echo v05"], { timeoutSecs: 10 });
+      assert.equal(r.stdout, "v05\n");
+      let inside;
+      const out = await Sandbox.with({ snapshotTag: tag, controller: ctrl }, async (s) => {
+        inside = s.id;
+        return s.eval("6 * 7");
+      });
+      assert.equal(out, "42");
+      const live = await ctrl.listSandboxes();
+      assert.ok(!live.some((s) => s.id === inside), "Sandbox.with killed its sandbox");
     });
 
     await t.test("write + read a file", async () => {

@@ -7,6 +7,8 @@ import {
   Controller,
   ControllerError,
   DEFAULT_BASE_URL,
+  EvalError,
+  ForkdError,
   Sandbox,
 } from "../dist/index.js";
 
@@ -200,6 +202,36 @@ describe("spawnSandboxes body", () => {
     assert.deepEqual(fetch.calls[2].json, { snapshot_tag: "py", n: 1, per_child_netns: false, live_fork: true });
   });
 
+  test("network and allow_internet_access only when set", async () => {
+    const { ctrl, fetch } = ctrlWith({ status: 201, json: [] });
+    await ctrl.spawnSandboxes({
+      snapshotTag: "py",
+      network: { egress: "allowlist", allow: ["host:8000"] },
+    });
+    assert.deepEqual(fetch.calls[0].json.network, { egress: "allowlist", allow: ["host:8000"] });
+    assert.ok(!("allow_internet_access" in fetch.calls[0].json));
+    await ctrl.spawnSandboxes({ snapshotTag: "py", allowInternetAccess: false });
+    assert.equal(fetch.calls[1].json.allow_internet_access, false);
+    assert.ok(!("network" in fetch.calls[1].json));
+  });
+
+  test("ports: expose, list, remove", async () => {
+    const fwd = { port: 8000, host: "127.0.0.1", host_port: 4000, url: "http://127.0.0.1:4000" };
+    const { ctrl, fetch } = ctrlWith({ status: 201, json: fwd }, { json: [fwd] }, { status: 204 });
+    assert.deepEqual(await ctrl.exposePort("sb-1", 8000), fwd);
+    assert.deepEqual(fetch.calls[0].json, { port: 8000 });
+    assert.deepEqual(await ctrl.listPorts("sb-1"), [fwd]);
+    await ctrl.removePort("sb-1", 8000);
+    assert.deepEqual(
+      fetch.calls.map((c) => [c.method, c.url]),
+      [
+        ["POST", `${BASE}/v1/sandboxes/sb-1/ports`],
+        ["GET", `${BASE}/v1/sandboxes/sb-1/ports`],
+        ["DELETE", `${BASE}/v1/sandboxes/sb-1/ports/8000`],
+      ],
+    );
+  });
+
   test("memory_limit_mib only when set; n and per_child_netns passed through", async () => {
     const { ctrl, fetch } = ctrlWith({ status: 201, json: [] });
     await ctrl.spawnSandboxes({ snapshotTag: "py", n: 4, perChildNetns: true, memoryLimitMib: 256 });
@@ -226,6 +258,7 @@ describe("branchSandbox body", () => {
     ["only wait: false is sent", { mode: "live", wait: false }, { mode: "live", wait: false }],
     ["measure_diff only when true", { measureDiff: true }, { measure_diff: true }],
     ["measure_diff: false is not sent", { measureDiff: false }, {}],
+    ["forkd v0.5's snake-case measure_diff is honoured", { measure_diff: true }, { measure_diff: true }],
     [
       "everything",
       { tag: "b2", mode: BranchMode.DIFF, diff: true, measureDiff: true, wait: true },
@@ -421,7 +454,91 @@ describe("Sandbox", () => {
   });
 
   test("create without template throws", async () => {
-    await assert.rejects(Sandbox.create({}), TypeError);
+    const saved = process.env.FORKD_TAG;
+    delete process.env.FORKD_TAG;
+    try {
+      await assert.rejects(Sandbox.create({}), TypeError);
+    } finally {
+      if (saved !== undefined) process.env.FORKD_TAG = saved;
+    }
+  });
+
+  test("forkd v0.5's create({snapshotTag}), and $FORKD_TAG as the default", async () => {
+    const { ctrl, fetch } = ctrlWith({ status: 201, json: [SB] });
+    await Sandbox.create({ snapshotTag: "py-slim", memoryLimitMib: 256, prewarm: true, controller: ctrl });
+    assert.deepEqual(fetch.calls[0].json, {
+      snapshot_tag: "py-slim", n: 1, per_child_netns: false, memory_limit_mib: 256, prewarm: true,
+    });
+    const saved = process.env.FORKD_TAG;
+    process.env.FORKD_TAG = "from-env";
+    try {
+      await Sandbox.create({ controller: ctrl });
+      assert.equal(fetch.calls[1].json.snapshot_tag, "from-env");
+    } finally {
+      if (saved === undefined) delete process.env.FORKD_TAG;
+      else process.env.FORKD_TAG = saved;
+    }
+    await assert.rejects(Sandbox.create({ template: "a", snapshotTag: "b", controller: ctrl }), /disagree/);
+    assert.equal(fetch.calls.length, 2);
+  });
+
+  test("Sandbox.with kills the sandbox after the callback, also when it throws", async () => {
+    const { ctrl, fetch } = ctrlWith(
+      { status: 201, json: [SB] },
+      { json: { result: "42", error: null, exit_code: 0 } },
+      { status: 204 },
+      { status: 201, json: [SB] },
+      { status: 204 },
+    );
+    const out = await Sandbox.with({ snapshotTag: "py", controller: ctrl }, (sb) => sb.eval("6*7"));
+    assert.equal(out, "42");
+    await assert.rejects(
+      Sandbox.with({ snapshotTag: "py", controller: ctrl }, async () => {
+        throw new Error("boom");
+      }),
+      /boom/,
+    );
+    assert.deepEqual(
+      fetch.calls.map((c) => `${c.method} ${c.url.slice(BASE.length)}`),
+      ["POST /v1/sandboxes", "POST /v1/sandboxes/sb-1/eval", "DELETE /v1/sandboxes/sb-1",
+       "POST /v1/sandboxes", "DELETE /v1/sandboxes/sb-1"],
+    );
+  });
+
+  test("exec(args, {timeoutSecs}) runs argv as is; kill is idempotent", async () => {
+    const { ctrl, fetch } = ctrlWith({ json: { stdout: "x\n", stderr: "", exit_code: 0 } }, { status: 204 });
+    const sb = new Sandbox(ctrl, SB);
+    assert.equal((await sb.exec(["echo", "x"], { timeoutSecs: 5 })).stdout, "x\n");
+    assert.deepEqual(fetch.calls[0].json, { args: ["echo", "x"], timeout_secs: 5 });
+    await sb.kill();
+    await sb.kill();
+    assert.equal(fetch.calls.length, 2);
+  });
+
+  test("eval returns the result and throws EvalError on a guest error; evalResult never throws", async () => {
+    const failed = { result: null, error: "NameError: name 'y' is not defined", exit_code: 1, traceback: "Traceback..." };
+    const { ctrl } = ctrlWith(
+      { json: failed },
+      { json: failed },
+      { json: { result: null, error: null, exit_code: 3 } },
+      { json: { result: null, error: null, exit_code: 0 } },
+    );
+    const sb = new Sandbox(ctrl, "sb-1");
+    await assert.rejects(sb.eval("y"), (err) => {
+      assert.ok(err instanceof EvalError && err instanceof ForkdError && err instanceof Error);
+      assert.equal(err.message, "eval error: NameError: name 'y' is not defined");
+      assert.equal(err.traceback, "Traceback...");
+      assert.deepEqual(err.result, failed);
+      return true;
+    });
+    assert.deepEqual(await sb.evalResult("y"), failed);
+    await assert.rejects(sb.eval("import sys; sys.exit(3)"), /exit code 3/);
+    assert.equal(await sb.eval("x = 1"), null);
+  });
+
+  test("ControllerError is a ForkdError", async () => {
+    const { ctrl } = ctrlWith({ status: 404, json: { error: "no such sandbox" } });
+    await assert.rejects(ctrl.getSandbox("sb-9"), (err) => err instanceof ForkdError && err instanceof ControllerError);
   });
 
   test("connect checks the sandbox exists", async () => {
@@ -485,13 +602,21 @@ describe("Sandbox", () => {
       { status: 204 },
     );
     const sb = new Sandbox(ctrl, "sb-1");
-    assert.equal((await sb.eval("1+1")).result, "2");
+    assert.equal(await sb.eval("1+1"), "2");
     assert.equal((await sb.branch({ tag: "b1", mode: "diff", wait: true })).tag, "b1");
     await sb.kill();
     assert.deepEqual(fetch.calls[0].json, { code: "1+1" });
     assert.deepEqual(fetch.calls[1].json, { tag: "b1", mode: "diff" });
     assert.equal(fetch.calls[2].method, "DELETE");
     assert.equal(fetch.calls[2].url, `${BASE}/v1/sandboxes/sb-1`);
+  });
+
+  test("branch takes forkd v0.5's {tag, diff, measure_diff}", async () => {
+    const { ctrl, fetch } = ctrlWith({ status: 201, json: SNAP });
+    await new Sandbox(ctrl, "sb-1").branch({ tag: "b1", measure_diff: true });
+    await new Sandbox(ctrl, "sb-1").branch({ diff: true });
+    assert.deepEqual(fetch.calls[0].json, { tag: "b1", measure_diff: true });
+    assert.deepEqual(fetch.calls[1].json, { diff: true });
   });
 
   test("fork(n) branches then spawns n children from the branch", async () => {

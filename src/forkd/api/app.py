@@ -27,7 +27,7 @@ from pydantic import BaseModel, TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from forkd import API_VERSION, __version__, wire
+from forkd import API_VERSION, __version__, compat, wire
 from forkd.api.audit import AuditLog, AuditMiddleware
 from forkd.api.auth import OPEN_PATHS, BearerAuthMiddleware
 from forkd.api.e2b import PREFIX as E2B_PREFIX
@@ -44,7 +44,9 @@ from forkd.errors import (
     ForkdError,
     GatewayTimeout,
     InvalidInput,
+    NotFound,
     SandboxDead,
+    VMError,
 )
 from forkd.runtime.engine import Runtime
 from forkd.runtime.workspaces import Workspaces
@@ -144,6 +146,9 @@ class _RuntimeCounts:
     def branches_in_flight(self) -> int:
         return self._rt.branches_in_flight
 
+    def branch_concurrency_cap(self) -> int:
+        return self._rt.settings.branch_concurrency
+
 
 def create_app(
     runtime: Runtime,
@@ -219,14 +224,19 @@ def create_app(
             raise
 
     async def on_sandbox(sandbox_id: str, call: Awaitable[T], seconds: float, what: str) -> T:
-        """An agent call; a failure because the VM just died is reported as 410 with why."""
+        """An agent or QMP call; a failure because the VM just died is reported as 410 with why."""
         try:
             return await bounded(call, seconds, what)
         except SandboxDead:
             raise
-        except AgentError as exc:
+        except (AgentError, VMError) as exc:
             try:
                 info = runtime.get_sandbox(sandbox_id)
+            except NotFound:
+                # Deleted by a concurrent request while this one ran.
+                raise SandboxDead(
+                    f"sandbox {sandbox_id} was deleted while this request ran"
+                ) from exc
             except ForkdError:
                 raise exc from None
             if info.state == "dead":
@@ -311,27 +321,18 @@ def create_app(
         ``warning`` says so.
         """
         image = req.image or DEFAULT_IMAGE
-        warnings: list[str] = []
-        if req.kernel is not None or req.rootfs is not None:
-            warnings.append(
-                "kernel and rootfs paths are ignored: this forkd builds templates from guest "
-                f"images (used image {image!r}; see 'forkd image build')"
-            )
-        if req.tap is not None:
-            warnings.append(
-                "tap is ignored: every template gets its own user-mode NIC (see 'network')"
-            )
+        warnings = compat.snapshot_notes(req, image)
         call = runtime.create_snapshot(
             req.tag,
             image=image,
             mem_mib=req.mem_mib if req.mem_mib is not None else DEFAULT_MEM_MIB,
             warmup=req.warmup,
             network=req.network,
+            cpus=req.cpus,
         )
         info = await bounded(call, lim.snapshot_timeout_s, f"creating snapshot {req.tag!r}")
         if warnings:
-            notes = [info.warning, *warnings] if info.warning else warnings
-            info = info.model_copy(update={"warning": "; ".join(notes)})
+            info = info.model_copy(update={"warning": compat.join(info.warning, *warnings)})
         return _json(info, 201)
 
     @app.delete(
@@ -398,8 +399,11 @@ def create_app(
         """Fork ``n`` children from snapshot ``snapshot_tag``: all start, or none is left.
 
         ``per_child_netns``, ``prewarm``, ``live_fork`` and ``hugepages`` are accepted for
-        compatibility and change nothing here (any sandbox can be live-branched).
+        compatibility (any sandbox can be live-branched); each item's ``warning`` says which
+        changed nothing, and whether a ``memory_limit_mib`` could not be enforced (no writable
+        cgroup: accepted anyway, as forkd v0.5 did).
         """
+        notes = compat.spawn_notes(req, memory_dir=runtime.settings.memory_dir)
         n = req.n if 1 <= req.n <= 1000 else 1
         seconds = lim.spawn_timeout_s + lim.spawn_per_child_s * n
         call = runtime.spawn(
@@ -415,7 +419,10 @@ def create_app(
                 qemu_up_ms=round(t.qemu_up_ms, 1), restore_ms=round(t.restore_ms, 1),
                 agent_ms=round(t.agent_ms, 1), total_ms=round(t.total_ms, 1),
             )  # fmt: skip
-            out.append(SpawnedSandbox(**s.sandbox.model_dump(), fork_timing_ms=timing))
+            warning = compat.join(s.warning, *notes)
+            out.append(
+                SpawnedSandbox(**s.sandbox.model_dump(), fork_timing_ms=timing, warning=warning)
+            )
         return _json_list(_SPAWNED_LIST, out, 201)
 
     @app.get(

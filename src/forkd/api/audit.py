@@ -17,6 +17,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from forkd.private import private_dir, private_file
+
 MAX_USER_AGENT = 256
 
 
@@ -25,8 +27,9 @@ class AuditLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        private_dir(path.parent, "audit log directory")
+        private_file(path, "audit log")
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         self._warned = False
 
     def write(self, record: dict[str, Any]) -> None:

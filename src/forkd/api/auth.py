@@ -28,6 +28,16 @@ _PLACEHOLDER_WORDS = (
     "here", "api", "key", "forkd", "bearer", "admin", "auth", "todo", "fixme", "xxx",
 )  # fmt: skip
 _PLACEHOLDER_RE = re.compile("(?:" + "|".join(sorted(_PLACEHOLDER_WORDS, key=len)[::-1]) + ")+")
+# Phrases of template files and docs; found anywhere in a token's letters, they mark it as one
+# someone forgot to fill in (``REPLACE_ME_WITH_32_BYTES_BASE64``, ``CHANGE_ME_TO_A_SECRET``). Each
+# is 8+ letters, so a random token contains one by chance with negligible probability.
+_PLACEHOLDER_PHRASES = (
+    "replaceme", "changeme", "yourtoken", "yoursecret", "yourkey", "tokenhere", "secrethere",
+    "keyhere", "insertyour", "putyour", "fillmein", "placeholder", "generatea", "randombytes",
+    "notasecret", "dontuse", "donotuse",
+)  # fmt: skip
+# A constant's name, not a secret: upper-case words joined by underscores (``SOME_TOKEN_VALUE``).
+_CONSTANT_RE = re.compile(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+){2,}")
 _MIN_DISTINCT_CHARS = 5
 
 
@@ -43,6 +53,11 @@ def token_problem(token: str) -> str | None:
     letters = re.sub(r"[^a-z]", "", token.lower())
     if letters and _PLACEHOLDER_RE.fullmatch(letters):
         return "it looks like a placeholder ('changeme', 'secret', 'password', ...)"
+    phrase = next((p for p in _PLACEHOLDER_PHRASES if p in letters), None)
+    if phrase is not None:
+        return f"it looks like a placeholder (it says {phrase!r}); generate a random one"
+    if _CONSTANT_RE.fullmatch(token) and re.search(r"[A-Z]{4}", token):
+        return "it looks like a placeholder (an upper-case NAME_LIKE_THIS); generate a random one"
     return None
 
 
@@ -63,7 +78,10 @@ def load_token(path: Path) -> str:
         raise InvalidInput(f"token file {path} is not UTF-8 text") from None
     problem = token_problem(token)
     if problem is not None:
-        raise InvalidInput(f"refusing the token in {path}: {problem}")
+        raise InvalidInput(
+            f"refusing the token in {path}: {problem} (make one with "
+            f"'openssl rand -hex 32 > {path}')"
+        )
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         print(
             f"forkd: warning: token file {path} is readable by other users; chmod 600 it",

@@ -29,6 +29,7 @@ class _Counts(Protocol):
     def snapshot_count(self) -> int: ...
     def active_sandbox_count(self) -> int: ...
     def branches_in_flight(self) -> int: ...
+    def branch_concurrency_cap(self) -> int: ...
 
 
 class Metrics:
@@ -41,6 +42,9 @@ class Metrics:
               registry=r).set_function(counts.active_sandbox_count)  # fmt: skip
         Gauge("forkd_branches_in_flight", "Branches being written right now.",
               registry=r).set_function(counts.branches_in_flight)  # fmt: skip
+        Gauge("forkd_branch_concurrency_cap", "Configured maximum of concurrent branches "
+              "(--branch-concurrency); more answer 503.",
+              registry=r).set_function(counts.branch_concurrency_cap)  # fmt: skip
         Gauge("forkd_build_info", "Version of this forkd build.", ["version"],
               registry=r).labels(version=__version__).set(1)  # fmt: skip
         self.spawn_seconds = Histogram(

@@ -27,6 +27,8 @@ class ForkTimingMs(BaseModel):
 
 
 class SpawnedSandbox(wire.SandboxInfo):
-    """``POST /v1/sandboxes`` item: the SandboxInfo plus how long the fork took."""
+    """``POST /v1/sandboxes`` item: the SandboxInfo plus how long the fork took, and a
+    ``warning`` when a requested flag or limit changed nothing here."""
 
     fork_timing_ms: ForkTimingMs | None = None
+    warning: str | None = None

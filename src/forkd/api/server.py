@@ -26,6 +26,7 @@ from forkd.api.app import create_app
 from forkd.api.auth import check_bind, load_token, parse_bind
 from forkd.config import Settings
 from forkd.errors import HostSetupError, InvalidInput
+from forkd.private import private_dir
 
 GRACEFUL_SHUTDOWN_S = 10
 
@@ -119,7 +120,7 @@ def serve(settings: Settings, options: DaemonOptions) -> None:
     token = load_token(options.token_file) if options.token_file is not None else None
     check_bind(host, token)
     limits = settings.limits
-    settings.home.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.home, "forkd home")
 
     sockets = [_tcp_socket(host, port)]
     if options.unix_socket is not None:

@@ -22,6 +22,19 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+@dataclasses.dataclass(frozen=True)
+class SpawnFlags:
+    """forkd v0.5's spawn flags; see :mod:`forkd.compat` for what each means here."""
+
+    per_child_netns: bool = False
+    prewarm: bool = False
+    live_fork: bool = False
+    hugepages: bool = False
+
+
+NO_FLAGS = SpawnFlags()
+
+
 class Backend(Protocol):
     kind: str
 
@@ -35,11 +48,12 @@ class Backend(Protocol):
         warmup: str | None,
         progress: Callable[[str], None],
         network: dict[str, Any] | None = None,
+        cpus: int | None = None,
     ) -> dict[str, Any]: ...
     def delete_snapshot(self, tag: str, cascade: bool, force: bool) -> None: ...
     def compact_snapshot(self, tag: str, to: str) -> dict[str, Any]: ...
     def spawn(
-        self, tag: str, n: int, memory_limit_mib: int | None,
+        self, tag: str, n: int, memory_limit_mib: int | None, flags: SpawnFlags = NO_FLAGS,
         network: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]: ...  # fmt: skip
     def expose_port(self, sandbox_id: str, port: int) -> dict[str, Any]: ...
@@ -100,11 +114,12 @@ class LocalBackend:
         warmup: str | None,
         progress: Callable[[str], None],
         network: dict[str, Any] | None = None,
+        cpus: int | None = None,
     ) -> dict[str, Any]:
         info = self._run(
             self.runtime.create_snapshot(
                 tag, image=image, mem_mib=mem_mib, warmup=warmup, progress=progress,
-                network=_network(network),
+                network=_network(network), cpus=cpus,
             )
         )  # fmt: skip
         return info.model_dump()
@@ -116,13 +131,21 @@ class LocalBackend:
         return self._run(self.runtime.compact_snapshot(tag, to)).model_dump()
 
     def spawn(
-        self, tag: str, n: int, memory_limit_mib: int | None,
+        self, tag: str, n: int, memory_limit_mib: int | None, flags: SpawnFlags = NO_FLAGS,
         network: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:  # fmt: skip
+        from forkd import compat, wire
+
+        req = wire.SpawnRequest(snapshot_tag=tag, n=n, **dataclasses.asdict(flags))
+        notes = compat.spawn_notes(req, memory_dir=self.runtime.settings.memory_dir)
         spawned = self._run(self.runtime.spawn(
             tag, n, memory_limit_mib=memory_limit_mib, network=_network(network)
         ))  # fmt: skip
-        return [{**s.sandbox.model_dump(), "fork_timing_ms": _timing(s.timing)} for s in spawned]
+        return [
+            {**s.sandbox.model_dump(), "fork_timing_ms": _timing(s.timing),
+             "warning": compat.join(s.warning, *notes)}
+            for s in spawned
+        ]  # fmt: skip
 
     def expose_port(self, sandbox_id: str, port: int) -> dict[str, Any]:
         return self._run(self.runtime.expose_port(sandbox_id, port)).model_dump()
@@ -212,10 +235,11 @@ class RemoteBackend:
         warmup: str | None,
         progress: Callable[[str], None],
         network: dict[str, Any] | None = None,
+        cpus: int | None = None,
     ) -> dict[str, Any]:
         progress("daemon is booting and warming the parent")
         return dict(self.c.create_snapshot(
-            tag, image=image, mem_mib=mem_mib, warmup=warmup, network=network
+            tag, image=image, mem_mib=mem_mib, warmup=warmup, network=network, cpus=cpus
         ))  # fmt: skip
 
     def delete_snapshot(self, tag: str, cascade: bool, force: bool) -> None:
@@ -225,11 +249,12 @@ class RemoteBackend:
         return dict(self.c.compact_snapshot(tag, to))
 
     def spawn(
-        self, tag: str, n: int, memory_limit_mib: int | None,
+        self, tag: str, n: int, memory_limit_mib: int | None, flags: SpawnFlags = NO_FLAGS,
         network: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:  # fmt: skip
         return list(self.c.spawn_sandboxes(
-            tag, n=n, memory_limit_mib=memory_limit_mib, network=network
+            tag, n=n, memory_limit_mib=memory_limit_mib, network=network,
+            **dataclasses.asdict(flags),
         ))  # fmt: skip
 
     def expose_port(self, sandbox_id: str, port: int) -> dict[str, Any]:

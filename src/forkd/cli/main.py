@@ -14,7 +14,7 @@ from typing import Any
 
 from forkd import __version__
 from forkd.cli import netcmds, render
-from forkd.cli.backend import Backend, choose_backend
+from forkd.cli.backend import Backend, SpawnFlags, choose_backend
 from forkd.config import DEFAULT_IMAGE, DEFAULT_MEM_MIB, Settings
 from forkd.errors import ForkdError, InvalidInput
 
@@ -60,9 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tag", help="snapshot tag (required for templates; generated for branches)")
     s.add_argument("--image", default=None, help=f"image to boot (default {DEFAULT_IMAGE})")
     s.add_argument(
-        "--mem-mib", type=int, default=None, help=f"guest memory (default {DEFAULT_MEM_MIB})"
-    )
+        "--mem-mib", "--mem-size-mib", dest="mem_mib", type=int, default=None,
+        help=f"guest memory (default {DEFAULT_MEM_MIB})",
+    )  # fmt: skip
     s.add_argument("--warmup", help="Python code run in the guest's interpreter before the pause")
+    s.add_argument("--cpus", type=int, help="vCPUs of the template and its children "
+                   "(default 2 on KVM, 1 on TCG: 'forkd doctor' says which)")  # fmt: skip
     s.add_argument("--from-sandbox", metavar="ID", help="BRANCH this running sandbox")
     s.add_argument(
         "--diff", action="store_true", help="branch writing only memory changed since the fork"
@@ -75,12 +78,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--json", action="store_true")
     netcmds.add_network_args(s, what="the warm-up")
+    v05 = s.add_argument_group("forkd v0.5 template flags (accepted; a note says they are ignored)")
+    v05.add_argument("--kernel", help="ignored: templates boot a built image (see --image)")
+    v05.add_argument("--rootfs", help="ignored: templates boot a built image (see --image)")
+    v05.add_argument("--rw", action="store_true", help="ignored: the root is read-only")
+    v05.add_argument("--tap", help="ignored")
+    v05.add_argument("--boot-wait-secs", type=int, help="ignored: --warmup runs code instead")
+    v05.add_argument("--keep-workdir", action="store_true", help="ignored")
+    v05.add_argument("--volume", action="append", default=[], help="not supported: refused")
 
     for name, helptext in (("fork", "fork N children from a template"), ("spawn", "same as fork")):
         f = sub.add_parser(name, help=helptext)
         f.add_argument("--tag", required=True)
-        f.add_argument("-n", type=int, default=1)
+        f.add_argument("-n", "--n", dest="n", type=int, default=1, help="how many children")
         f.add_argument("--memory-limit-mib", type=int)
+        f.add_argument(
+            "--settle-secs", type=float, metavar="S",
+            help="forkd v0.5's foreground fork: keep the children S seconds, then kill them "
+            "(without it they run until 'forkd kill')",
+        )  # fmt: skip
+        for flag, what in V05_SPAWN_FLAGS.items():
+            f.add_argument(flag, action="store_true", help=what)
+        f.add_argument(
+            "--keep-workdir", action="store_true",
+            help="accepted for forkd v0.5: a sandbox's run dir is always kept until it is killed",
+        )  # fmt: skip
         f.add_argument("--json", action="store_true")
         netcmds.add_network_args(f, what="the children")
     netcmds.add_parsers(sub)
@@ -100,15 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--from", dest="src", required=True, metavar="TAG")
     sc.add_argument("--to", required=True, metavar="TAG")
 
-    rmi = sub.add_parser("rmi", help="delete a snapshot")
-    rmi.add_argument("tag")
+    rmi = sub.add_parser("rmi", help="delete snapshots")
+    rmi.add_argument("tags", nargs="+", metavar="TAG")
     g = rmi.add_mutually_exclusive_group()
     g.add_argument("--cascade", action="store_true", help="also delete dependent snapshots")
     g.add_argument("--force", action="store_true", help="delete even with dependents")
 
     e = sub.add_parser("exec", help="run a command in a sandbox")
     e.add_argument("id")
-    e.add_argument("--timeout", type=float, default=30.0)
+    e.add_argument("--timeout", "--timeout-secs", dest="timeout", type=float, default=30.0)
     e.add_argument("--cwd")
     e.add_argument("--env", action="append", default=[], metavar="K=V")
     e.add_argument("--json", action="store_true")
@@ -116,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate Python in a sandbox's warm interpreter")
     ev.add_argument("id")
-    ev.add_argument("code")
+    ev.add_argument("code", nargs="?", help="the code (or after --: forkd eval ID -- EXPR)")
     ev.add_argument("--json", action="store_true")
 
     pg = sub.add_parser("ping", help="round trip to a sandbox's agent")
@@ -176,7 +198,39 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build the image, make a warm template, fork, run code")
     demo.add_argument("-n", type=int, default=3)
     demo.add_argument("--tag", default="demo")
+
+    qs = sub.add_parser(
+        "quickstart", help="check the host, then the demo (reusing its template when it exists)"
+    )
+    qs.add_argument("-n", "--n", dest="n", type=int, default=10, help="children to fork")
+    qs.add_argument("--tag", default="quickstart")
+    qs.add_argument("-y", "--yes", action="store_true", help="do not ask before building")
+    qs.add_argument("--image", help="forkd v0.5's Docker image: not supported (refused)")
+
+    sub.add_parser("where", help="print the data dir (FORKD_HOME)").add_argument(
+        "--json", action="store_true", help="also the memory, cache, database and log paths"
+    )
+
+    cl = sub.add_parser(
+        "cleanup", help="list leftovers of dead forkd processes (dry run); -y removes them"
+    )
+    cl.add_argument("-y", "--yes", action="store_true", help="remove what is listed")
+
+    # forkd v0.5 took the daemon flags after the verb (`forkd ls --daemon-url URL`): accept both.
+    for name, verb in sub.choices.items():
+        if name not in ("daemon", "serve", "mcp", "image"):
+            verb.add_argument("--daemon-url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            verb.add_argument("--daemon-token", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
+
+
+V05_SPAWN_FLAGS = {
+    "--per-child-netns": "accepted for forkd v0.5; changes nothing (no shared network stack)",
+    "--prewarm": "accepted for forkd v0.5; changes nothing (branches need no warm-up)",
+    "--live-fork": "accepted for forkd v0.5; any sandbox can be live-branched",
+    "--hugepages": "accepted for forkd v0.5; guest memory is on huge pages when forkd runs as "
+    "root (a note says when it is not)",
+}
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -295,17 +349,29 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             raise Usage(
                 "--no-wait requires --live (only a live branch can finish in the background)"
             )
-        if args.image or args.mem_mib or args.warmup or netcmds.network_from_args(args):
+        if (
+            args.image
+            or args.mem_mib
+            or args.warmup
+            or args.cpus
+            or netcmds.network_from_args(args)
+        ):
             raise Usage(
                 "--image, --mem-mib, --warmup and the network flags apply to templates, not to "
                 "--from-sandbox"
             )
+    if args.volume:
+        raise Usage(
+            "--volume is not supported: a sandbox has no persistent volumes here (use the files "
+            "API, or bake the data into the template with --warmup)"
+        )
+    _v05_template_notes(args)
     with _backend(args) as backend:
         if args.from_sandbox is None:
             step = _step_printer()
             info = backend.create_snapshot(
                 args.tag, args.image or DEFAULT_IMAGE, args.mem_mib or DEFAULT_MEM_MIB,
-                args.warmup, step, netcmds.network_from_args(args),
+                args.warmup, step, netcmds.network_from_args(args), args.cpus,
             )  # fmt: skip
         else:
             info = backend.branch(
@@ -320,16 +386,52 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _v05_template_notes(args: argparse.Namespace) -> None:
+    """Say which of forkd v0.5's template flags change nothing here (one line each)."""
+    from forkd import compat, wire
+
+    given: dict[str, Any] = {"tag": args.tag or "-"}
+    for name in ("kernel", "rootfs", "tap", "boot_wait_secs"):
+        if getattr(args, name) is not None:
+            given[name] = getattr(args, name)
+    given["rw"] = args.rw
+    notes = compat.snapshot_notes(wire.CreateSnapshotRequest(**given), args.image or DEFAULT_IMAGE)
+    if args.keep_workdir:
+        notes.append("--keep-workdir is ignored: nothing is left to keep once a template is saved")
+    for note in notes:
+        render.err.print(f"forkd: note: {note}", markup=False)
+
+
 def cmd_fork(args: argparse.Namespace) -> int:
+    if args.settle_secs is not None and not args.settle_secs >= 0:
+        raise Usage(f"--settle-secs must be >= 0, got {args.settle_secs:g}")
+    flags = SpawnFlags(
+        per_child_netns=args.per_child_netns, prewarm=args.prewarm, live_fork=args.live_fork,
+        hugepages=args.hugepages,
+    )  # fmt: skip
     with _backend(args) as backend:
         t0 = time.monotonic()
         children = backend.spawn(
-            args.tag, args.n, args.memory_limit_mib, netcmds.network_from_args(args)
+            args.tag, args.n, args.memory_limit_mib, flags, network=netcmds.network_from_args(args)
         )
         wall_ms = (time.monotonic() - t0) * 1000
-    if args.json:
-        render.print_json(children)
-        return 0
+        notes = dict.fromkeys(str(c["warning"]) for c in children if c.get("warning"))
+        if args.keep_workdir:
+            notes[
+                "--keep-workdir changes nothing: a sandbox's run dir is kept until it is killed"
+            ] = None
+        for note in notes:
+            render.err.print(f"forkd: note: {note}", markup=False)
+        if args.json:
+            render.print_json(children)
+        else:
+            _print_forked(args.tag, children, wall_ms)
+        if args.settle_secs is not None:
+            _settle_then_kill(backend, [str(c["id"]) for c in children], args.settle_secs)
+    return 0
+
+
+def _print_forked(tag: str, children: list[dict[str, Any]], wall_ms: float) -> None:
     for c in children:
         t = c.get("fork_timing_ms")
         phases = (
@@ -339,8 +441,24 @@ def cmd_fork(args: argparse.Namespace) -> int:
             else ""
         )
         render.out.print(f"{c['id']}{phases}")
-    render.out.print(f"forked {len(children)} from {args.tag} in {wall_ms:.0f} ms wall")
-    return 0
+    render.out.print(f"forked {len(children)} from {tag} in {wall_ms:.0f} ms wall")
+
+
+def _settle_then_kill(backend: Backend, ids: list[str], seconds: float) -> None:
+    """forkd v0.5's ``fork --settle-secs``: the children live ``seconds`` (Ctrl-C ends it early),
+    then they are killed."""
+    render.err.print(
+        f"keeping {len(ids)} children for {seconds:g} s (--settle-secs), then killing them"
+    )
+    try:
+        time.sleep(seconds)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for sandbox_id in ids:
+            with contextlib.suppress(ForkdError):
+                backend.kill(sandbox_id)
+        render.err.print(f"killed {len(ids)} children")
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -375,10 +493,23 @@ def cmd_snapshot_compact(args: argparse.Namespace) -> int:
 
 
 def cmd_rmi(args: argparse.Namespace) -> int:
+    """Delete every named snapshot in order; one that fails does not stop the others."""
+    failed = 0
     with _backend(args) as backend:
-        backend.delete_snapshot(args.tag, args.cascade, args.force)
-    render.out.print(f"deleted snapshot {args.tag}")
-    return 0
+        for tag in args.tags:
+            try:
+                backend.delete_snapshot(tag, args.cascade, args.force)
+            except Exception as exc:
+                message = _error_message(exc)
+                if message is None:
+                    raise
+                failed += 1
+                render.err.print(f"forkd: error: {tag}: {message}", markup=False)
+            else:
+                render.out.print(f"deleted snapshot {tag}")
+    if failed and len(args.tags) > 1:
+        render.err.print(f"forkd: {failed} of {len(args.tags)} deletions failed")
+    return EXIT_ERROR if failed else 0
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -405,6 +536,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if not args.code:
+        raise Usage("no code given: forkd eval ID CODE, or forkd eval ID -- EXPR")
     with _backend(args) as backend:
         r = backend.eval(args.id, args.code)
     if args.json:
@@ -533,6 +666,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(_settings(args), n=args.n, tag=args.tag))
 
 
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from forkd.demo import run_quickstart
+
+    if args.image is not None:
+        raise Usage(
+            f"--image {args.image}: Docker images are not supported; quickstart uses the "
+            "built-in 'python' image (forkd image build --packages adds Debian packages)"
+        )
+    if args.n < 1:
+        raise Usage(f"-n must be at least 1, got {args.n}")
+    return run_quickstart(_settings(args), n=args.n, tag=args.tag, assume_yes=args.yes)
+
+
+def cmd_where(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.json:
+        render.print_json({
+            "home": str(settings.home), "memory_dir": str(settings.memory_dir),
+            "cache_dir": str(settings.cache_dir), "database": str(settings.db_path),
+            "audit_log": str(settings.audit_log_path),
+        })  # fmt: skip
+    else:
+        sys.stdout.write(f"{settings.home}\n")
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from forkd.runtime import leftovers
+
+    settings = _settings(args)
+    found = leftovers.find(settings)
+    if not found:
+        render.out.print(f"nothing to clean up under {settings.home}")
+        return 0
+    verb = "removing" if args.yes else "would remove"
+    render.out.print(f"{verb} {len(found)} leftover(s):", markup=False)
+    for item in found:
+        line = f"  {item.kind:12} {item.path}  {item.size_bytes / (1 << 20):.1f} MiB  ({item.why})"
+        render.out.print(line, markup=False)
+        if args.yes:
+            leftovers.remove(settings, item)
+    if not args.yes:
+        render.out.print("dry run: pass -y (--yes) to remove them")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "image": cmd_image, "snapshot": cmd_snapshot, "fork": cmd_fork, "spawn": cmd_fork,
     "ls": cmd_ls, "images": cmd_images, "snapshot-info": cmd_snapshot_info, "rmi": cmd_rmi,
@@ -541,7 +720,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "doctor": cmd_doctor, "daemon": cmd_daemon, "serve": cmd_daemon, "mcp": cmd_mcp,
     "demo": cmd_demo, "port": cmd_port, "snapshot-diff": cmd_snapshot_diff,
     "workspace": cmd_workspace,
+    "quickstart": cmd_quickstart, "where": cmd_where, "cleanup": cmd_cleanup,
 }  # fmt: skip
+SEPARATED = {"exec", "eval"}  # the commands that take what follows "--" verbatim
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -554,9 +735,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         words, tail = words[:cut], words[cut + 1 :]
     args = parser.parse_args(words)
     if tail is not None:
-        if args.command != "exec":
-            parser.error("'--' separates the command of 'forkd exec' only")
-        args.cmd = [*args.cmd, *tail]
+        if args.command not in SEPARATED:
+            parser.error("'--' separates the command of 'forkd exec' and the code of 'forkd eval'")
+        if args.command == "exec":
+            args.cmd = [*args.cmd, *tail]
+        elif args.code is not None:
+            parser.error("forkd eval: give the code either as an argument or after --, not both")
+        else:
+            args.code = " ".join(tail)
     try:
         return COMMANDS[args.command](args)
     except Usage as exc:
@@ -568,9 +754,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        # Errors from the daemon arrive as the SDK's ControllerError: print the daemon's message.
-        body = getattr(exc, "body", None)
-        if isinstance(body, dict) and "error" in body:
-            render.err.print(f"forkd: error: {body['error']}", markup=False)
-            return EXIT_ERROR
-        raise
+        message = _error_message(exc)
+        if message is None:
+            raise
+        render.err.print(f"forkd: error: {message}", markup=False)
+        return EXIT_ERROR
+
+
+def _error_message(exc: Exception) -> str | None:
+    """The one-line message of an error forkd raised on purpose (None for a bug)."""
+    if isinstance(exc, ForkdError) and not hasattr(exc, "body"):
+        return str(exc)
+    # Errors from the daemon arrive as the SDK's ControllerError: the daemon's message.
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict) and "error" in body:
+        return str(body["error"])
+    if isinstance(exc, ForkdError):
+        return str(exc)
+    return None

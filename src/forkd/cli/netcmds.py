@@ -86,7 +86,7 @@ def cmd_snapshot_diff(args: argparse.Namespace, backend: Backend) -> int:
     """The original's verb: spawn from BASE, run CMD, diff-branch into NEW, kill the fork."""
     if not args.exec_command.strip():
         raise InvalidInput("--exec needs a command")
-    [child] = backend.spawn(args.base, 1, None, network_from_args(args))
+    [child] = backend.spawn(args.base, 1, None, network=network_from_args(args))
     sandbox_id = str(child["id"])
     try:
         render.err.print(f"running in {sandbox_id}: {args.exec_command}", markup=False)

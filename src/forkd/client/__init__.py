@@ -18,7 +18,7 @@ from forkd.client.controller import (
     ControllerError,
     SnapshotFailedError,
 )
-from forkd.client.sandbox import AsyncSandbox, CommandResult, EvalResult, Sandbox
+from forkd.client.sandbox import AsyncSandbox, CommandResult, EvalError, EvalResult, Sandbox
 
 __all__ = [
     "DEFAULT_URL",
@@ -29,6 +29,7 @@ __all__ = [
     "Controller",
     "ControllerConnectionError",
     "ControllerError",
+    "EvalError",
     "EvalResult",
     "Sandbox",
     "SnapshotFailedError",

@@ -234,6 +234,7 @@ class _Endpoints:
         tap: str | None = None,
         boot_wait_secs: int | None = None,
         network: Mapping[str, Any] | None = None,
+        cpus: int | None = None,
     ) -> _Request[JSONDict]:
         """``POST /v1/snapshots``: boot a fresh VM, warm it, snapshot it as template ``tag``.
 
@@ -256,6 +257,7 @@ class _Endpoints:
             "tap": tap,
             "boot_wait_secs": boot_wait_secs,
             "network": dict(network) if network is not None else None,
+            "cpus": cpus,
         }
         body.update({k: v for k, v in optional.items() if v is not None})
         return _Request(

@@ -6,13 +6,18 @@ children from that branch, kill it. ``AsyncSandbox`` is the same surface for asy
 
 Example::
 
-    with Sandbox.create("python") as sb:
+    with Sandbox(tag="python") as sb:   # or Sandbox.create("python"); Sandbox() reads $FORKD_TAG
         print(sb.commands.run("echo hi").stdout)
         sb.files.write("/tmp/x.txt", "state")
         kids = sb.fork(3)                   # three copies of this exact VM state
         for kid in kids:
             print(kid.files.read("/tmp/x.txt"))
             kid.kill()
+
+The constructor keeps forkd v0.5's ``Sandbox(tag=None, target=None, timeout=30, *, spawn=True)``
+(it spawns, through the daemon here rather than a ``forkd fork`` subprocess), and ``eval`` returns
+the result string and raises :class:`EvalError` on a guest error as v0.5's did;
+:meth:`Sandbox.eval_result` gives the whole :class:`EvalResult` instead.
 
 Differences from E2B worth knowing: ``commands.run`` does not raise on a non-zero exit code
 (check ``result.exit_code``), and the ``timeout`` given to ``create`` is not enforced by anyone
@@ -22,6 +27,7 @@ Differences from E2B worth knowing: ``commands.run`` does not raise on a non-zer
 from __future__ import annotations
 
 import builtins
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,11 +41,20 @@ from forkd.client.controller import (
     ControllerError,
     JSONDict,
 )
+from forkd.errors import ForkdError
 from forkd.wire import FileEntry, FileWriteResponse
 
-__all__ = ["AsyncSandbox", "CommandResult", "EvalResult", "Sandbox"]
+__all__ = ["AsyncSandbox", "CommandResult", "EvalError", "EvalResult", "Sandbox"]
 
 DEFAULT_TEMPLATE = "python"
+"""The template used when neither an argument nor ``$FORKD_TAG`` names one (forkd v0.5 used
+``pyagent``, a tag of its own recipes; this forkd's default image is ``python``)."""
+
+
+def default_template() -> str:
+    """``$FORKD_TAG`` if set (as in forkd v0.5), else :data:`DEFAULT_TEMPLATE`."""
+    return os.environ.get("FORKD_TAG") or DEFAULT_TEMPLATE
+
 
 FileFormat = Literal["text", "bytes"]
 
@@ -76,7 +91,8 @@ class CommandResult:
 
 @dataclass(frozen=True, slots=True)
 class EvalResult:
-    """Outcome of ``sandbox.eval``: ``result`` is the value's repr, ``error`` the exception text."""
+    """Outcome of ``sandbox.eval_result``: ``result`` is the value's repr, ``error`` the
+    exception text (``traceback`` the whole traceback), ``stdout`` what the code printed."""
 
     result: str | None
     error: str | None
@@ -97,6 +113,28 @@ class EvalResult:
             stdout=str(data.get("stdout") or ""),
             traceback=data.get("traceback"),
         )
+
+
+class EvalError(ForkdError, RuntimeError):
+    """``sandbox.eval``: the code raised (or exited) in the guest.
+
+    A ``RuntimeError``, as forkd v0.5's ``Sandbox.eval`` raised, and a ``ForkdError``, the base
+    of every error of this package. ``result`` is the whole :class:`EvalResult`; ``error`` and
+    ``traceback`` are its fields.
+    """
+
+    def __init__(self, result: EvalResult) -> None:
+        self.result = result
+        self.error = result.error or f"exit code {result.exit_code}"
+        self.traceback = result.traceback
+        super().__init__(f"forkd eval: {self.error}")
+
+
+def _value(result: EvalResult) -> str | None:
+    """What ``eval`` returns: the result string, or :class:`EvalError` for a guest error."""
+    if not result.ok:
+        raise EvalError(result)
+    return result.result
 
 
 def _argv(cmd: str | Sequence[str]) -> list[str]:
@@ -144,6 +182,20 @@ def _check_connection_args(controller: object, base_url: str | None, token: str 
         raise ValueError("pass either controller= or base_url=/token=, not both")
 
 
+def _pick_template(template: str | None, tag: str | None) -> str:
+    if template is not None and tag is not None and template != tag:
+        raise ValueError(f"template={template!r} and tag={tag!r} disagree: pass one of them")
+    return template or tag or default_template()
+
+
+def _no_target(target: str | None, spawn: bool) -> None:
+    if target is not None or not spawn:
+        raise ValueError(
+            "target=/spawn=False attached forkd v0.5's Sandbox to a guest agent over TCP; here "
+            "sandboxes are reached through the daemon: use Sandbox.connect(sandbox_id)"
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # Sync
 # --------------------------------------------------------------------------------------------
@@ -152,7 +204,7 @@ def _check_connection_args(controller: object, base_url: str | None, token: str 
 class _SandboxBase(Generic[_C]):
     """What a sandbox object is, whichever client drives it."""
 
-    def __init__(self, info: JSONDict, lease: _Lease[_C], timeout: float | None) -> None:
+    def _setup(self, info: JSONDict, lease: _Lease[_C], timeout: float | None) -> None:
         self.info: JSONDict = info
         self.id: str = str(info["id"])
         self.timeout = timeout
@@ -169,6 +221,17 @@ class _SandboxBase(Generic[_C]):
     def template(self) -> str | None:
         tag = self.info.get("snapshot_tag")
         return str(tag) if tag is not None else None
+
+    @property
+    def tag(self) -> str | None:
+        """The snapshot tag the sandbox was forked from (forkd v0.5's name for ``template``)."""
+        return self.template
+
+    @property
+    def target(self) -> str | None:
+        """The guest's network address (``guest_addr``), when the sandbox has one."""
+        addr = self.info.get("guest_addr")
+        return str(addr) if addr is not None else None
 
 
 class Commands:
@@ -278,29 +341,27 @@ class Files:
 
 
 class Sandbox(_SandboxBase[Controller]):
-    """One running forkd sandbox (a forked microVM). Build with :meth:`create` or :meth:`connect`.
+    """One running forkd sandbox (a forked microVM).
+
+    ``Sandbox(tag="py")``, ``Sandbox()`` (template ``$FORKD_TAG``, else ``python``) and
+    :meth:`create` fork a new one through the daemon; :meth:`connect` attaches to one by id.
 
     Attributes:
         id: the daemon's sandbox id (also ``sandbox_id``, E2B's name).
         info: the SandboxInfo dict from when the object was made; :meth:`get_info` refreshes it.
-        template: the snapshot tag the sandbox was forked from.
+        template: the snapshot tag the sandbox was forked from (also ``tag``, forkd v0.5's name).
         timeout: the lifetime given to :meth:`create`, recorded only (see there).
         commands: :class:`Commands`; files: :class:`Files`.
     """
 
     def __init__(
-        self, info: JSONDict, lease: _Lease[Controller], timeout: float | None = None
-    ) -> None:
-        super().__init__(info, lease, timeout)
-        self.commands = Commands(self)
-        self.files = Files(self)
-
-    @classmethod
-    def create(
-        cls,
-        template: str = DEFAULT_TEMPLATE,
+        self,
+        tag: str | None = None,
+        target: str | None = None,
         timeout: float | None = None,
         *,
+        spawn: bool = True,
+        template: str | None = None,
         base_url: str | None = None,
         token: str | None = None,
         controller: Controller | None = None,
@@ -308,8 +369,59 @@ class Sandbox(_SandboxBase[Controller]):
         live_fork: bool = False,
         allow_internet_access: bool | None = None,
         network: Mapping[str, Any] | None = None,
-    ) -> Sandbox:
-        """Fork one new sandbox from the snapshot tagged ``template``.
+    ) -> None:
+        """Fork one new sandbox from template ``tag`` (forkd v0.5's constructor).
+
+        ``tag`` (or ``template``, this SDK's name) defaults to ``$FORKD_TAG``, else ``python``.
+        ``target`` and ``spawn=False`` attached v0.5's object to a guest agent over TCP, which
+        this forkd does not expose: they raise ``ValueError`` naming :meth:`connect`. The other
+        arguments are those of :meth:`create`.
+        """
+        _no_target(target, spawn)
+        _check_connection_args(controller, base_url, token)
+        name = _pick_template(template, tag)
+        ctl = controller if controller is not None else Controller(base_url, token)
+        lease = _Lease(ctl, owned=controller is None)
+        try:
+            infos = ctl.spawn_sandboxes(
+                name, n=1, memory_limit_mib=memory_limit_mib, live_fork=live_fork,
+                network=network, allow_internet_access=allow_internet_access,
+            )  # fmt: skip
+        except BaseException:
+            if lease.owned:
+                ctl.close()
+            raise
+        self._init(infos[0], lease, timeout)
+
+    def _init(self, info: JSONDict, lease: _Lease[Controller], timeout: float | None) -> None:
+        self._setup(info, lease, timeout)
+        self.commands = Commands(self)
+        self.files = Files(self)
+
+    @classmethod
+    def _wrap(cls, info: JSONDict, lease: _Lease[Controller], timeout: float | None = None) -> Self:
+        """An object for a sandbox that already exists (no spawn)."""
+        sb = cls.__new__(cls)
+        sb._init(info, lease, timeout)
+        return sb
+
+    @classmethod
+    def create(
+        cls,
+        template: str | None = None,
+        timeout: float | None = None,
+        *,
+        tag: str | None = None,
+        base_url: str | None = None,
+        token: str | None = None,
+        controller: Controller | None = None,
+        memory_limit_mib: int | None = None,
+        live_fork: bool = False,
+        allow_internet_access: bool | None = None,
+        network: Mapping[str, Any] | None = None,
+    ) -> Self:
+        """Fork one new sandbox from the snapshot tagged ``template`` (or ``tag=``, forkd
+        v0.5's keyword; default ``$FORKD_TAG``, else ``python``).
 
         ``timeout`` (seconds) is stored on the object and nothing more: forkd has no
         server-side sandbox TTL yet and this SDK runs no timer, so a sandbox lives until
@@ -320,19 +432,13 @@ class Sandbox(_SandboxBase[Controller]):
         every sandbox can ``branch(mode="live")``. ``allow_internet_access`` (E2B's name) or
         ``network`` (``{"egress", "allow", "host_ca"}``) set its egress; default none.
         """
-        _check_connection_args(controller, base_url, token)
-        ctl = controller if controller is not None else Controller(base_url, token)
-        lease = _Lease(ctl, owned=controller is None)
-        try:
-            infos = ctl.spawn_sandboxes(
-                template, n=1, memory_limit_mib=memory_limit_mib, live_fork=live_fork,
-                network=network, allow_internet_access=allow_internet_access,
-            )  # fmt: skip
-        except BaseException:
-            if lease.owned:
-                ctl.close()
-            raise
-        return cls(infos[0], lease, timeout)
+        if isinstance(timeout, str):  # forkd v0.5's create(tag, target): a host:port
+            _no_target(timeout, True)
+        return cls(
+            tag, None, timeout, template=template, base_url=base_url, token=token,
+            controller=controller, memory_limit_mib=memory_limit_mib, live_fork=live_fork,
+            allow_internet_access=allow_internet_access, network=network,
+        )  # fmt: skip
 
     @classmethod
     def connect(
@@ -353,7 +459,7 @@ class Sandbox(_SandboxBase[Controller]):
             if lease.owned:
                 ctl.close()
             raise
-        return cls(info, lease)
+        return cls._wrap(info, lease)
 
     def get_info(self) -> JSONDict:
         """Fetch the SandboxInfo again (and store it in ``info``)."""
@@ -374,12 +480,19 @@ class Sandbox(_SandboxBase[Controller]):
         """Round-trip to the guest agent."""
         return self.controller.ping_sandbox(self.id)
 
-    def eval(self, code: str) -> EvalResult:
-        """Run Python in the sandbox's warm agent process (no interpreter start-up cost).
+    def eval(self, code: str) -> str | None:
+        """Run Python in the sandbox's warm agent process (no interpreter start-up cost) and
+        return the value's ``repr`` (``None`` for statements), as forkd v0.5's ``eval`` did.
 
-        Returns an :class:`EvalResult`; a Python exception in ``code`` is reported in
-        ``error``/``traceback``, not raised.
+        Raises :class:`EvalError` (a ``RuntimeError``) when ``code`` raises or exits in the
+        guest; :meth:`eval_result` reports that in the result instead, with the traceback and
+        what the code printed.
         """
+        return _value(self.eval_result(code))
+
+    def eval_result(self, code: str) -> EvalResult:
+        """Like :meth:`eval`, but the whole :class:`EvalResult`; a Python exception in
+        ``code`` is reported in ``error``/``traceback``, not raised."""
         return EvalResult.from_wire(self.controller.eval_code(self.id, code))
 
     def branch(
@@ -422,7 +535,7 @@ class Sandbox(_SandboxBase[Controller]):
         infos = self.controller.spawn_sandboxes(
             branch_tag, n=n, memory_limit_mib=memory_limit_mib, live_fork=live_fork
         )
-        return [type(self)(info, self._lease, self.timeout) for info in infos]
+        return [self._wrap(info, self._lease, self.timeout) for info in infos]
 
     def get_host(self, port: int) -> str:
         """``host:port`` on this machine's loopback where guest TCP ``port`` answers (E2B's
@@ -536,16 +649,17 @@ class AsyncSandbox(_SandboxBase[AsyncController]):
     def __init__(
         self, info: JSONDict, lease: _Lease[AsyncController], timeout: float | None = None
     ) -> None:
-        super().__init__(info, lease, timeout)
+        self._setup(info, lease, timeout)
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
 
     @classmethod
     async def create(
         cls,
-        template: str = DEFAULT_TEMPLATE,
+        template: str | None = None,
         timeout: float | None = None,
         *,
+        tag: str | None = None,
         base_url: str | None = None,
         token: str | None = None,
         controller: AsyncController | None = None,
@@ -554,14 +668,15 @@ class AsyncSandbox(_SandboxBase[AsyncController]):
         allow_internet_access: bool | None = None,
         network: Mapping[str, Any] | None = None,
     ) -> AsyncSandbox:
-        """Fork one new sandbox from ``template``; see :meth:`Sandbox.create` (``timeout`` is
-        recorded only: nothing enforces it)."""
+        """Fork one new sandbox from ``template`` (or ``tag=``; default ``$FORKD_TAG``, else
+        ``python``); see :meth:`Sandbox.create` (``timeout`` is recorded only)."""
         _check_connection_args(controller, base_url, token)
+        name = _pick_template(template, tag)
         ctl = controller if controller is not None else AsyncController(base_url, token)
         lease = _Lease(ctl, owned=controller is None)
         try:
             infos = await ctl.spawn_sandboxes(
-                template, n=1, memory_limit_mib=memory_limit_mib, live_fork=live_fork,
+                name, n=1, memory_limit_mib=memory_limit_mib, live_fork=live_fork,
                 network=network, allow_internet_access=allow_internet_access,
             )  # fmt: skip
         except BaseException:
@@ -610,8 +725,13 @@ class AsyncSandbox(_SandboxBase[AsyncController]):
         """Round-trip to the guest agent."""
         return await self.controller.ping_sandbox(self.id)
 
-    async def eval(self, code: str) -> EvalResult:
-        """Run Python in the sandbox's warm agent process; see :meth:`Sandbox.eval`."""
+    async def eval(self, code: str) -> str | None:
+        """The value's ``repr``; raises :class:`EvalError` on a guest error. See
+        :meth:`Sandbox.eval`."""
+        return _value(await self.eval_result(code))
+
+    async def eval_result(self, code: str) -> EvalResult:
+        """The whole :class:`EvalResult` (never raises on a guest error)."""
         return EvalResult.from_wire(await self.controller.eval_code(self.id, code))
 
     async def branch(

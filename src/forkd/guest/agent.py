@@ -47,6 +47,10 @@ DEFAULT_PORT_NAME = "org.forkd.agent.0"
 MAX_WORKERS = 64
 READ_CHUNK = 1 << 16
 MAX_LINE = 512 << 20  # a request line longer than this is dropped
+# Every reply line stays within this many bytes; the host sends its cap (max_line) in hello.
+DEFAULT_REPLY_CAP = 8 << 20
+MIN_REPLY_CAP = 64 << 10
+REPLY_SLACK = 16 << 10  # room for the other fields of a trimmed reply
 DEFAULT_EXEC_TIMEOUT = 30.0
 DEFAULT_MAX_OUTPUT = 1 << 20
 DEFAULT_READ_LIMIT = 64 << 20
@@ -57,6 +61,7 @@ RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
 
 _START = time.monotonic()
+_reply_cap = DEFAULT_REPLY_CAP
 
 
 def _log(msg: str) -> None:
@@ -858,6 +863,8 @@ def op_read_file(req: dict) -> dict:
     path = _arg_path(req)
     offset = _arg_int(req, "offset", 0)
     limit = _arg_int(req, "limit", DEFAULT_READ_LIMIT)
+    # base64 of the data must fit one reply line: a longer read is cut and flagged truncated.
+    limit = min(limit, (_reply_cap - REPLY_SLACK) // 4 * 3)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         st = os.fstat(fd)
@@ -986,23 +993,40 @@ def op_remove_file(req: dict) -> dict:
     return {"removed": True}
 
 
-def op_set_env(req: dict) -> dict:
-    """Change the agent's own environment, which eval code sees and every exec inherits (the
-    host sets proxy variables this way when a sandbox's egress goes through its proxy)."""
-    changes = req.get("env")
+def apply_net(cfg) -> dict:
+    """Point the guest at its resolver and set proxy/CA variables in the agent's own
+    environment (eval code sees it, every later exec inherits it). The host sends this in a
+    fork's hello, so it holds before any user request runs."""
+    if not isinstance(cfg, dict):
+        raise _bad("argument 'net' must be an object")
+    nameserver = cfg.get("nameserver")
+    if nameserver is not None and (
+        not isinstance(nameserver, str) or not all(p.isdigit() for p in nameserver.split("."))
+    ):
+        raise _bad("net.nameserver must be an IPv4 address")
+    changes = cfg.get("env") or {}
     if not isinstance(changes, dict):
-        raise _bad("argument 'env' must be an object")
+        raise _bad("net.env must be an object")
     for key, value in changes.items():
         if not isinstance(key, str) or not key or "=" in key or "\0" in key:
             raise _bad("bad environment variable name %r" % (key,))
         if value is not None and (not isinstance(value, str) or "\0" in value):
             raise _bad("environment variable %r must be a string or null" % key)
+    if nameserver is not None:
+        tmp = "/etc/.resolv.conf.forkd"
+        with open(tmp, "w") as f:
+            f.write("nameserver %s\n" % nameserver)
+        os.replace(tmp, "/etc/resolv.conf")
     for key, value in changes.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    return {"changed": len(changes)}
+    return {"net_set": True}
+
+
+def op_set_net(req: dict) -> dict:
+    return apply_net(req.get("net"))
 
 
 def op_reseed(req: dict) -> dict:
@@ -1024,6 +1048,59 @@ def set_clock(wall_ns) -> dict:
 
 
 _urandom = []  # one descriptor, opened before the template is taken: children skip the lookup
+
+
+def _encode(resp: dict) -> bytes:
+    return json.dumps(resp, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def _encoded_len(text: str) -> int:
+    return len(json.dumps(text).encode("utf-8"))
+
+
+def _trim_to(text: str, budget: int) -> str:
+    """The longest prefix of ``text`` whose JSON encoding takes at most ``budget`` bytes."""
+    if _encoded_len(text) <= budget:
+        return text
+    lo, hi = 0, min(len(text), max(budget, 0))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _encoded_len(text[:mid]) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo]
+
+
+def fit_reply(resp: dict, cap: int) -> bytes:
+    """``resp`` as one line of at most ``cap`` bytes: output streams are trimmed (and flagged
+    truncated); a reply that still does not fit becomes a ``too_large`` error."""
+    line = _encode(resp)
+    if len(line) <= cap:
+        return line
+    streams = [k for k in ("stdout", "stderr") if isinstance(resp.get(k), str) and resp[k]]
+    if streams:
+        rest = dict(resp)
+        for k in streams:
+            rest[k] = ""
+            rest[k + "_truncated"] = True
+        budget = cap - len(_encode(rest)) - 8
+        if budget > 0:
+            sizes = {k: _encoded_len(resp[k]) for k in streams}
+            share = budget // len(streams)
+            spare = sum(share - n for n in sizes.values() if n < share)
+            for k in streams:
+                rest[k] = _trim_to(resp[k], share + spare if sizes[k] > share else share)
+                if len(rest[k]) == len(resp[k]):
+                    rest[k + "_truncated"] = resp.get(k + "_truncated", False)
+            line = _encode(rest)
+            if len(line) <= cap:
+                return line
+    error = "the reply of %d bytes exceeds the agent channel's line cap of %d bytes" % (
+        len(line),
+        cap,
+    )
+    return _encode({"id": resp.get("id"), "ok": False, "error": error, "kind": "too_large"})
 
 
 def _urandom_fd() -> int:
@@ -1076,7 +1153,7 @@ OPS = {
     "list_files": op_list_files,
     "remove_file": op_remove_file,
     "reseed": op_reseed,
-    "set_env": op_set_env,
+    "set_net": op_set_net,
     "eval_context_drop": op_eval_context_drop,
     "stat": op_stat,
     "mkdir": op_mkdir,
@@ -1129,7 +1206,7 @@ class Agent:
             view = view[n:]
 
     def send(self, resp: dict, session) -> None:
-        line = json.dumps(resp, separators=(",", ":")).encode("utf-8") + b"\n"
+        line = fit_reply(resp, _reply_cap)
         with self.write_lock:
             if session != self.session:
                 return  # answered into a later connection: drop
@@ -1183,6 +1260,10 @@ class Agent:
             return
         op = req.get("op")
         if op == "hello":
+            global _reply_cap
+            cap = req.get("max_line")
+            if isinstance(cap, int) and not isinstance(cap, bool):
+                _reply_cap = max(MIN_REPLY_CAP, min(cap, MAX_LINE))
             session = req.get("session")
             if not isinstance(session, str) or not session:
                 err = {"id": rid, "ok": False, "error": "hello needs a session"}
@@ -1199,6 +1280,11 @@ class Agent:
             if req.get("wall_ns") is not None:
                 # Before the hello is answered, so no user request ever sees a stale clock.
                 resp.update(self.set_clock(req))
+            if req.get("net") is not None:
+                try:
+                    resp.update(apply_net(req["net"]))
+                except Exception as e:
+                    resp.update(net_set=False, net_error=_exc_text(e))
             entropy = req.get("entropy_b64")
             if entropy is not None:
                 # A fork's first message: fresh randomness before any other request runs.

@@ -1,8 +1,10 @@
 """Per-sandbox memory limits: one cgroup leaf per QEMU process.
 
 cgroup v2 (``memory.max``) where the unified hierarchy has the memory controller, else the v1
-memory controller (``memory.limit_in_bytes``). When neither is writable, asking for a limit is a
-clear error rather than a silent no-op.
+memory controller (``memory.limit_in_bytes``). When neither is writable (or the setting
+``cgroups`` is off), a requested limit is accepted but not enforced, as forkd v0.5 did, and the
+spawn answer carries a ``warning`` saying so (:func:`not_enforced`): forkd v0.5's MCP server
+asks for 256 MiB on every spawn, so refusing would break every such client on such a host.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-
-from forkd.errors import InvalidInput
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 LEAF_PARENT = "forkd"
@@ -68,11 +68,17 @@ def detect(root: Path = CGROUP_ROOT) -> MemoryCgroups | None:
     return None
 
 
-def require() -> MemoryCgroups:
-    cgroups = detect()
-    if cgroups is None:
-        raise InvalidInput(
-            "memory_limit_mib needs a writable cgroup memory controller (cgroup v2 with the "
-            "memory controller, or v1 memory), which this host does not offer"
-        )
-    return cgroups
+def available(enabled: bool = True) -> MemoryCgroups | None:
+    """:func:`detect`, unless the ``cgroups`` setting is off (then never any)."""
+    return detect() if enabled else None
+
+
+def not_enforced(limit_mib: int, enabled: bool) -> str:
+    """The spawn warning for a limit that no cgroup can enforce."""
+    why = (
+        "cgroups are disabled by the daemon's settings (FORKD_CGROUPS=0)"
+        if not enabled
+        else "this host offers no writable cgroup memory controller (cgroup v2 with the memory "
+        "controller, or v1 memory)"
+    )
+    return f"memory_limit_mib={limit_mib} is not enforced: {why}"

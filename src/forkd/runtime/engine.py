@@ -26,30 +26,34 @@ from forkd.errors import (
     ForkdError,
     InvalidInput,
     NotFound,
+    QemuGone,
     SandboxDead,
     Unavailable,
     VMError,
 )
 from forkd.images.store import Image, ImageStore
 from forkd.net.policy import EgressPolicy
+from forkd.private import private_dir
 from forkd.runtime import cgroups as cgroup_limits
+from forkd.runtime import leftovers
 from forkd.runtime.network import SandboxNetworks, template_key
 from forkd.runtime.pool import (
     AGENT_CONNECT_TIMEOUT_S,
     BASE_MANIFEST,
     WarmPool,
     launch_incoming,
-    pool_dir_owner,
 )
 from forkd.runtime.registry import Registry, SandboxRow, SnapshotRow, now_unix
 from forkd.snapshots.branch import BranchStats, pause_and_copy, start_live
-from forkd.snapshots.guestram import sparse_copy
+from forkd.snapshots.delta import apply_delta, overlay
+from forkd.snapshots.guestram import PAGE, find_ram_mapping, sparse_copy
 from forkd.snapshots.manifest import Artifact, SnapshotManifest
 from forkd.snapshots.store import DEVSTATE_NAME, SnapshotStore, Staging, bootability
 from forkd.snapshots.template import TemplateRequest, artifact, make_template
 from forkd.validate import (
     validate_branch_request,
     validate_count,
+    validate_cpus,
     validate_image_name,
     validate_mem_mib,
     validate_sandbox_id,
@@ -61,7 +65,6 @@ from forkd.vmm.netdev import GuestNetwork
 from forkd.vmm.qemu import QemuProcess, pid_alive, pid_runs_in
 from forkd.vmm.spec import RunPaths
 
-UNRECORDED_GRACE_S = 120.0
 ADOPT_QMP_TIMEOUT_S = 5.0
 CHILD_HANDSHAKE_TIMEOUT_S = 60.0
 MAX_PARALLEL_LAUNCHES = 16
@@ -88,6 +91,7 @@ class ForkTiming:
 class Spawned:
     sandbox: wire.SandboxInfo
     timing: ForkTiming
+    warning: str | None = None  # e.g. a memory limit no cgroup can enforce
 
 
 class Runtime:
@@ -121,7 +125,8 @@ class Runtime:
 
     async def start(self) -> None:
         """Sweep unfinished snapshots, adopt what still runs, mark the rest dead."""
-        self.settings.run_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.settings.home, "forkd home")
+        private_dir(self.settings.run_dir, "run dir")
         self.snapshots.sweep_staging()
         known = {row.tag for row in self.registry.list_snapshots()}
         for row in self.registry.list_snapshots():
@@ -171,25 +176,8 @@ class Runtime:
         is gone, and forks interrupted before they were recorded (old enough that no fork can
         still be in progress). Other live processes' pools are left alone."""
         known = {Path(r.run_dir).name for r in self.registry.list_sandboxes()}
-        stale_before = time.time() - UNRECORDED_GRACE_S
-        for entry in self.settings.run_dir.iterdir() if self.settings.run_dir.is_dir() else []:
-            if entry.name in known:  # a sandbox, wherever its run dir came from
-                continue
-            owner = pool_dir_owner(entry.name)
-            orphan = False
-            if owner is not None:
-                orphan = owner == os.getpid() or not pid_alive(owner)
-            elif entry.name.startswith("sb-"):
-                with contextlib.suppress(OSError):
-                    orphan = entry.stat().st_mtime < stale_before
-            if not orphan:
-                continue
-            paths = RunPaths(entry)
-            with contextlib.suppress(OSError, ValueError):
-                pid = int(paths.pidfile.read_text().strip())
-                if pid_runs_in(pid, paths):
-                    os.kill(pid, 9)
-            shutil.rmtree(entry, ignore_errors=True)
+        for entry in leftovers.orphan_run_dirs(self.settings.run_dir, known):
+            leftovers.remove_run_dir(entry)
 
     async def settle(self) -> None:
         """Wait for background work that starts processes (warm-pool refills) to finish."""
@@ -234,14 +222,20 @@ class Runtime:
         detail = wire.SnapshotDetail(
             **info.model_dump(),
             chain_depth=len(ancestors),
-            ancestors=ancestors,
+            ancestors=ancestors[::-1],  # root -> parent, as forkd v0.5 documents
             dependents=self._dependents(tag),
         )
         if self.snapshots.exists(tag):
             m = self.snapshots.load(tag)
+            owned = m.delta if m.delta is not None else m.memory
+            detail.memory_logical_bytes = m.mem_mib * 1024 * 1024
+            detail.memory_physical_bytes = _physical_bytes(Path(owned.path))
+            detail.vmstate_bytes = detail.devstate_bytes = m.devstate.bytes
             detail.memory_bytes = m.memory.bytes
-            detail.devstate_bytes = m.devstate.bytes
             detail.memory_path = m.memory.path
+            if m.delta is not None:
+                detail.delta_path, detail.root_tag = m.delta.path, m.root_tag
+                detail.parent_content_hash = m.memory.sha256
         return detail
 
     async def create_snapshot(
@@ -254,17 +248,20 @@ class Runtime:
         network: wire.NetworkRequest | None = None,
         progress: Progress = _quiet,
         nic: bool = True,
+        cpus: int | None = None,
     ) -> wire.SnapshotInfo:
         """Boot a parent from ``image``, warm it with ``warmup`` (with ``network``'s egress), and
-        save template ``tag`` (with a NIC when the image supports one, unless ``nic`` is off)."""
+        save template ``tag`` (with a NIC when the image supports one, unless ``nic`` is off).
+        ``cpus``: its vCPUs (children have the same), default per accelerator."""
         validate_tag(tag)
         validate_image_name(image)
         validate_mem_mib(mem_mib)
+        cpus = self.accel.default_cpus if cpus is None else validate_cpus(cpus)
         built = self.images.get(image)
         machine_nic = GuestNetwork() if nic and built.manifest.network else None
         policy = self.networks.check(tag, machine_nic, network, None)
         row = SnapshotRow(tag=tag, status="writing", created_at_unix=now_unix(),
-                          extra={"image": image, "mem_mib": mem_mib,
+                          extra={"image": image, "mem_mib": mem_mib, "cpus": cpus,
                                  "writer_pid": os.getpid()})  # fmt: skip
         if self.snapshots.exists(tag) or not self.registry.reserve_snapshot(row):
             raise Conflict(
@@ -272,9 +269,11 @@ class Runtime:
             )
         key = template_key()
         try:
-            req = self._template_request(
-                tag, image, built, mem_mib, warmup, machine_nic, policy, key
-            )
+            req = dataclasses.replace(
+                self._template_request(tag, image, built, mem_mib, warmup, machine_nic, policy,
+                                       key),
+                cpus=cpus,
+            )  # fmt: skip
             await self.networks.prepare(key, policy, machine_nic)
             manifest = await make_template(self.snapshots, self.settings.run_dir, req, progress)
         except BaseException:
@@ -326,14 +325,12 @@ class Runtime:
             raise NotFound(f"snapshot {tag!r} not found")
         if row is not None and row.status == "writing":
             raise Conflict(f"snapshot {tag!r} is still being written; wait for it to finish")
-        dependents = self._dependents(tag)
-        if dependents and not (cascade or force):
-            raise Conflict(
-                f"snapshot {tag!r} has dependent snapshots {', '.join(dependents)}: delete with "
-                "cascade to remove them too, or with force to delete only this one"
-            )
+        # No snapshot needs another's tag to boot: branches are standalone or deltas over a
+        # memory file the store keeps while any manifest names it. So deleting a template with
+        # branches just works (``force`` is accepted, and changes nothing); ``cascade`` also
+        # deletes everything branched from it.
         if cascade:
-            for dep in dependents:
+            for dep in self._dependents(tag):
                 await self.delete_snapshot(dep, cascade=True)
         await self._pool.drain(tag)
         self.snapshots.delete(tag)
@@ -417,7 +414,12 @@ class Runtime:
             )
         manifest = self._ready_manifest(tag)
         policy = self.networks.policy_for(manifest, network, allow_internet_access)
-        cgroups = cgroup_limits.require() if memory_limit_mib is not None else None
+        cgroups, warning = None, None
+        if memory_limit_mib is not None:
+            cgroups = cgroup_limits.available(self.settings.cgroups)
+            if cgroups is None:  # accepted, not enforced (forkd v0.5 did the same)
+                warning = cgroup_limits.not_enforced(memory_limit_mib, self.settings.cgroups)
+                memory_limit_mib = None
         running = sum(1 for r in self.registry.list_sandboxes() if r.state != "dead")
         if running + n > self.settings.max_sandboxes:
             raise Unavailable(
@@ -435,7 +437,7 @@ class Runtime:
             for s in spawned:
                 await self.kill(s.sandbox.id)
             raise errors[0]
-        return spawned
+        return [dataclasses.replace(s, warning=warning) for s in spawned] if warning else spawned
 
     async def _fork_one(
         self,
@@ -445,11 +447,27 @@ class Runtime:
         cgroups: cgroup_limits.MemoryCgroups | None,
         policy: EgressPolicy,
     ) -> Spawned:
+        try:
+            return await self._fork_attempt(tag, manifest, memory_limit_mib, cgroups, policy, True)
+        except QemuGone:
+            # The QEMU died under us, silently (killed from outside): once more, on a fresh
+            # QEMU, so a pool member's death never fails the spawn.
+            return await self._fork_attempt(tag, manifest, memory_limit_mib, cgroups, policy, False)
+
+    async def _fork_attempt(
+        self,
+        tag: str,
+        manifest: SnapshotManifest,
+        memory_limit_mib: int | None,
+        cgroups: cgroup_limits.MemoryCgroups | None,
+        policy: EgressPolicy,
+        use_pool: bool,
+    ) -> Spawned:
         agent: AgentClient | None = None
         async with self._launch_gate:
             t0 = time.monotonic()
             # Pooled children run a restricted backend (fixed at launch): only for egress none.
-            child = self._pool.take(manifest) if policy.restricted else None
+            child = self._pool.take(manifest) if use_pool and policy.restricted else None
             pooled = child is not None
             if child is None:
                 try:
@@ -472,22 +490,33 @@ class Runtime:
                 await self.networks.prepare(sandbox_id, policy, manifest.network)
                 self.networks.enter(sandbox_id, policy, qemu.pid)
                 t1 = time.monotonic()
+                if manifest.delta is not None:
+                    # Before the device state loads: devices read their rings from guest RAM.
+                    ram = find_ram_mapping(qemu.pid, manifest.memory.path,
+                                           manifest.mem_mib * 1024 * 1024)  # fmt: skip
+                    await asyncio.to_thread(apply_delta, ram, Path(manifest.delta.path))
                 await qemu.restore_and_run(self.snapshots.devstate_path(tag))
                 await qemu.close_qmp()
                 t2 = time.monotonic()
+                net = None
+                if manifest.network is not None:
+                    template_open = (manifest.egress or {}).get("egress", "none") != "none"
+                    net = self.networks.guest_config(
+                        sandbox_id, manifest.network, policy, template_open=template_open
+                    )
+                # Entropy, clock and network all arrive with the hello: one round trip.
                 agent = await child.sock.handshake(
-                    timeout=CHILD_HANDSHAKE_TIMEOUT_S, entropy=os.urandom(64)
+                    timeout=CHILD_HANDSHAKE_TIMEOUT_S, entropy=os.urandom(64), net=net
                 )
                 if not agent.hello.get("reseeded"):
                     raise AgentError(f"the child's agent could not reseed: {agent.hello}")
-                if manifest.network is not None:
-                    await self.networks.configure_guest(
-                        sandbox_id, agent, manifest.network, policy,
-                        template_open=(manifest.egress or {}).get("egress", "none") != "none",
-                    )  # fmt: skip
+                if net is not None and not agent.hello.get("net_set"):
+                    raise AgentError(f"the child's agent could not set its network: {agent.hello}")
+                await self.networks.give_host_ca(agent, policy)
                 t3 = time.monotonic()
             except BaseException as exc:
-                qemu_said = "" if qemu.alive() else qemu.log_tail()
+                gone = not qemu.alive()
+                qemu_said = qemu.log_tail() if gone else ""
                 if agent is not None:
                     await agent.close()
                 await child.discard()
@@ -499,6 +528,11 @@ class Runtime:
                     raise
                 if qemu_said:
                     raise VMError(f"fork from {tag!r} failed, QEMU exited: {qemu_said}") from exc
+                if gone:
+                    raise QemuGone(
+                        f"fork from {tag!r} failed: its QEMU exited without a word (killed or "
+                        f"crashed) during {type(exc).__name__}: {exc}"
+                    ) from exc
                 if isinstance(exc, ForkdError):
                     raise
                 raise AgentError(f"fork from {tag!r} failed: {exc}") from exc
@@ -566,6 +600,8 @@ class Runtime:
     async def kill(self, sandbox_id: str) -> None:
         """Stop the sandbox's QEMU and remove its run dir and record."""
         row = self._sandbox_row(sandbox_id)
+        # First, so a request whose agent call this kill cuts off is told why (410, not 500).
+        self.registry.mark_dead(sandbox_id, "killed: the sandbox is being deleted")
         await self._drop_agent(sandbox_id)
         self._unwatch(sandbox_id)
         paths = RunPaths(Path(row.run_dir))
@@ -609,6 +645,12 @@ class Runtime:
         row = self._refresh(self._sandbox_row(sandbox_id))
         if row.state == "dead":
             raise SandboxDead(f"sandbox {sandbox_id} is dead: {row.dead_reason}")
+        if parent_tag is not None and (parent_tag != row.snapshot_tag or resolved != "diff"):
+            # forkd v0.5: a diff layer names the template its source was forked from, nothing else
+            raise InvalidInput(
+                f"parent_tag must be the source's template {row.snapshot_tag!r} with mode diff "
+                f"(got {parent_tag!r}, mode {resolved})"
+            )
         base = self._base_manifest(row)
         cap = self.settings.branch_concurrency
         if len(self._branching) >= cap:
@@ -619,7 +661,8 @@ class Runtime:
         snapshot_row = SnapshotRow(
             tag=tag, status="writing", created_at_unix=now_unix(), branched_from=sandbox_id,
             parent_tag=parent_tag or row.snapshot_tag, mode=resolved,
-            extra={"image": base.image_name, "mem_mib": base.mem_mib, "writer_pid": os.getpid()},
+            extra={"image": base.image_name, "mem_mib": base.mem_mib, "cpus": base.cpus,
+                   "writer_pid": os.getpid()},
         )  # fmt: skip
         if self.snapshots.exists(tag) or not self.registry.reserve_snapshot(snapshot_row):
             raise Conflict(f"snapshot {tag!r} already exists or is being written")
@@ -667,6 +710,11 @@ class Runtime:
             reason = self._branch_failed(snapshot_row, staging, exc)
             await qemu.close_qmp()
             lock.release()
+            if isinstance(exc, Exception) and not qemu.alive():
+                self._mark_dead(sandbox_id, "QEMU process exited (killed or crashed)")
+                raise SandboxDead(
+                    f"sandbox {sandbox_id} died during the branch (QEMU exited): {reason}"
+                ) from exc
             if isinstance(exc, ForkdError) or not isinstance(exc, Exception):
                 raise
             raise VMError(f"branch {tag!r} failed: {reason}") from exc
@@ -730,19 +778,27 @@ class Runtime:
     ) -> wire.SnapshotInfo:
         timings = {k: v for k, v in (("pause_ms", stats.pause_ms), ("total_ms", stats.total_ms),
                                      ("diff_ms", stats.diff_ms)) if v is not None}  # fmt: skip
+        staged = Artifact(path=str(staging.memory), bytes=staging.memory.stat().st_size)
+        if stats.delta:
+            # Pages over the file the source maps: that file stays the children's base.
+            layout = {"memory": base.memory, "delta": staged,
+                      "root_tag": base.root_tag or base.tag}  # fmt: skip
+        else:
+            layout = {"memory": staged, "delta": None, "root_tag": None}
         manifest = base.model_copy(update={
             "tag": snapshot_row.tag, "created_at_unix": snapshot_row.created_at_unix,
             "kind": "branch", "branched_from": snapshot_row.branched_from,
-            "parent_tag": snapshot_row.parent_tag, "mode": snapshot_row.mode,
-            "memory": Artifact(path=str(staging.memory), bytes=staging.memory.stat().st_size),
+            "parent_tag": snapshot_row.parent_tag, "mode": snapshot_row.mode, **layout,
             "devstate": Artifact(path=DEVSTATE_NAME, bytes=staging.devstate.stat().st_size),
             "timings_ms": {**timings, **stats.phases},
             "egress": self.networks.policy_of(source.id).to_wire(),
         })  # fmt: skip
         manifest = self.snapshots.commit(staging, manifest)
         extra = dict(snapshot_row.extra)
+        owned = manifest.delta if manifest.delta is not None else manifest.memory
+        stored = _physical_bytes(Path(owned.path)) + manifest.devstate.bytes
         extra.update(pause_ms=stats.pause_ms, total_ms=stats.total_ms,
-                     bytes_written=stats.bytes_written)  # fmt: skip
+                     bytes_written=stats.bytes_written, stored_bytes=stored)  # fmt: skip
         if measure_diff or snapshot_row.mode == "diff":
             extra.update(diff_ms=stats.diff_ms, diff_physical_bytes=stats.diff_physical_bytes,
                          diff_logical_bytes=stats.diff_logical_bytes)  # fmt: skip
@@ -775,11 +831,14 @@ class Runtime:
         """Fill in sha256 of a branch's files after the fact, off the caller's path."""
         with contextlib.suppress(ForkdError, OSError, ValueError):
             manifest = self.snapshots.load(tag)
-            memory = await artifact(Path(manifest.memory.path))
-            devstate = await artifact(self.snapshots.devstate_path(tag), name=DEVSTATE_NAME)
-            self.snapshots.rewrite_manifest(
-                manifest.model_copy(update={"memory": memory, "devstate": devstate})
-            )
+            update: dict[str, object] = {
+                "devstate": await artifact(self.snapshots.devstate_path(tag), name=DEVSTATE_NAME)
+            }
+            if manifest.delta is not None:  # the shared root file is its template's to hash
+                update["delta"] = await artifact(Path(manifest.delta.path))
+            else:
+                update["memory"] = await artifact(Path(manifest.memory.path))
+            self.snapshots.rewrite_manifest(manifest.model_copy(update=update))
 
     def _base_manifest(self, row: SandboxRow) -> SnapshotManifest:
         saved = Path(row.run_dir) / BASE_MANIFEST
@@ -792,20 +851,29 @@ class Runtime:
         this is a sparse copy; kept for API compatibility)."""
         validate_tag(to)
         manifest = self._ready_manifest(tag)
+        if to == tag:
+            raise InvalidInput("compact needs a new tag: 'to' equals the source tag")
+        # Parentless, as forkd v0.5's: the copy depends on nothing, the source may go.
         row = SnapshotRow(tag=to, status="writing", created_at_unix=now_unix(),
-                          parent_tag=tag, extra={"image": manifest.image_name,
-                                                 "mem_mib": manifest.mem_mib,
-                                                 "writer_pid": os.getpid()})  # fmt: skip
+                          branched_from=f"compact:{tag}",
+                          extra={"image": manifest.image_name, "mem_mib": manifest.mem_mib,
+                                 "writer_pid": os.getpid()})  # fmt: skip
         if self.snapshots.exists(to) or not self.registry.reserve_snapshot(row):
             raise Conflict(f"snapshot {to!r} already exists")
         staging = self.snapshots.begin(to)
         try:
             size = manifest.mem_mib * 1024 * 1024
             await asyncio.to_thread(sparse_copy, Path(manifest.memory.path), staging.memory, size)
+            if manifest.delta is not None:  # standalone: the root's pages with the delta's over
+                await asyncio.to_thread(overlay, Path(manifest.delta.path), staging.memory,
+                                        max_pages=size // PAGE)  # fmt: skip
             shutil.copyfile(self.snapshots.devstate_path(tag), staging.devstate)
+            os.chmod(staging.devstate, 0o600)
             new = manifest.model_copy(update={
-                "tag": to, "created_at_unix": row.created_at_unix, "parent_tag": tag,
-                "memory": manifest.memory.model_copy(update={"path": str(staging.memory)}),
+                "tag": to, "created_at_unix": row.created_at_unix, "parent_tag": None,
+                "branched_from": f"compact:{tag}",
+                "memory": Artifact(path=str(staging.memory), bytes=size),
+                "delta": None, "root_tag": None,
             })  # fmt: skip
             self.snapshots.commit(staging, new)
         except BaseException:
@@ -951,6 +1019,14 @@ class Runtime:
             os.close(fd)
 
 
+def _physical_bytes(path: Path) -> int:
+    """Bytes a (possibly sparse) file occupies."""
+    try:
+        return path.stat().st_blocks * 512
+    except OSError:
+        return 0
+
+
 def _guest_path(path: str) -> str:
     if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
         raise InvalidInput(f"path must be an absolute path inside the sandbox, got {path!r}")
@@ -974,7 +1050,7 @@ def _sandbox_info(row: SandboxRow) -> wire.SandboxInfo:
 
 
 def _row_from_manifest(m: SnapshotManifest) -> SnapshotRow:
-    extra: dict[str, object] = {"image": m.image_name, "mem_mib": m.mem_mib}
+    extra: dict[str, object] = {"image": m.image_name, "mem_mib": m.mem_mib, "cpus": m.cpus}
     for key in ("pause_ms", "total_ms", "diff_ms"):
         if key in m.timings_ms:
             extra[key] = m.timings_ms[key]

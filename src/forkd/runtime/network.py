@@ -30,7 +30,13 @@ from forkd.vmm.qemu import QemuProcess, pid_alive
 
 GUEST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
+NO_PROXY_VARS = ("NO_PROXY", "no_proxy")
 CA_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "CURL_CA_BUNDLE")
+# what a template is saved with: names resolve nowhere, no proxy
+NEUTRAL_GUEST: dict[str, object] = {
+    "nameserver": "127.0.0.1",
+    "env": dict.fromkeys((*PROXY_VARS, *NO_PROXY_VARS), None),
+}
 MAX_PORTS = 32
 
 
@@ -156,42 +162,50 @@ class SandboxNetworks:
         if not policy.restricted:
             self.require_guard().enter(sandbox_id, pid)
 
-    async def configure_guest(
+    def guest_config(
         self,
         sandbox_id: str,
-        agent: AgentClient,
         nic: GuestNetwork,
         policy: EgressPolicy,
         *,
         template_open: bool = False,
-    ) -> None:
-        """Point the guest at its resolver and proxy. A restricted guest needs nothing: templates
-        are saved neutral, except branches of open sandboxes (``template_open``)."""
+    ) -> dict[str, object] | None:
+        """The guest's resolver and proxy variables for ``policy`` (sent in a fork's hello, or
+        with ``set_net``). None when the guest needs nothing: templates are saved neutral,
+        except branches of sandboxes with open egress (``template_open``)."""
         if policy.restricted and not policy.host_ca:
-            if template_open:
-                await self.neutralize_guest(agent)
-            return
-        dns = nic.dns if policy.egress == "internet" else "127.0.0.1"
-        await agent.write_file("/etc/resolv.conf", f"nameserver {dns}\n".encode())
-        env: dict[str, str | None] = {}
+            return NEUTRAL_GUEST if template_open else None
+        env: dict[str, str | None] = dict.fromkeys((*PROXY_VARS, *NO_PROXY_VARS), None)
         row = self.registry.get_network(sandbox_id)
         if row is not None and row.proxy_port:
-            url = f"http://{nic.host_alias}:{row.proxy_port}"
-            env.update(dict.fromkeys(PROXY_VARS, url))
-            env["NO_PROXY"] = env["no_proxy"] = f"localhost,127.0.0.1,{nic.host_alias}"
+            env.update(dict.fromkeys(PROXY_VARS, f"http://{nic.host_alias}:{row.proxy_port}"))
+            env.update(dict.fromkeys(NO_PROXY_VARS, f"localhost,127.0.0.1,{nic.host_alias}"))
         if policy.host_ca:
-            bundle = host_ca_bundle()
-            if bundle is None:
-                raise Unavailable("network.host_ca: this host has no CA bundle file to give")
-            await agent.write_file(GUEST_CA_BUNDLE, bundle.read_bytes())
             env.update(dict.fromkeys(CA_VARS, GUEST_CA_BUNDLE))
-        if env:
-            await agent.set_env(env)
+        nameserver = nic.dns if policy.egress == "internet" else "127.0.0.1"
+        return {"nameserver": nameserver, "env": env}
+
+    async def give_host_ca(self, agent: AgentClient, policy: EgressPolicy) -> None:
+        """Copy the host's CA bundle over the guest's (``host_ca``)."""
+        if not policy.host_ca:
+            return
+        bundle = host_ca_bundle()
+        if bundle is None:
+            raise Unavailable("network.host_ca: this host has no CA bundle file to give")
+        await agent.write_file(GUEST_CA_BUNDLE, bundle.read_bytes())
+
+    async def configure_guest(
+        self, sandbox_id: str, agent: AgentClient, nic: GuestNetwork, policy: EgressPolicy
+    ) -> None:
+        """Configure a connected guest for ``policy`` (a template's warm-up)."""
+        config = self.guest_config(sandbox_id, nic, policy)
+        if config is not None:
+            await agent.set_net(config)
+        await self.give_host_ca(agent, policy)
 
     async def neutralize_guest(self, agent: AgentClient) -> None:
         """Undo :meth:`configure_guest` (a template's warm-up) before the state is saved."""
-        await agent.write_file("/etc/resolv.conf", b"nameserver 127.0.0.1\n")
-        await agent.set_env(dict.fromkeys((*PROXY_VARS, "NO_PROXY", "no_proxy"), None))
+        await agent.set_net(NEUTRAL_GUEST)
 
     async def release(self, sandbox_id: str) -> None:
         """Remove everything the sandbox's network held (idempotent)."""

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from forkd.private import private_dir, private_file
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots (
     tag TEXT PRIMARY KEY,
@@ -129,7 +131,12 @@ _WORKSPACE_COLUMNS = tuple(f.name for f in fields(WorkspaceRow))
 
 class Registry:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent, "forkd home")
+        # SQLite gives its -wal and -shm files the mode of the database file.
+        private_file(path, "database")
+        for side in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if side.exists():
+                private_file(side, "database")
         self._db = sqlite3.connect(
             path, timeout=30.0, isolation_level=None, check_same_thread=False
         )

@@ -1,12 +1,15 @@
 """BRANCH strategies: make a template from a running sandbox while it keeps running.
 
 - ``full``: the VM stays stopped while device state and all of guest RAM are written.
-- ``diff``: a copy of the sandbox's base memory file is made *before* the pause; while stopped,
-  only the pages the guest wrote since its fork (found in ``/proc/PID/pagemap``) are copied over
-  it. The pause scales with what the sandbox changed, not with its memory size.
+- ``diff``: a *delta* over the memory file the sandbox maps (its root template's): while
+  stopped, only the pages the guest holds privately (written since its fork, or applied from its
+  own snapshot's delta; found in ``/proc/PID/pagemap``) are copied into a sparse file. Pause and
+  storage scale with what differs from the root, not with the memory size; children map the root
+  and get the delta written into their RAM before they run.
 - ``live``: QEMU ``background-snapshot`` (userfaultfd write-protect) stops the VM only to save
   device state and arm write protection; RAM streams out while the guest runs. The stream is then
-  *materialized* by a short-lived QEMU into a memory file plus device state.
+  *materialized* by a short-lived QEMU into a memory file plus device state, and only the pages
+  the source holds privately are kept, as a delta like ``diff``'s.
 
 Each result is an ordinary template: children fork from it copy-on-write, and can be branched.
 The source is always continued, even on failure.
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from forkd.errors import VMError
+from forkd.snapshots.delta import delta_from_file, write_delta
 from forkd.snapshots.guestram import PAGE, copy_runs, find_ram_mapping, sparse_copy, written_runs
 from forkd.snapshots.manifest import SnapshotManifest
 from forkd.snapshots.store import Staging
@@ -48,6 +52,8 @@ class BranchStats:
     diff_physical_bytes: int | None = None
     diff_logical_bytes: int | None = None
     phases: dict[str, float] = field(default_factory=dict)
+    # the staged memory file holds only pages over the source's base file (a delta branch)
+    delta: bool = False
 
 
 def _event_time(event: dict[str, Any]) -> float:
@@ -88,10 +94,10 @@ async def pause_and_copy(
     *,
     mode: Literal["full", "diff"],
 ) -> BranchStats:
-    """Full or diff branch: base copy + the pages the guest wrote; the source always continues.
+    """Full or diff branch; the source always continues.
 
-    Both write the same result; they differ in what happens while the guest is stopped: ``diff``
-    copies the base file before the pause, ``full`` inside it.
+    ``full`` writes a standalone memory file (the base file plus the guest's own pages) while the
+    guest is stopped; ``diff`` writes only the guest's own pages, as a delta over the base file.
     """
     stats = BranchStats()
     t0 = time.monotonic()
@@ -103,8 +109,7 @@ async def pause_and_copy(
     async def copy_base() -> None:
         stats.bytes_written += await asyncio.to_thread(sparse_copy, base_file, staging.memory, size)
 
-    if mode == "diff":
-        await copy_base()
+    stats.delta = mode == "diff"
     stats.phases["prepare_ms"] = (time.monotonic() - t0) * 1000
     async with qemu.events("STOP", "RESUME") as events:
         await qemu.stop()
@@ -117,7 +122,12 @@ async def pause_and_copy(
             stats.diff_ms = (time.monotonic() - t1) * 1000
             stats.diff_physical_bytes = sum(n for _, n in runs) * PAGE
             stats.diff_logical_bytes = size
-            stats.bytes_written += await asyncio.to_thread(copy_runs, ram, runs, staging.memory)
+            if stats.delta:
+                stats.bytes_written += await asyncio.to_thread(
+                    write_delta, ram, runs, staging.memory
+                )
+            else:
+                stats.bytes_written += await asyncio.to_thread(copy_runs, ram, runs, staging.memory)
         finally:
             await qemu.cont()
         stats.pause_ms = await _pause_window(events, 30.0)
@@ -160,6 +170,7 @@ async def start_live(
     events_cm = qemu.events("STOP", "RESUME")
     events = await events_cm.__aenter__()
     deadline = time.monotonic() + PAUSE_TIMEOUT_S
+    qemu.allow_large_files(True)  # the stream holds all guest RAM
     try:
         await qemu.execute("migrate", {"uri": await qemu.file_uri(stream, write=True)})
         # The snapshot instant: once the guest is stopped, nothing it does later can reach the
@@ -170,24 +181,56 @@ async def start_live(
         await events_cm.__aexit__(None, None, None)
         with contextlib.suppress(Exception):
             await qemu.execute("migrate_cancel")
+        qemu.allow_large_files(False)
         raise
     stats.phases["stop_return_ms"] = (time.monotonic() - t0) * 1000
 
     async def finish() -> BranchStats:
         try:
-            stats.pause_ms = await _resumed_after(events, stop, deadline)
+            try:
+                stats.pause_ms = await _resumed_after(events, stop, deadline)
+            finally:
+                await events_cm.__aexit__(None, None, None)
+            await qemu.wait_migration(timeout=LIVE_TIMEOUT_S, what="live snapshot")
         finally:
-            await events_cm.__aexit__(None, None, None)
-        await qemu.wait_migration(timeout=LIVE_TIMEOUT_S, what="live snapshot")
+            qemu.allow_large_files(False)
         stats.phases["stream_ms"] = (time.monotonic() - t0) * 1000
         stats.bytes_written = stream.stat().st_size
-        await materialize(stream, base, staging, run_root, on_materializer=on_materializer)
-        stream.unlink(missing_ok=True)
+        full = staging.memory.with_name(staging.memory.name + ".full")
+        try:
+            await materialize(stream, base, staging, run_root, memory=full,
+                              on_materializer=on_materializer)  # fmt: skip
+            stream.unlink(missing_ok=True)
+            stats.bytes_written += full.stat().st_size
+            await _keep_only_the_delta(qemu, base, full, staging.memory, stats)
+        finally:
+            full.unlink(missing_ok=True)
         stats.bytes_written += staging.devstate.stat().st_size
         stats.total_ms = (time.monotonic() - t0) * 1000
         return stats
 
     return LiveBranch(stats, finish)
+
+
+async def _keep_only_the_delta(
+    source: QemuProcess, base: SnapshotManifest, full: Path, dest: Path, stats: BranchStats
+) -> None:
+    """Turn a materialized live snapshot into a delta over the source's base file.
+
+    Every page that differs from the base at the snapshot instant was the source's own
+    (anonymous) page then and still is, so scanning the source now finds a superset of them.
+    If the source is gone the full file is kept: a standalone branch, never a wrong delta."""
+    size = base.mem_mib * 1024 * 1024
+    try:
+        ram = find_ram_mapping(source.pid, base.memory.path, size)
+        runs = written_runs(ram)
+    except (VMError, OSError):
+        os.replace(full, dest)
+        return
+    await asyncio.to_thread(delta_from_file, full, runs, dest)
+    stats.delta = True
+    stats.diff_physical_bytes = sum(n for _, n in runs) * PAGE
+    stats.diff_logical_bytes = size
 
 
 async def materialize(
@@ -196,15 +239,14 @@ async def materialize(
     staging: Staging,
     run_root: Path,
     *,
+    memory: Path,
     on_materializer: Callable[[int], None] = lambda _pid: None,
 ) -> None:
-    """Load a full migration stream into a fresh shared memory file, then save device state only.
-
-    The result (``staging.memory`` + ``staging.devstate``) is a template like any other.
-    """
+    """Load a full migration stream into a fresh shared memory file ``memory``, then save
+    device state only (``staging.devstate``)."""
     paths = RunPaths(run_root / f"materialize-{staging.tag}")
     argv = instance_args(
-        base.machine_args, mem_mib=base.mem_mib, memory_path=staging.memory, share=True,
+        base.machine_args, mem_mib=base.mem_mib, memory_path=memory, share=True,
         paths=paths, incoming=True,
     )  # fmt: skip
     qemu = await QemuProcess.launch(argv, paths)

@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from forkd.errors import VMError
+from forkd.errors import QemuGone, VMError
+from forkd.vmm.qemu import pid_alive
 
 PAGE = 4096
 COPY_CHUNK = 4 * 1024 * 1024
@@ -48,6 +49,8 @@ def find_ram_mapping(pid: int, memory_file: str, size: int) -> RamMapping:
     try:
         maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
     except OSError as exc:
+        if not pid_alive(pid):
+            raise QemuGone(f"QEMU pid {pid} exited before its memory map was read") from exc
         raise VMError(f"cannot read the memory map of QEMU pid {pid}: {exc}") from exc
     for line in maps:
         parts = line.split(maxsplit=5)
@@ -56,6 +59,8 @@ def find_ram_mapping(pid: int, memory_file: str, size: int) -> RamMapping:
             if hi - lo == size:
                 return RamMapping(pid, lo, hi - lo, int(parts[2], 16),
                                   Path(f"/proc/{pid}/map_files/{parts[0]}"))  # fmt: skip
+    if not pid_alive(pid):  # a zombie's map is empty
+        raise QemuGone(f"QEMU pid {pid} exited before its memory map was read")
     raise VMError(f"guest RAM mapping of {memory_file} not found in QEMU pid {pid}")
 
 

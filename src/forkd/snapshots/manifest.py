@@ -30,9 +30,15 @@ class SnapshotManifest(BaseModel):
     kind: Literal["template", "branch"] = "template"
     # where memory is authoritative: tmpfs (fast, lost on host reboot)
     memory_authoritative: Literal["tmpfs"] = "tmpfs"
+    # the file children map copy-on-write (a delta branch's: its root template's memory file)
     memory: Artifact
+    # a delta branch: only the guest pages that differ from ``memory`` (a sparse file whose data
+    # extents are those pages), written into each child's RAM before it runs
+    delta: Artifact | None = None
+    root_tag: str | None = None  # the template a delta's lineage started from
     devstate: Artifact
     mem_mib: int
+    cpus: int = 1  # part of machine_args (-smp); children have the same
     machine_args: list[str]
     accel: str
     qemu_version: str

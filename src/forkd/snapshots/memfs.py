@@ -20,6 +20,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from forkd.private import private_dir
+
 MOUNT_SOURCE = "forkd-mem"
 HUGE_OPTION = "within_size"
 DAMON_ADMIN = Path("/sys/kernel/mm/damon/admin/kdamonds")
@@ -88,8 +90,11 @@ def mount_of(path: Path) -> MountInfo | None:
 
 
 def prepare_memory_dir(path: Path, *, mount_huge: bool) -> None:
-    """Create ``path``; with ``mount_huge``, put a huge-page tmpfs there if forkd may and should."""
-    path.mkdir(parents=True, exist_ok=True)
+    """Create ``path`` (private: 0700, owner-checked); with ``mount_huge``, put a huge-page tmpfs
+    there if forkd may and should. A directory another user made (or a symlink) is refused
+    before anything is mounted or written: its name under world-writable /dev/shm is
+    predictable."""
+    private_dir(path, "memory dir")
     if not mount_huge or os.geteuid() != 0:
         return
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -36,6 +36,7 @@ class TemplateRequest:
     warmup: str | None
     accel: AccelChoice
     network: GuestNetwork | None = None
+    cpus: int = 1
     # warm-up egress: an unrestricted backend, guarded by the hooks (QEMU's pid before the guest
     # runs any user code; the agent before the warm-up, and again after it, to reset the guest)
     warmup_unrestricted: bool = False
@@ -67,6 +68,7 @@ async def make_template(
         mem_mib=req.mem_mib,
         accel_args=tuple(req.accel.qemu_args()),
         nic=req.network,
+        cpus=req.cpus,
     )
     machine = spec.machine_args()
     qemu: QemuProcess | None = None
@@ -122,6 +124,7 @@ async def make_template(
             rootfs=str(req.image.rootfs),
             warmup=req.warmup,
             network=req.network,
+            cpus=req.cpus,
             timings_ms=timings,
         )
         return store.commit(staging, manifest)

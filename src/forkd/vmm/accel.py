@@ -26,6 +26,14 @@ class AccelChoice:
         # A bounded translation cache keeps per-child memory small.
         return ["-accel", "tcg,tb-size=64", "-cpu", "max"]
 
+    @property
+    def default_cpus(self) -> int:
+        """vCPUs of a template that asks for none. KVM: 2, forkd v0.5's default (a second
+        vCPU costs a thread and a few KiB). TCG: 1: each vCPU is a host thread translating
+        guest code on its own, so under emulation a second one roughly doubles the CPU a fan-out
+        burns for little guest speed-up on the few-core hosts that run TCG."""
+        return 2 if self.name == "kvm" else 1
+
 
 def _cpu_flags(cpuinfo: str) -> set[str]:
     for line in cpuinfo.splitlines():

@@ -10,22 +10,41 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import json
+import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from forkd.errors import AgentError, GuestOSError, InvalidInput, NotFound
+from forkd.errors import (
+    AgentError,
+    AgentProtocolError,
+    GuestOSError,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    Unavailable,
+)
+from forkd.vmm import agent_wire
+from forkd.vmm.agent_wire import MAX_LINE_BYTES, clip, peek_id
 
-# A read_file answer of the default 64 MiB limit is ~90 MB of base64 on one line.
-MAX_LINE_BYTES = 256 << 20
 EXEC_TIMEOUT_MARGIN_S = 10.0
 HELLO_RESEND_S = 1.0
+# read_file/write_file move at most this many raw bytes per message (~1.4 MiB of base64).
+FILE_CHUNK_BYTES = 1 << 20
+READ_FILE_LIMIT = 64 << 20  # what read_file returns at most unless asked otherwise
+# Lines nobody asked for (junk, stale or unknown ids): this many, or this many bytes, and the
+# connection is closed as abusive. A fork leaves at most a line or two behind.
+MAX_STRAY_LINES = 1000
+MAX_STRAY_BYTES = 64 << 20
+# Requests awaiting an answer on one connection (the agent runs 64 at a time); more answer 503.
+MAX_IN_FLIGHT = 256
 # Output of one tracked process queued on the host before its reader takes it; beyond this the
 # output is dropped (counted in ProcStream.dropped_bytes) so a chatty guest cannot grow memory.
 PROC_QUEUE_BYTES = 16 << 20
@@ -138,34 +157,71 @@ def _proc_event(msg: dict[str, Any]) -> tuple[int, ProcEvent] | None:
     return None
 
 
+# Events (docs/agent-protocol.md) begin with their name and then the pid or the request id they
+# concern (the agent writes them in this order), so they are routed before being parsed.
+_EVENT = re.compile(
+    rb'\{"event":"(proc_output|proc_exit|eval_output)",'
+    rb'(?:"pid":(\d{1,10})|"ref":"([^"\\]{1,64})")'
+)
+
+
+def _parse_event(line: bytes) -> dict[str, Any] | None:
+    try:
+        msg = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return msg if isinstance(msg, dict) else None
+
+
 def _encode(msg: Mapping[str, Any]) -> bytes:
     return json.dumps(msg, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
-def _parse(line: bytes) -> dict[str, Any] | None:
-    line = line.strip()
-    if not line:
+@dataclass
+class _Strays:
+    """Counts lines nobody asked for; says when they amount to abuse."""
+
+    unknown: int = 0  # well-formed ids this connection did not send
+    junk: int = 0  # lines without an id
+    nbytes: int = 0
+
+    def note(self, line: bytes, has_id: bool) -> str | None:
+        if has_id:
+            self.unknown += 1
+        else:
+            self.junk += 1
+        self.nbytes += len(line)
+        if self.unknown + self.junk > MAX_STRAY_LINES or self.nbytes > MAX_STRAY_BYTES:
+            return (
+                f"agent flooded the channel with {self.unknown + self.junk} unsolicited lines "
+                f"({self.nbytes} bytes): connection closed"
+            )
         return None
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
-def _raise_for(op: str, resp: dict[str, Any]) -> None:
+def _overlong() -> str:
+    return f"agent sent a line longer than {MAX_LINE_BYTES} bytes: connection closed"
+
+
+def _raise_for(op: str, resp: Mapping[str, Any]) -> None:
     if resp.get("ok") is True:
         return
-    message = str(resp.get("error") or f"agent {op} failed")
+    message = clip(str(resp.get("error") or f"agent {op} failed"))
     kind = resp.get("kind")
     if kind == "not_found":
         raise NotFound(message)
     if kind == "bad_request":
         raise InvalidInput(message)
+    if kind == "too_large":
+        raise PayloadTooLarge(f"agent {op}: {message}")
     if kind == "os_error":
         code = resp.get("errno")
         raise GuestOSError(message, code if isinstance(code, int) else None)
     raise AgentError(f"agent {op}: {message}")
+
+
+def _missing(op: str, name: str) -> AgentProtocolError:
+    return AgentProtocolError(f"agent {op}: reply lacks {name!r}")
 
 
 class AgentClient:
@@ -178,6 +234,7 @@ class AgentClient:
         writer: asyncio.StreamWriter,
         session: str,
         hello: dict[str, Any],
+        strays: _Strays | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.session = session
@@ -185,11 +242,11 @@ class AgentClient:
         self._reader = reader
         self._writer = writer
         self._next_id = 1
-        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._pending: dict[str, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
         self._closed = False
         self._close_reason = "agent client closed"
-        self._unknown_responses = 0
-        self._junk_lines = 0
+        self._close_error: type[AgentError] = AgentError
+        self._strays = strays if strays is not None else _Strays()
         self._proc_streams: dict[int, list[ProcStream]] = {}
         self._on_answer: dict[str, Callable[[dict[str, Any]], None]] = {}
         self._listeners: dict[str, Callable[[dict[str, Any]], None]] = {}
@@ -210,6 +267,7 @@ class AgentClient:
         deadline = loop.time() + timeout
         while True:
             try:
+                # The stream buffers at most ~2 lines of the cap; a longer line raises.
                 reader, writer = await asyncio.open_unix_connection(
                     str(socket_path), limit=MAX_LINE_BYTES
                 )
@@ -240,14 +298,18 @@ class AgentClient:
         return self._closed
 
     @property
+    def close_reason(self) -> str:
+        return self._close_reason
+
+    @property
     def unknown_responses(self) -> int:
         """Well-formed responses ignored because this connection did not send their id."""
-        return self._unknown_responses
+        return self._strays.unknown
 
     @property
     def junk_lines(self) -> int:
-        """Non-empty lines ignored because they were not JSON objects."""
-        return self._junk_lines
+        """Non-empty lines ignored because they carried no id."""
+        return self._strays.junk
 
     async def close(self) -> None:
         if not self._closed:
@@ -270,49 +332,40 @@ class AgentClient:
     ) -> None:
         await self.close()
 
-    def _shutdown(self, reason: str) -> None:
+    def _shutdown(self, reason: str, error: type[AgentError] = AgentError) -> None:
         """Mark closed and fail every pending request at once."""
         self._closed = True
         self._close_reason = reason
+        self._close_error = error
         pending, self._pending = self._pending, {}
-        for fut in pending.values():
+        for _, fut in pending.values():
             if not fut.done():
-                fut.set_exception(AgentError(reason))
+                fut.set_exception(error(reason))
         streams, self._proc_streams = self._proc_streams, {}
         for subs in streams.values():
             for sub in subs:
-                sub._fail(AgentError(reason))
+                sub._fail(error(reason))
         self._writer.close()
 
     async def _read_loop(self) -> None:
         reason = "agent connection lost"
+        error: type[AgentError] = AgentError
         try:
             while True:
                 try:
                     line = await self._reader.readline()
-                except ValueError:  # over-long line, already discarded by the stream
-                    self._junk_lines += 1
-                    continue
+                except ValueError:  # longer than MAX_LINE_BYTES: the stream stopped buffering
+                    reason, error = _overlong(), AgentProtocolError
+                    break
                 if not line:
                     break
-                msg = _parse(line)
-                if msg is None:
-                    if line.strip():
-                        self._junk_lines += 1
+                line = line.strip()
+                if not line:
                     continue
-                rid = msg.get("id")
-                if rid is None and isinstance(msg.get("event"), str):
-                    self._deliver_event(msg)
-                    continue
-                fut = self._pending.pop(rid, None) if isinstance(rid, str) else None
-                if fut is None:
-                    self._unknown_responses += 1
-                    continue
-                hook = self._on_answer.pop(rid, None) if isinstance(rid, str) else None
-                if hook is not None and msg.get("ok") is True:
-                    hook(msg)  # before any later line (an event it enables) is read
-                if not fut.done():
-                    fut.set_result(msg)
+                abuse = self._dispatch(line)
+                if abuse is not None:
+                    reason, error = abuse, AgentProtocolError
+                    break
         except asyncio.CancelledError:
             reason = self._close_reason
             raise
@@ -320,7 +373,41 @@ class AgentClient:
             reason = f"agent connection lost: {e}"
         finally:
             if not self._closed:
-                self._shutdown(reason)
+                self._shutdown(reason, error)
+
+    def _dispatch(self, line: bytes) -> str | None:
+        """Hand ``line`` to the request that sent its id; a reason when the guest is abusive.
+
+        A line is parsed only when its id is one this connection is waiting for, so junk and
+        floods cost one regex search each.
+        """
+        event = _EVENT.match(line)
+        if event is not None:
+            return self._event(line, event)
+        rid = peek_id(line)
+        if rid is None:
+            return self._strays.note(line, False)
+        entry = self._pending.get(rid)
+        if entry is None:
+            return self._strays.note(line, True)
+        op, fut = entry
+        try:
+            reply = agent_wire.decode(op, line)
+        except AgentProtocolError as e:
+            del self._pending[rid]
+            if not fut.done():
+                fut.set_exception(e)
+            return self._strays.note(line, True)
+        if reply.id != rid:  # the regex found a decoy: nobody asked for the real id
+            return self._strays.note(line, True)
+        del self._pending[rid]
+        answer = agent_wire.as_dict(reply)
+        hook = self._on_answer.pop(rid, None)
+        if hook is not None and answer.get("ok") is True:
+            hook(answer)  # before any later line (an event it enables) is read
+        if not fut.done():
+            fut.set_result(answer)
+        return None
 
     # ----------------------------------------------------------------- requests
 
@@ -345,20 +432,26 @@ class AgentClient:
     ) -> dict[str, Any]:
         """Like :meth:`request`, with the protocol arguments given as a mapping.
 
+        The answer has been checked against the op's reply model (``agent_wire``).
         ``on_answer`` runs in the reader as soon as a successful answer is read, before any
         later line: it is how a caller subscribes to events the answer announces.
         ``listener`` gets the events that name this request (``"ref": <id>``) until it is
         answered.
         """
         if self._closed:
-            raise AgentError(self._close_reason)
+            raise self._close_error(self._close_reason)
+        if len(self._pending) >= MAX_IN_FLIGHT:
+            raise Unavailable(
+                f"{len(self._pending)} requests are already waiting for this sandbox's agent "
+                f"(the cap is {MAX_IN_FLIGHT}); retry when some finish"
+            )
         rid = f"{self.session}-{self._next_id}"
         self._next_id += 1
         msg: dict[str, Any] = dict(args)
         msg["id"] = rid
         msg["op"] = op
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
+        self._pending[rid] = (op, fut)
         if on_answer is not None:
             self._on_answer[rid] = on_answer
         if listener is not None:
@@ -382,27 +475,35 @@ class AgentClient:
         _raise_for(op, resp)
         return resp
 
-    def _deliver_event(self, msg: dict[str, Any]) -> None:
-        ref = msg.get("ref")
-        if isinstance(ref, str):
-            listener = self._listeners.get(ref)
+    def _event(self, line: bytes, match: re.Match[bytes]) -> str | None:
+        """Hand an event to whoever reads its process or request; a reason when abusive.
+
+        An event nobody reads (a process started before this connection, output of a request
+        already answered) is dropped unparsed and is not abuse: forks inherit processes.
+        """
+        pid_raw, ref = match.group(2), match.group(3)
+        if ref is not None:
+            listener = self._listeners.get(ref.decode("ascii", "replace"))
             if listener is None:
-                self._unknown_responses += 1
-            else:
-                listener(msg)
-            return
-        parsed = _proc_event(msg)
-        if parsed is None:
-            self._unknown_responses += 1
-            return
-        pid, event = parsed
-        subs = self._proc_streams.get(pid)
+                return None
+            msg = _parse_event(line)
+            if msg is None:
+                return self._strays.note(line, False)
+            listener(msg)
+            return None
+        subs = self._proc_streams.get(int(pid_raw))
         if not subs:
-            return  # nobody reads this process (or it was started by an earlier connection)
+            return None
+        msg = _parse_event(line)
+        parsed = _proc_event(msg) if msg is not None else None
+        if parsed is None:
+            return self._strays.note(line, False)
+        pid, event = parsed
         if event.kind == "exit":
-            del self._proc_streams[pid]
+            self._proc_streams.pop(pid, None)
         for sub in subs:
             sub._put(event)
+        return None
 
     # ----------------------------------------------------------------- tracked processes
 
@@ -507,14 +608,23 @@ class AgentClient:
         if stdin is not None:
             args["stdin_b64"] = base64.b64encode(stdin).decode("ascii")
         resp = await self.call("exec", args, timeout=timeout + EXEC_TIMEOUT_MARGIN_S)
+        if resp["exit_code"] is None:
+            raise _missing("exec", "exit_code")
+        for stream in ("stdout", "stderr"):
+            # Output is decoded with replacement: never more characters than bytes read.
+            if len(resp[stream]) > max_output:
+                raise AgentProtocolError(
+                    f"agent exec: {stream} of {len(resp[stream])} chars exceeds the requested "
+                    f"cap of {max_output} bytes"
+                )
         return ExecResult(
-            stdout=str(resp.get("stdout", "")),
-            stderr=str(resp.get("stderr", "")),
-            exit_code=int(resp["exit_code"]),
-            timed_out=bool(resp.get("timed_out", False)),
-            stdout_truncated=bool(resp.get("stdout_truncated", False)),
-            stderr_truncated=bool(resp.get("stderr_truncated", False)),
-            duration_ms=float(resp.get("duration_ms", 0.0)),
+            stdout=resp["stdout"],
+            stderr=resp["stderr"],
+            exit_code=resp["exit_code"],
+            timed_out=resp["timed_out"],
+            stdout_truncated=resp["stdout_truncated"],
+            stderr_truncated=resp["stderr_truncated"],
+            duration_ms=resp["duration_ms"],
         )
 
     async def eval_rich(
@@ -552,15 +662,14 @@ class AgentClient:
     async def eval(self, code: str, *, timeout: float | None = None) -> EvalResult:
         """Evaluate Python ``code`` in the agent's persistent namespace."""
         resp = await self.call("eval", {"code": code}, timeout=timeout)
-        result = resp.get("result")
-        error = resp.get("error")
-        tb = resp.get("traceback")
+        error = resp["error"]
+        exit_code = resp["exit_code"]
         return EvalResult(
-            result=None if result is None else str(result),
-            error=None if error is None else str(error),
-            traceback=None if tb is None else str(tb),
-            exit_code=int(resp.get("exit_code", 0 if error is None else 1)),
-            stdout=str(resp.get("stdout", "")),
+            result=resp["result"],
+            error=error,
+            traceback=resp["traceback"],
+            exit_code=(0 if error is None else 1) if exit_code is None else exit_code,
+            stdout=resp["stdout"],
         )
 
     async def write_file(
@@ -573,17 +682,31 @@ class AgentClient:
         mkdirs: bool = True,
         timeout: float | None = 60.0,
     ) -> int:
-        """Write ``data`` to ``path`` in the guest; returns the file's size afterwards."""
-        args: dict[str, Any] = {
-            "path": path,
-            "data_b64": base64.b64encode(data).decode("ascii"),
-            "append": append,
-            "mkdirs": mkdirs,
-        }
-        if mode is not None:
-            args["mode"] = mode
-        resp = await self.call("write_file", args, timeout=timeout)
-        return int(resp["size"])
+        """Write ``data`` to ``path`` in the guest; returns the file's size afterwards.
+
+        Sent in messages of :data:`FILE_CHUNK_BYTES` (the first one creates or truncates, the
+        rest append), so no line comes near the cap; ``timeout`` bounds each message.
+        """
+        size: int | None = None
+        view = memoryview(data)
+        first = True
+        while first or view:
+            chunk, view = view[:FILE_CHUNK_BYTES], view[FILE_CHUNK_BYTES:]
+            args: dict[str, Any] = {
+                "path": path,
+                "data_b64": base64.b64encode(chunk).decode("ascii"),
+                "append": append or not first,
+                "mkdirs": mkdirs and first,
+            }
+            if mode is not None and first:
+                args["mode"] = mode
+            resp = await self.call("write_file", args, timeout=timeout)
+            size = resp["size"]
+            if size is None:
+                raise _missing("write_file", "size")
+            first = False
+        assert size is not None
+        return int(size)
 
     async def read_file(
         self,
@@ -593,18 +716,37 @@ class AgentClient:
         limit: int | None = None,
         timeout: float | None = 60.0,
     ) -> bytes:
-        """Read ``path`` from the guest (at most ``limit`` bytes from ``offset``)."""
-        args: dict[str, Any] = {"path": path, "offset": offset}
-        if limit is not None:
-            args["limit"] = limit
-        resp = await self.call("read_file", args, timeout=timeout)
-        return base64.b64decode(resp["data_b64"])
+        """Read ``path`` from the guest (at most ``limit`` bytes from ``offset``; default
+        :data:`READ_FILE_LIMIT`), in messages of :data:`FILE_CHUNK_BYTES`; ``timeout`` bounds
+        each message."""
+        total = READ_FILE_LIMIT if limit is None else limit
+        parts: list[bytes] = []
+        got = 0
+        while True:
+            want = min(FILE_CHUNK_BYTES, total - got)
+            args = {"path": path, "offset": offset + got, "limit": want}
+            resp = await self.call("read_file", args, timeout=timeout)
+            encoded = resp["data_b64"]
+            if encoded is None:
+                raise _missing("read_file", "data_b64")
+            if len(encoded) > (want + 2) // 3 * 4:
+                raise AgentProtocolError(
+                    f"agent read_file: {len(encoded)} chars of base64 for at most {want} bytes"
+                )
+            try:
+                chunk = base64.b64decode(encoded, validate=True)
+            except (binascii.Error, ValueError):
+                raise AgentProtocolError("agent read_file: data_b64 is not base64") from None
+            parts.append(chunk)
+            got += len(chunk)
+            if not resp["truncated"] or not chunk or got >= total:
+                return b"".join(parts)
 
     async def list_files(self, path: str, *, timeout: float | None = 30.0) -> list[dict[str, Any]]:
         """Entries of directory ``path``: name, path, type, size, mode, mtime."""
         resp = await self.call("list_files", {"path": path}, timeout=timeout)
-        entries = resp.get("entries", [])
-        return [e for e in entries if isinstance(e, dict)]
+        entries: list[dict[str, Any]] = resp["entries"]
+        return entries
 
     async def stat(self, path: str, *, timeout: float | None = 30.0) -> dict[str, Any]:
         """``lstat`` of ``path``: name, path, type, size, mode, mtime, uid, gid (symlink_target)."""
@@ -638,11 +780,12 @@ class AgentClient:
         args = {"entropy_b64": base64.b64encode(entropy).decode("ascii")}
         return await self.call("reseed", args, timeout=timeout)
 
-    async def set_env(
-        self, env: Mapping[str, str | None], *, timeout: float | None = 10.0
+    async def set_net(
+        self, net: Mapping[str, Any], *, timeout: float | None = 10.0
     ) -> dict[str, Any]:
-        """Set (or with ``None`` unset) variables in the agent's own environment."""
-        return await self.call("set_env", {"env": dict(env)}, timeout=timeout)
+        """Apply a guest network configuration (``nameserver``, ``env`` with ``None`` to unset),
+        as a fork's hello does."""
+        return await self.call("set_net", {"net": dict(net)}, timeout=timeout)
 
     async def set_clock(self, *, timeout: float | None = 10.0) -> dict[str, Any]:
         """Step the guest's wall clock to the host's (``clock_set``, ``clock_step_ms``)."""
@@ -656,28 +799,43 @@ class AgentSocket:
     socket_path: Path
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
+    strays: _Strays = field(default_factory=_Strays)
 
-    async def handshake(self, *, timeout: float, entropy: bytes | None = None) -> AgentClient:
+    async def handshake(
+        self,
+        *,
+        timeout: float,
+        entropy: bytes | None = None,
+        net: Mapping[str, Any] | None = None,
+    ) -> AgentClient:
         """Say hello with a fresh session; :class:`AgentError` if not answered in time.
 
-        ``entropy`` (a fork's first message) reseeds the guest before the hello is answered;
-        every hello also sets the guest's wall clock to the host's.
+        ``entropy`` (a fork's first message) reseeds the guest and ``net`` configures its
+        network (see :meth:`AgentClient.set_net`) before the hello is answered; every hello also
+        sets the guest's wall clock to the host's and tells the agent the line cap
+        (``max_line``) its replies must keep to.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         socket_path, reader, writer = self.socket_path, self.reader, self.writer
         session = secrets.token_hex(8)
         hello_id = f"{session}-0"
-        hello: dict[str, Any] = {"id": hello_id, "op": "hello", "session": session}
+        hello: dict[str, Any] = {
+            "id": hello_id,
+            "op": "hello",
+            "session": session,
+            "max_line": MAX_LINE_BYTES,
+        }
         if entropy is not None:
             hello["entropy_b64"] = base64.b64encode(entropy).decode("ascii")
+        if net is not None:
+            hello["net"] = dict(net)
 
         def hello_line() -> bytes:
             # The host's wall clock as of this send (a resent hello carries a fresh one).
             return b"\n" + _encode(dict(hello, wall_ns=time.time_ns()))
 
-        unknown = 0
-        junk = 0
+        strays = self.strays
         try:
             writer.write(hello_line())
             await writer.drain()
@@ -697,22 +855,32 @@ class AgentSocket:
                         await writer.drain()
                         next_send = loop.time() + HELLO_RESEND_S
                     continue
-                except ValueError:  # over-long line, already discarded by the stream
-                    junk += 1
-                    continue
+                except ValueError:  # longer than MAX_LINE_BYTES
+                    raise AgentProtocolError(_overlong()) from None
                 if not line:
                     raise AgentError("agent connection closed during hello")
-                msg = _parse(line)
-                if msg is None:
-                    if line.strip():
-                        junk += 1
+                line = line.strip()
+                if not line:
                     continue
-                if msg.get("id") != hello_id:
-                    unknown += 1
+                rid = peek_id(line)
+                if rid != hello_id:
+                    abuse = strays.note(line, rid is not None)
+                    if abuse is not None:
+                        raise AgentProtocolError(abuse)
                     continue
+                try:
+                    reply = agent_wire.decode("hello", line)
+                except AgentProtocolError:
+                    reply = None
+                if reply is None or reply.id != hello_id:
+                    abuse = strays.note(line, True)
+                    if abuse is not None:
+                        raise AgentProtocolError(abuse)
+                    continue
+                msg = agent_wire.as_dict(reply)
                 _raise_for("hello", msg)
                 if msg.get("session") != session:
-                    unknown += 1
+                    strays.note(line, True)
                     continue
                 break
         except BaseException as e:
@@ -722,10 +890,7 @@ class AgentSocket:
             if isinstance(e, OSError):
                 raise AgentError(f"agent connection failed during hello: {e}") from e
             raise
-        client = AgentClient(socket_path, reader, writer, session, msg)
-        client._unknown_responses = unknown
-        client._junk_lines = junk
-        return client
+        return AgentClient(socket_path, reader, writer, session, msg, strays)
 
     async def close(self) -> None:
         self.writer.close()

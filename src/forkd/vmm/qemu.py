@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import time
@@ -19,11 +20,24 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from forkd.errors import HostSetupError, VMError
-from forkd.vmm.spec import RunPaths
+from forkd.errors import HostSetupError, QemuGone, VMError
+from forkd.vmm.spec import CONSOLE_CHARDEV, RunPaths
 
 QEMU_BINARY = "qemu-system-x86_64"
 MIGRATION_POLL_S = 0.002
+# No file QEMU writes grows past this (RLIMIT_FSIZE, set on every QEMU once it runs): its -D log,
+# the only file a running QEMU appends to on its own, holds QEMU's error reports, some of which a
+# guest can provoke at will. SIGXFSZ stays ignored (inherited from Python), so a write past the
+# cap fails with EFBIG and QEMU runs on. A live branch lifts the cap while QEMU streams RAM.
+QEMU_FILE_CAP_BYTES = 8 << 20
+
+
+def cap_file_size(pid: int, cap: int | None) -> None:
+    """Set the soft RLIMIT_FSIZE of process ``pid`` (None: unlimited); a gone pid is ignored."""
+    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    soft = hard if cap is None else cap
+    with contextlib.suppress(ProcessLookupError):
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))
 
 
 def qemu_binary() -> str:
@@ -72,8 +86,21 @@ class QemuProcess:
     async def launch(
         cls, argv: list[str], paths: RunPaths, *, timeout: float = 60.0
     ) -> QemuProcess:
-        """Start QEMU with ``argv`` (which must include ``-daemonize`` and ``-pidfile``)."""
-        paths.dir.mkdir(parents=True, exist_ok=True)
+        """Start QEMU with ``argv`` (which must include ``-daemonize`` and ``-pidfile``).
+
+        A run dir created here is removed again when the start fails.
+        """
+        created = not paths.dir.exists()
+        paths.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            return await cls._start(argv, paths, timeout)
+        except BaseException:
+            if created:
+                shutil.rmtree(paths.dir, ignore_errors=True)
+            raise
+
+    @classmethod
+    async def _start(cls, argv: list[str], paths: RunPaths, timeout: float) -> QemuProcess:
         proc = await asyncio.create_subprocess_exec(
             qemu_binary(),
             *argv,
@@ -81,6 +108,13 @@ class QemuProcess:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
+            # Keep Python's SIG_IGN of SIGXFSZ (and SIGPIPE, which QEMU ignores anyway): a write
+            # past QEMU_FILE_CAP_BYTES must fail, not kill the VM.
+            restore_signals=False,
+            # What QEMU creates before it daemonizes (log, sockets) is the daemon user's alone;
+            # after, QEMU's own umask (027) applies, so memory and device-state files are
+            # created by forkd first, 0600.
+            umask=0o077,
         )
         try:
             _, err = await asyncio.wait_for(proc.communicate(), timeout)
@@ -97,11 +131,17 @@ class QemuProcess:
             raise
         if proc.returncode != 0:
             detail = err.decode(errors="replace").strip().splitlines()[-5:]
+            if not detail:
+                raise QemuGone(
+                    f"QEMU exited (status {proc.returncode}) before it finished starting and "
+                    "said nothing: killed from outside, or out of memory?"
+                )
             raise VMError("QEMU failed to start: " + " | ".join(detail))
         try:
             pid = int(paths.pidfile.read_text().strip())
         except (OSError, ValueError) as exc:
             raise VMError(f"QEMU started but wrote no pid file {paths.pidfile}") from exc
+        cap_file_size(pid, QEMU_FILE_CAP_BYTES)
         return cls(pid, paths)
 
     # --- QMP -------------------------------------------------------------------------------
@@ -114,6 +154,7 @@ class QemuProcess:
             except Exception as exc:
                 with contextlib.suppress(Exception):
                     await client.disconnect()
+                self._raise_if_gone("while forkd connected to its QMP socket")
                 raise VMError(f"cannot reach QMP of QEMU pid {self.pid}: {exc}") from exc
             self._qmp = client
         return self._qmp
@@ -123,7 +164,13 @@ class QemuProcess:
         try:
             return await client.execute(command, arguments)
         except Exception as exc:
+            self._raise_if_gone(f"during QMP {command}")
             raise VMError(f"QMP {command} failed on QEMU pid {self.pid}: {exc}") from exc
+
+    def _raise_if_gone(self, when: str) -> None:
+        """:class:`QemuGone` if the process no longer runs (the likely cause of a QMP error)."""
+        if not pid_alive(self.pid):
+            raise QemuGone(f"QEMU pid {self.pid} exited {when} (killed or crashed)")
 
     async def close_qmp(self) -> None:
         client, self._qmp = self._qmp, None
@@ -189,6 +236,10 @@ class QemuProcess:
         state as "running", so a child restored from the file starts as soon as it is loaded.
         Guest RAM is never in the file: it lives in the template's memory file.
         """
+        # Created here, 0600: QEMU would make it 0640 (0660 under its daemonized umask).
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.fchmod(fd, 0o600)
+        os.close(fd)
         await self.execute("xen-save-devices-state", {"filename": str(dest), "live": False})
 
     async def file_uri(self, path: Path, *, write: bool) -> str:
@@ -236,6 +287,17 @@ class QemuProcess:
 
     def alive(self) -> bool:
         return pid_runs_in(self.pid, self.paths)
+
+    async def console_tail(self, size: int = 64 << 10) -> str:
+        """Up to ``size`` of the newest bytes the guest wrote to its serial console (consumed)."""
+        text = await self.execute(
+            "ringbuf-read", {"device": CONSOLE_CHARDEV, "size": size, "format": "utf8"}
+        )
+        return str(text)
+
+    def allow_large_files(self, allow: bool) -> None:
+        """Lift (or restore) the QEMU_FILE_CAP_BYTES cap, for a migration stream QEMU writes."""
+        cap_file_size(self.pid, None if allow else QEMU_FILE_CAP_BYTES)
 
     def log_tail(self, lines: int = 3) -> str:
         """QEMU's last error reports (``-D`` log), for error messages."""

@@ -13,6 +13,11 @@ from pathlib import Path
 from forkd.guest import AGENT_PORT_NAME
 from forkd.vmm.netdev import NETDEV_ID, GuestNetwork, backend_args
 
+# The guest's serial console goes to a ring buffer inside QEMU (read with QMP ``ringbuf-read``),
+# never to a host file: a guest printing forever costs at most this much QEMU memory.
+CONSOLE_RING_BYTES = 256 << 10
+CONSOLE_CHARDEV = "console"
+
 KERNEL_CMDLINE = (
     "console=ttyS0 rdinit=/init quiet loglevel=3 panic=-1 tsc=reliable no_timer_check "
     "mitigations=off random.trust_cpu=on i8042.noaux i8042.nokbd i8042.nopnp"
@@ -32,10 +37,6 @@ class RunPaths:
     @property
     def agent(self) -> Path:
         return self.dir / "agent.sock"
-
-    @property
-    def serial_log(self) -> Path:
-        return self.dir / "serial.log"
 
     @property
     def qemu_log(self) -> Path:
@@ -142,7 +143,8 @@ def instance_args(
         "-chardev", f"socket,id=agent,path={paths.agent},server=on,wait=off",
         "-chardev", f"socket,id=qmp,path={paths.qmp},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
-        "-serial", f"file:{paths.serial_log}",
+        "-chardev", f"ringbuf,id={CONSOLE_CHARDEV},size={CONSOLE_RING_BYTES}",
+        "-serial", f"chardev:{CONSOLE_CHARDEV}",
         "-D", str(paths.qemu_log),
         "-pidfile", str(paths.pidfile),
         "-daemonize",
