@@ -216,6 +216,7 @@ def test_e2b_sdk_v1_paths(old_sdk: Path, daemon: DaemonProcess) -> None:
 
 def test_e2b_code_interpreter(new_sdk: Path, daemon: DaemonProcess) -> None:
     out = run_script(new_sdk, "sdk_interpreter.py", daemon)
+    assert out["template"] == TEMPLATE_TAG  # Sandbox.create(): FORKD_E2B_DEFAULT_TEMPLATE
     assert out["first"] == "2"
     assert out["assign"] is None
     assert out["use"] == "2"
@@ -296,6 +297,9 @@ def test_e2b_wire_errors(daemon: DaemonProcess) -> None:
         sid, token = sb["sandboxID"], sb["envdAccessToken"]
         assert sb["envdVersion"] and sb["clientID"] and sb["templateID"] == TEMPLATE_TAG
         assert c.post("/v2/sandboxes", json={"templateID": "no-such-tag"}).status_code == 404
+        r = c.post("/v2/sandboxes", json={"templateID": "base"})  # the SDK's default: ours
+        assert r.status_code == 201 and r.json()["templateID"] == TEMPLATE_TAG
+        assert c.delete(f"/sandboxes/{r.json()['sandboxID']}").status_code == 204
         assert c.post("/v2/sandboxes", content=b"{nope").status_code == 400
         assert c.post("/v2/sandboxes", json={"timeout": 5}).status_code == 400
         r = c.post(f"/sandboxes/{sid}/timeout", json={"timeout": -1})

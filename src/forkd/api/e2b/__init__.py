@@ -8,6 +8,8 @@ checks ``X-API-KEY`` against the daemon token, sandbox traffic each sandbox's ac
 
 from __future__ import annotations
 
+import os
+
 from fastapi import FastAPI
 
 from forkd.api.e2b.control import Control, control_router, unsupported_router
@@ -21,10 +23,17 @@ PREFIX = "/e2b"
 SANDBOX_PREFIX = "/e2b/sandbox"
 
 
+DEFAULT_TEMPLATE_ENV = "FORKD_E2B_DEFAULT_TEMPLATE"
+
+
 def mount_e2b(app: FastAPI, runtime: Runtime, *, token: str | None, limits: Limits) -> E2BState:
-    """Add the E2B routes to ``app``; the state (its reaper runs while sandboxes have one)."""
+    """Add the E2B routes to ``app``; the state (its reaper runs while sandboxes have one).
+
+    ``$FORKD_E2B_DEFAULT_TEMPLATE`` names the snapshot that ``Sandbox.create()`` without a
+    template (the SDKs ask for ``base`` / ``code-interpreter-v1``) forks.
+    """
     state = E2BState(runtime)
-    control = Control(state, token, limits)
+    control = Control(state, token, limits, os.environ.get(DEFAULT_TEMPLATE_ENV))
     envd = Envd(state, limits)
     app.include_router(interpreter_router(Interpreter(envd)), prefix=SANDBOX_PREFIX)
     app.include_router(envd_router(envd), prefix=SANDBOX_PREFIX)

@@ -27,6 +27,7 @@ from forkd.errors import ForkdError, GatewayTimeout, InvalidInput, NotFound
 
 ENVD_VERSION = "0.5.7"  # the envd feature level served (octet-stream uploads: >= 0.5.7)
 CLIENT_ID = "forkd"
+SDK_DEFAULT_TEMPLATES = ("base", "code-interpreter-v1")  # what Sandbox.create() asks for
 HOME = "/home/user"
 MAX_MAP_ENTRIES = 256
 MAX_MAP_BYTES = 64 << 10
@@ -152,11 +153,29 @@ def egress_of(req: NewSandbox) -> tuple[wire.NetworkRequest | None, bool | None]
 class Control:
     """The control-plane routes over ``state``; ``token`` None accepts any API key."""
 
-    def __init__(self, state: E2BState, token: str | None, limits: Limits) -> None:
+    def __init__(
+        self,
+        state: E2BState,
+        token: str | None,
+        limits: Limits,
+        default_template: str | None = None,
+    ) -> None:
         self.state = state
         self.runtime = state.runtime
         self._token = token.encode() if token is not None else None
         self.limits = limits
+        self.default_template = default_template or None
+
+    def template_tag(self, requested: str) -> str:
+        """The snapshot a template ID names: itself, or for the SDKs' default IDs (``base``,
+        ``code-interpreter-v1``) with no snapshot of that name, the daemon's default template
+        (``FORKD_E2B_DEFAULT_TEMPLATE``)."""
+        if requested in SDK_DEFAULT_TEMPLATES and self.default_template is not None:
+            try:
+                self.runtime.get_snapshot(requested)
+            except ForkdError:
+                return self.default_template
+        return requested
 
     def check_key(self, request: Request) -> None:
         if self._token is None:
@@ -211,7 +230,7 @@ class Control:
 
     async def create(self, request: Request) -> Response:
         req = parse_body(NewSandbox, await request.body())
-        tag = req.template_id
+        tag = self.template_tag(req.template_id)
         timeout_s = _timeout(req.timeout, DEFAULT_TIMEOUT_S)
         metadata = _check_map("metadata", req.metadata)
         envs = _check_map("envVars", req.env_vars)
