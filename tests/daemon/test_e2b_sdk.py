@@ -170,6 +170,15 @@ def check_core(out: dict[str, Any]) -> None:
         "gone": True,
         "via_shell": "missing\n",
     }
+    # several files in one multipart upload; file-like (octet-stream) and gzip uploads; depth
+    assert out["more_files"] == {
+        "many": ["/tmp/many/a.txt", "/tmp/many/sub/b.txt"],
+        "streamed": "/tmp/many/c.bin",
+        "zipped": "gzipped",
+        "raw_ok": True,
+        "deep": [f"/tmp/many/{p}" for p in ("a.txt", "c.bin", "d.txt", "sub", "sub/b.txt")],
+        "dir_type": "dir",
+    }
     assert out["missing_file"] == "FileNotFoundException"
     assert out["connect"] == {"same_id": True, "stdout": "from-second\n"}
     assert out["info"] == {

@@ -121,6 +121,31 @@ def main(template: str) -> None:
 
     step("files", files)
 
+    def more_files() -> dict[str, Any]:
+        import io
+
+        many = sbx.files.write_files(
+            [
+                {"path": "/tmp/many/a.txt", "data": "A"},
+                {"path": "/tmp/many/sub/b.txt", "data": b"B"},
+            ]
+        )
+        streamed = sbx.files.write("/tmp/many/c.bin", io.BytesIO(b"\x00\x01" * 1000))
+        zipped = sbx.files.write("/tmp/many/d.txt", "gzipped", gzip=True)
+        raw = sbx.files.read("/tmp/many/c.bin", format="bytes")
+        deep = sorted(e.path for e in sbx.files.list("/tmp/many", depth=2))
+        info = sbx.files.get_info("/tmp/many/sub")
+        return {
+            "many": sorted(w.path for w in many),
+            "streamed": streamed.path,
+            "zipped": sbx.files.read(zipped.path),
+            "raw_ok": bytes(raw) == b"\x00\x01" * 1000,
+            "deep": deep,
+            "dir_type": str(getattr(info.type, "value", info.type)),
+        }
+
+    step("more_files", more_files)
+
     def missing_file() -> str:
         try:
             sbx.files.read("/no/such/file")
