@@ -420,3 +420,10 @@ def test_e2b_sandbox_survives_a_daemon_restart(daemon: DaemonProcess) -> None:
         r = httpx.post(f"{sbx}/filesystem.Filesystem/Stat", json={"path": "/tmp"},
                        headers={**new, "Content-Type": "application/json"})  # fmt: skip
         assert r.status_code == 200 and r.json()["entry"]["type"] == "FILE_TYPE_DIRECTORY"
+
+
+def test_e2b_async_sdks(new_sdk: Path, daemon: DaemonProcess) -> None:
+    out = run_script(new_sdk, "sdk_async.py", daemon)
+    assert out["stdout"] == "a\nb\n" and out["chunks"] == ["a\n", "b\n"]
+    assert out["first_before_end_s"] > 1.0
+    assert (out["content"], out["killed"], out["text"]) == ("async", True, "21")

@@ -7,6 +7,7 @@ JSON object: what each step observed (or the error it raised), for the test to a
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -252,4 +253,5 @@ if __name__ == "__main__":
             "message": str(e)[:1000],
             "tb": traceback.format_exc()[-3000:],
         }
-    print(json.dumps(out))
+    print(json.dumps(out), flush=True)
+    os._exit(0)  # no interpreter teardown: see sdk_async.py
