@@ -170,6 +170,15 @@ def check_core(out: dict[str, Any]) -> None:
         "gone": True,
         "via_shell": "missing\n",
     }
+    # several files in one multipart upload; file-like (octet-stream) and gzip uploads; depth
+    assert out["more_files"] == {
+        "many": ["/tmp/many/a.txt", "/tmp/many/sub/b.txt"],
+        "streamed": "/tmp/many/c.bin",
+        "zipped": "gzipped",
+        "raw_ok": True,
+        "deep": [f"/tmp/many/{p}" for p in ("a.txt", "c.bin", "d.txt", "sub", "sub/b.txt")],
+        "dir_type": "dir",
+    }
     assert out["missing_file"] == "FileNotFoundException"
     assert out["connect"] == {"same_id": True, "stdout": "from-second\n"}
     assert out["info"] == {
@@ -411,3 +420,10 @@ def test_e2b_sandbox_survives_a_daemon_restart(daemon: DaemonProcess) -> None:
         r = httpx.post(f"{sbx}/filesystem.Filesystem/Stat", json={"path": "/tmp"},
                        headers={**new, "Content-Type": "application/json"})  # fmt: skip
         assert r.status_code == 200 and r.json()["entry"]["type"] == "FILE_TYPE_DIRECTORY"
+
+
+def test_e2b_async_sdks(new_sdk: Path, daemon: DaemonProcess) -> None:
+    out = run_script(new_sdk, "sdk_async.py", daemon)
+    assert out["stdout"] == "a\nb\n" and out["chunks"] == ["a\n", "b\n"]
+    assert out["first_before_end_s"] > 1.0
+    assert (out["content"], out["killed"], out["text"]) == ("async", True, "21")

@@ -7,6 +7,7 @@ JSON object: what each step observed (or the error it raised), for the test to a
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -121,6 +122,31 @@ def main(template: str) -> None:
 
     step("files", files)
 
+    def more_files() -> dict[str, Any]:
+        import io
+
+        many = sbx.files.write_files(
+            [
+                {"path": "/tmp/many/a.txt", "data": "A"},
+                {"path": "/tmp/many/sub/b.txt", "data": b"B"},
+            ]
+        )
+        streamed = sbx.files.write("/tmp/many/c.bin", io.BytesIO(b"\x00\x01" * 1000))
+        zipped = sbx.files.write("/tmp/many/d.txt", "gzipped", gzip=True)
+        raw = sbx.files.read("/tmp/many/c.bin", format="bytes")
+        deep = sorted(e.path for e in sbx.files.list("/tmp/many", depth=2))
+        info = sbx.files.get_info("/tmp/many/sub")
+        return {
+            "many": sorted(w.path for w in many),
+            "streamed": streamed.path,
+            "zipped": sbx.files.read(zipped.path),
+            "raw_ok": bytes(raw) == b"\x00\x01" * 1000,
+            "deep": deep,
+            "dir_type": str(getattr(info.type, "value", info.type)),
+        }
+
+    step("more_files", more_files)
+
     def missing_file() -> str:
         try:
             sbx.files.read("/no/such/file")
@@ -227,4 +253,5 @@ if __name__ == "__main__":
             "message": str(e)[:1000],
             "tb": traceback.format_exc()[-3000:],
         }
-    print(json.dumps(out))
+    print(json.dumps(out), flush=True)
+    os._exit(0)  # no interpreter teardown: see sdk_async.py

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -124,4 +125,5 @@ if __name__ == "__main__":
             "message": str(e)[:1000],
             "tb": traceback.format_exc()[-3000:],
         }
-    print(json.dumps(out))
+    print(json.dumps(out), flush=True)
+    os._exit(0)  # no interpreter teardown: see sdk_async.py
