@@ -179,6 +179,11 @@ def check_core(out: dict[str, Any]) -> None:
         "deep": [f"/tmp/many/{p}" for p in ("a.txt", "c.bin", "d.txt", "sub", "sub/b.txt")],
         "dir_type": "dir",
     }
+    # watch_dir polls (CreateWatcher / GetWatcherEvents): the net change between two looks
+    assert out["watch"] == {
+        "first": [["a.txt", "create"], ["d", "create"], ["d/b.txt", "create"]],
+        "second": [["d/b.txt", "remove"], ["a.txt", "write"]],
+    }
     assert out["missing_file"] == "FileNotFoundException"
     assert out["connect"] == {"same_id": True, "stdout": "from-second\n"}
     assert out["info"] == {
@@ -427,3 +432,4 @@ def test_e2b_async_sdks(new_sdk: Path, daemon: DaemonProcess) -> None:
     assert out["stdout"] == "a\nb\n" and out["chunks"] == ["a\n", "b\n"]
     assert out["first_before_end_s"] > 1.0
     assert (out["content"], out["killed"], out["text"]) == ("async", True, "21")
+    assert out["watched"] == ["z.txt"]  # the streaming WatchDir

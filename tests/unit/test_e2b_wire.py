@@ -109,3 +109,23 @@ def test_egress_mapping() -> None:
     assert net is not None and net.egress == "internet"
     with pytest.raises(E2BError):
         egress_of(new(network={"denyOut": ["10.0.0.0/8"]}))
+
+
+def test_watch_events_are_the_net_change() -> None:
+    before = {
+        "a": ("file", 1, 1.0, 0o644),
+        "d": ("dir", 4096, 1.0, 0o755),
+        "gone": ("file", 1, 1.0, 0o644),
+    }
+    after = {
+        "a": ("file", 2, 2.0, 0o644),
+        "d": ("dir", 4096, 2.0, 0o700),
+        "new": ("file", 0, 3.0, 0o644),
+    }
+    assert m.watch_events(before, after) == [
+        {"name": "new", "type": "EVENT_TYPE_CREATE"},
+        {"name": "gone", "type": "EVENT_TYPE_REMOVE"},
+        {"name": "a", "type": "EVENT_TYPE_WRITE"},
+        {"name": "d", "type": "EVENT_TYPE_CHMOD"},
+    ]
+    assert m.watch_events(after, after) == []

@@ -22,6 +22,17 @@ async def main(template: str) -> dict[str, Any]:
     end = time.monotonic()
     await sbx.files.write("async.txt", "async")
     content = await sbx.files.read("async.txt")
+    await sbx.files.make_dir("/tmp/awatch")
+    seen_events: list[str] = []
+    watcher = await sbx.files.watch_dir(
+        "/tmp/awatch", on_event=lambda e: seen_events.append(e.name)
+    )
+    await sbx.files.write("/tmp/awatch/z.txt", "z")
+    for _ in range(50):  # the WatchDir stream looks every 0.5 s
+        if seen_events:
+            break
+        await asyncio.sleep(0.1)
+    await watcher.stop()
     handle = await sbx.commands.run("sleep 60", background=True)
     killed = await handle.kill()
     await sbx.kill()
@@ -36,6 +47,7 @@ async def main(template: str) -> dict[str, Any]:
         "content": content,
         "killed": killed,
         "text": text,
+        "watched": seen_events,
     }
 
 

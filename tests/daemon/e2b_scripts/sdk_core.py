@@ -147,6 +147,22 @@ def main(template: str) -> None:
 
     step("more_files", more_files)
 
+    def watch() -> dict[str, Any]:
+        def kinds(events: Any) -> list[list[str]]:
+            return [[e.name, str(getattr(e.type, "value", e.type))] for e in events]
+
+        sbx.files.make_dir("/tmp/watched")
+        handle = sbx.files.watch_dir("/tmp/watched", recursive=True)
+        sbx.files.write("/tmp/watched/a.txt", "1")
+        sbx.commands.run("mkdir /tmp/watched/d && echo x > /tmp/watched/d/b.txt")
+        first = kinds(handle.get_new_events())
+        sbx.commands.run("echo more >> /tmp/watched/a.txt; rm /tmp/watched/d/b.txt")
+        second = kinds(handle.get_new_events())
+        handle.stop()
+        return {"first": first, "second": second}
+
+    step("watch", watch)
+
     def missing_file() -> str:
         try:
             sbx.files.read("/no/such/file")

@@ -18,6 +18,7 @@ import gzip
 import hmac
 import json
 import os.path
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -37,12 +38,16 @@ from forkd.api.e2b.connect import (
     unary_response,
 )
 from forkd.api.e2b.control import HOME, E2BError, error_response, forkd_status
-from forkd.api.e2b.state import E2BSandbox, E2BState
+from forkd.api.e2b.messages import Snapshot
+from forkd.api.e2b.state import E2BSandbox, E2BState, Watcher
 from forkd.config import Limits
-from forkd.errors import AgentError, ForkdError, InvalidInput, NotFound
+from forkd.errors import AgentError, ForkdError, GuestOSError, InvalidInput, NotFound
 from forkd.vmm.agent_client import AgentClient, ProcStream
 
 KEEPALIVE_S = 30.0
+MAX_WATCHERS = 16  # per sandbox
+WATCH_DEPTH = 8  # directory levels a recursive watch looks at
+WATCH_POLL_S = 0.5  # how often a WatchDir stream looks
 MAX_LIST_ENTRIES = 10_000
 MAX_FILE_BYTES = 64 << 20
 
@@ -153,7 +158,7 @@ class Envd:
             raise ConnectError("not_found", f"process with tag {sel.tag!r} not found")
         raise ConnectError("invalid_argument", "process selector needs a pid or a tag")
 
-    async def list(self, sb: E2BSandbox, msg: dict[str, Any]) -> dict[str, Any]:
+    async def list_processes(self, sb: E2BSandbox, msg: dict[str, Any]) -> dict[str, Any]:
         agent = await self.agent(sb)
         return {"processes": [m.process_info(p) for p in await agent.proc_list()]}
 
@@ -215,6 +220,94 @@ class Envd:
                         below.append(str(entry.get("path")))
             level = below
         return {"entries": entries}
+
+    # --- watching (by polling: the net change between two looks) ------------------------------
+
+    async def _snapshot(self, agent: AgentClient, root: str, recursive: bool) -> Snapshot:
+        """What is under ``root``: relative name -> (type, size, mtime, mode)."""
+        out: Snapshot = {}
+        level = [root]
+        for _ in range(WATCH_DEPTH if recursive else 1):
+            below: list[str] = []
+            for directory in level:
+                try:
+                    entries = await agent.list_files(directory)
+                except (NotFound, GuestOSError):
+                    continue  # removed meanwhile
+                for e in entries:
+                    if len(out) >= MAX_LIST_ENTRIES:
+                        raise ConnectError(
+                            "resource_exhausted", f"more than {MAX_LIST_ENTRIES} entries"
+                        )
+                    path = str(e.get("path", ""))
+                    out[os.path.relpath(path, root)] = (
+                        str(e.get("type")),
+                        e.get("size"),
+                        e.get("mtime"),
+                        e.get("mode"),
+                    )
+                    if e.get("type") == "dir":
+                        below.append(path)
+            level = below
+        return out
+
+    async def _watch_start(self, sb: E2BSandbox, msg: dict[str, Any]) -> Watcher:
+        req = m.parse(m.WatchRequest, msg)
+        agent = await self.agent(sb)
+        root = resolve(req.path)
+        if (await agent.stat(root)).get("type") != "dir":
+            raise ConnectError("invalid_argument", f"path {root} is not a directory")
+        return Watcher(root, req.recursive, await self._snapshot(agent, root, req.recursive))
+
+    async def _watch_poll(self, sb: E2BSandbox, w: Watcher) -> list[dict[str, Any]]:
+        now = await self._snapshot(await self.agent(sb), w.root, w.recursive)
+        events = m.watch_events(w.seen, now)
+        w.seen = now
+        return events
+
+    async def create_watcher(self, sb: E2BSandbox, msg: dict[str, Any]) -> dict[str, Any]:
+        if len(sb.watchers) >= MAX_WATCHERS:
+            raise ConnectError("resource_exhausted", f"at most {MAX_WATCHERS} watchers")
+        watcher_id = secrets.token_hex(8)
+        sb.watchers[watcher_id] = await self._watch_start(sb, msg)
+        return {"watcherId": watcher_id}
+
+    def _watcher(self, sb: E2BSandbox, msg: dict[str, Any]) -> tuple[str, Watcher]:
+        watcher_id = m.parse(m.WatcherRequest, msg).watcher_id
+        w = sb.watchers.get(watcher_id)
+        if w is None:
+            raise ConnectError("not_found", f"watcher {watcher_id!r} not found")
+        return watcher_id, w
+
+    async def get_watcher_events(self, sb: E2BSandbox, msg: dict[str, Any]) -> dict[str, Any]:
+        _, w = self._watcher(sb, msg)
+        return {"events": await self._watch_poll(sb, w)}
+
+    async def remove_watcher(self, sb: E2BSandbox, msg: dict[str, Any]) -> dict[str, Any]:
+        watcher_id, _ = self._watcher(sb, msg)
+        del sb.watchers[watcher_id]
+        return {}
+
+    async def watch_dir(self, sb: E2BSandbox, msg: dict[str, Any], _t: float | None) -> Any:
+        w = await self._watch_start(sb, msg)
+
+        async def events() -> AsyncIterator[bytes]:
+            yield envelope({"start": {}})
+            idle = 0.0
+            try:
+                while True:
+                    await asyncio.sleep(WATCH_POLL_S)
+                    found = await self._watch_poll(sb, w)
+                    for event in found:
+                        yield envelope({"filesystem": event})
+                    idle = 0.0 if found else idle + WATCH_POLL_S
+                    if idle >= KEEPALIVE_S:
+                        idle = 0.0
+                        yield envelope({"keepalive": {}})
+            except (ConnectError, ForkdError) as e:
+                yield end_stream(_connect_error(e))
+
+        return events()
 
     async def make_dir(self, sb: E2BSandbox, msg: dict[str, Any]) -> dict[str, Any]:
         req = m.parse(m.PathRequest, msg)
@@ -289,7 +382,7 @@ Unary = Callable[[Envd, E2BSandbox, dict[str, Any]], Awaitable[dict[str, Any]]]
 Streaming = Callable[[Envd, E2BSandbox, dict[str, Any], float | None], Awaitable[Any]]
 
 UNARY: dict[str, Unary] = {
-    "process.Process/List": Envd.list,
+    "process.Process/List": Envd.list_processes,
     "process.Process/SendInput": Envd.send_input,
     "process.Process/SendSignal": Envd.send_signal,
     "process.Process/CloseStdin": Envd.close_stdin,
@@ -298,10 +391,14 @@ UNARY: dict[str, Unary] = {
     "filesystem.Filesystem/MakeDir": Envd.make_dir,
     "filesystem.Filesystem/Move": Envd.move,
     "filesystem.Filesystem/Remove": Envd.remove,
+    "filesystem.Filesystem/CreateWatcher": Envd.create_watcher,
+    "filesystem.Filesystem/GetWatcherEvents": Envd.get_watcher_events,
+    "filesystem.Filesystem/RemoveWatcher": Envd.remove_watcher,
 }
 STREAMING: dict[str, Streaming] = {
     "process.Process/Start": Envd.start,
     "process.Process/Connect": Envd.connect,
+    "filesystem.Filesystem/WatchDir": Envd.watch_dir,
 }
 
 

@@ -124,6 +124,40 @@ class ListDirRequest(_Msg):
     depth: int = 0
 
 
+class WatchRequest(_Msg):
+    """WatchDirRequest, CreateWatcherRequest."""
+
+    path: str
+    recursive: bool = False
+    include_entry: bool = False
+
+
+class WatcherRequest(_Msg):
+    """GetWatcherEventsRequest, RemoveWatcherRequest."""
+
+    watcher_id: str
+
+
+# What a directory holds: relative name -> (type, size, mtime, mode).
+Snapshot = dict[str, tuple[object, ...]]
+
+
+def watch_events(before: Snapshot, after: Snapshot) -> list[dict[str, Any]]:
+    """FilesystemEvents (``{name, type}``) for the net change from ``before`` to ``after``."""
+    events: list[dict[str, Any]] = []
+    for name in sorted(after.keys() - before.keys()):
+        events.append({"name": name, "type": "EVENT_TYPE_CREATE"})
+    for name in sorted(before.keys() - after.keys()):
+        events.append({"name": name, "type": "EVENT_TYPE_REMOVE"})
+    for name in sorted(before.keys() & after.keys()):
+        old, new = before[name], after[name]
+        if old[:3] != new[:3] and new[0] != "dir":
+            events.append({"name": name, "type": "EVENT_TYPE_WRITE"})
+        elif old[3] != new[3]:
+            events.append({"name": name, "type": "EVENT_TYPE_CHMOD"})
+    return events
+
+
 class MoveRequest(_Msg):
     source: str
     destination: str

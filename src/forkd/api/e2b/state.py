@@ -25,6 +25,15 @@ REAP_INTERVAL_S = 1.0
 
 
 @dataclass
+class Watcher:
+    """A directory watch: its root and what was there at the last look."""
+
+    root: str
+    recursive: bool
+    seen: dict[str, tuple[object, ...]]
+
+
+@dataclass
 class E2BSandbox:
     """``sandbox_id`` is the id E2B clients use; ``vm_id`` the forkd sandbox running it now
     (they differ after a pause and resume), ``paused_tag`` the template a paused one resumes
@@ -44,6 +53,7 @@ class E2BSandbox:
     owned_tags: list[str] = field(default_factory=list)  # templates made for its pause/fork
     contexts: dict[str, dict[str, str]] = field(default_factory=dict)  # id -> language, cwd
     exec_counts: dict[str, int] = field(default_factory=dict)  # per context id
+    watchers: dict[str, Watcher] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.vm_id = self.vm_id or self.sandbox_id
