@@ -173,7 +173,10 @@ def daemon(daemon_home: Path) -> Iterator[DaemonProcess]:
         port=free_port(),
         token=token,
         token_file=token_file,
-        env=clean_env(FORKD_EVAL_TIMEOUT_S=str(EVAL_TIMEOUT_S)),
+        # E2B's Sandbox.create() without a template forks ours (tests/daemon/test_e2b_sdk.py)
+        env=clean_env(
+            FORKD_EVAL_TIMEOUT_S=str(EVAL_TIMEOUT_S), FORKD_E2B_DEFAULT_TEMPLATE=TEMPLATE_TAG
+        ),
     )
     proc.start()
     try:

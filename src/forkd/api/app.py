@@ -30,6 +30,9 @@ from starlette.responses import Response
 from forkd import API_VERSION, __version__, compat, wire
 from forkd.api.audit import AuditLog, AuditMiddleware
 from forkd.api.auth import OPEN_PATHS, BearerAuthMiddleware
+from forkd.api.e2b import PREFIX as E2B_PREFIX
+from forkd.api.e2b import mount_e2b
+from forkd.api.exec_stream import exec_stream_router
 from forkd.api.limits import BodyLimitMiddleware
 from forkd.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from forkd.api.metrics import Metrics
@@ -186,6 +189,7 @@ def create_app(
             yield
         finally:
             try:
+                await e2b.close()
                 await runtime.close(kill_sandboxes=kill_on_exit)
             finally:
                 audit.close()
@@ -645,8 +649,11 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
 
+    # E2B SDKs (docs/e2b.md): /e2b checks X-API-KEY and per-sandbox tokens itself.
+    e2b = mount_e2b(app, runtime, token=token, limits=lim)
+    app.include_router(exec_stream_router(runtime, lim))
     app.add_middleware(BodyLimitMiddleware, limit=lim.max_body_bytes)
-    app.add_middleware(BearerAuthMiddleware, token=token)
+    app.add_middleware(BearerAuthMiddleware, token=token, open_prefixes=(E2B_PREFIX + "/",))
     app.add_middleware(AuditMiddleware, log=audit)
     return app
 

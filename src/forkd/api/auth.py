@@ -133,14 +133,25 @@ _INVALID = _unauthorized("invalid bearer token")
 
 
 class BearerAuthMiddleware:
-    """Answer 401 unless ``Authorization: Bearer <token>`` matches (every path but /healthz)."""
+    """Answer 401 unless ``Authorization: Bearer <token>`` matches (every path but /healthz).
 
-    def __init__(self, app: ASGIApp, token: str | None) -> None:
+    Paths under ``open_prefixes`` are left to their routes, which authenticate themselves.
+    """
+
+    def __init__(
+        self, app: ASGIApp, token: str | None, open_prefixes: tuple[str, ...] = ()
+    ) -> None:
         self.app = app
         self._token = token.encode() if token is not None else None
+        self._open_prefixes = open_prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._token is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if (
+            self._token is None
+            or scope["type"] != "http"
+            or scope["path"] in OPEN_PATHS
+            or (self._open_prefixes and scope["path"].startswith(self._open_prefixes))
+        ):
             await self.app(scope, receive, send)
             return
         value: bytes | None = None

@@ -39,6 +39,11 @@ class DaemonOptions:
     kill_on_exit: bool = False
 
 
+# Idle keep-alive connections stay open longer than clients keep them pooled (the E2B SDKs:
+# 300 s), so a client never reuses a connection the server is closing at that moment.
+KEEP_ALIVE_S = 310
+
+
 class _Server(uvicorn.Server):
     """uvicorn's server, except that a SIGTERM/SIGINT that led to a clean shutdown ends the
     process normally (exit 0, ``finally`` blocks run) instead of being re-raised."""
@@ -151,6 +156,7 @@ def serve(settings: Settings, options: DaemonOptions) -> None:
         app, loop="asyncio", lifespan="on", log_level="warning", access_log=False,
         server_header=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, h11_max_incomplete_event_size=64 * 1024,
+        timeout_keep_alive=KEEP_ALIVE_S,
     )  # fmt: skip
     server = _Server(config)
     try:

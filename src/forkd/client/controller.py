@@ -29,7 +29,7 @@ import inspect
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
@@ -671,6 +671,35 @@ class _Base:
         return f"{type(self).__name__}({self.base_url!r}, {auth})"
 
 
+def _exec_request(
+    sandbox_id: str,
+    args: Sequence[str],
+    timeout_secs: float,
+    env: Mapping[str, str] | None,
+    cwd: str | None,
+    stdin: str | None,
+    *,
+    stream: bool = False,
+) -> _Request[JSONDict]:
+    if isinstance(args, str):
+        raise TypeError("args must be a list of argv strings, e.g. ['/bin/sh', '-c', cmd]")
+    body: JSONDict = {"args": list(args), "timeout_secs": timeout_secs}
+    if env is not None:
+        body["env"] = dict(env)
+    if cwd is not None:
+        body["cwd"] = cwd
+    if stdin is not None:
+        body["stdin"] = stdin
+    suffix = "/exec/stream" if stream else "/exec"
+    return _Request(
+        "POST",
+        f"/v1/sandboxes/{_seg(sandbox_id)}{suffix}",
+        _parse_dict,
+        json=body,
+        min_timeout=float(timeout_secs) + _EXEC_MARGIN,
+    )
+
+
 class Controller(_Base):
     """Synchronous client of the forkd daemon's REST API.
 
@@ -733,6 +762,35 @@ class Controller(_Base):
     suspend_workspace = _sync(_Endpoints.suspend_workspace)
     resume_workspace = _sync(_Endpoints.resume_workspace)
 
+    def exec_stream(
+        self,
+        sandbox_id: str,
+        args: Sequence[str],
+        timeout_secs: float = 30,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: str | None = None,
+    ) -> Iterator[JSONDict]:
+        """``POST /v1/sandboxes/{id}/exec/stream``: the command's events as it runs.
+
+        Yields ``{"type": "start", "pid"}``, then ``stdout``/``stderr`` events (``data``) as the
+        process writes, then ``{"type": "exit", "exit_code", "timed_out", ...}`` (or an
+        ``error`` event if the sandbox went away).
+        """
+        req = _exec_request(sandbox_id, args, timeout_secs, env, cwd, stdin, stream=True)
+        kwargs = self._request_kwargs(req)
+        try:
+            with self._http.stream(req.method, req.path, **kwargs) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    self._finish(req, resp)
+                for line in resp.iter_lines():
+                    if line.strip():
+                        yield cast(JSONDict, json.loads(line))
+        except httpx.TransportError as exc:
+            raise self._transport_error(req, exc) from exc
+
     def wait_for_snapshot(
         self, tag: str, timeout: float = 300.0, poll_interval: float = 0.2
     ) -> JSONDict:
@@ -794,6 +852,30 @@ class AsyncController(_Base):
         except httpx.TransportError as exc:
             raise self._transport_error(req, exc) from exc
         return self._finish(req, resp)
+
+    async def exec_stream(
+        self,
+        sandbox_id: str,
+        args: Sequence[str],
+        timeout_secs: float = 30,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: str | None = None,
+    ) -> AsyncIterator[JSONDict]:
+        """``POST /v1/sandboxes/{id}/exec/stream``; see :meth:`Controller.exec_stream`."""
+        req = _exec_request(sandbox_id, args, timeout_secs, env, cwd, stdin, stream=True)
+        kwargs = self._request_kwargs(req)
+        try:
+            async with self._http.stream(req.method, req.path, **kwargs) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    self._finish(req, resp)
+                async for line in resp.aiter_lines():
+                    if line.strip():
+                        yield cast(JSONDict, json.loads(line))
+        except httpx.TransportError as exc:
+            raise self._transport_error(req, exc) from exc
 
     healthz = _async(_Endpoints.healthz)
     version = _async(_Endpoints.version)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import builtins
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, Literal, Self, TypeVar, overload
@@ -247,17 +247,66 @@ class Commands:
         envs: Mapping[str, str] | None = None,
         cwd: str | None = None,
         stdin: str | None = None,
+        on_stdout: Callable[[str], object] | None = None,
+        on_stderr: Callable[[str], object] | None = None,
     ) -> CommandResult:
         """Run a command to completion and return its output.
 
         A string is run with ``/bin/sh -c``; a list is executed as argv. ``timeout`` is in
         seconds (the guest kills the command then; ``result.timed_out`` tells). ``envs`` adds
         environment variables, ``cwd`` sets the directory, ``stdin`` is written to its input.
+        ``on_stdout`` / ``on_stderr`` receive the output as the command writes it (streamed).
         """
-        data = self._sb.controller.exec_command(
+        if on_stdout is None and on_stderr is None:
+            data = self._sb.controller.exec_command(
+                self._sb.id, _argv(cmd), timeout, env=envs, cwd=cwd, stdin=stdin
+            )
+            return CommandResult.from_wire(data)
+        collected = _Collected(on_stdout, on_stderr)
+        for event in self._sb.controller.exec_stream(
             self._sb.id, _argv(cmd), timeout, env=envs, cwd=cwd, stdin=stdin
+        ):
+            collected.add(event)
+        return collected.result()
+
+
+class _Collected:
+    """Assembles a :class:`CommandResult` from ``exec/stream`` events, calling back as they come."""
+
+    def __init__(
+        self,
+        on_stdout: Callable[[str], object] | None,
+        on_stderr: Callable[[str], object] | None,
+    ) -> None:
+        self.callbacks = {"stdout": on_stdout, "stderr": on_stderr}
+        self.parts: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self.end: Mapping[str, Any] | None = None
+
+    def add(self, event: Mapping[str, Any]) -> None:
+        kind = event.get("type")
+        if kind in ("stdout", "stderr"):
+            text = str(event.get("data", ""))
+            self.parts[kind].append(text)
+            callback = self.callbacks[kind]
+            if callback is not None:
+                callback(text)
+        elif kind == "exit":
+            self.end = event
+        elif kind == "error":
+            raise ControllerError(502, {"error": event.get("error")}, "exec/stream")
+
+    def result(self) -> CommandResult:
+        if self.end is None:
+            raise ControllerError(502, {"error": "the output stream ended early"}, "exec/stream")
+        return CommandResult.from_wire(
+            {
+                "stdout": "".join(self.parts["stdout"]),
+                "stderr": "".join(self.parts["stderr"]),
+                "exit_code": self.end.get("exit_code", -1),
+                "timed_out": self.end.get("timed_out", False),
+                "duration_ms": self.end.get("duration_ms"),
+            }
         )
-        return CommandResult.from_wire(data)
 
 
 class Files:
@@ -546,12 +595,21 @@ class AsyncCommands:
         envs: Mapping[str, str] | None = None,
         cwd: str | None = None,
         stdin: str | None = None,
+        on_stdout: Callable[[str], object] | None = None,
+        on_stderr: Callable[[str], object] | None = None,
     ) -> CommandResult:
         """Run a command to completion; see :meth:`Commands.run`."""
-        data = await self._sb.controller.exec_command(
+        if on_stdout is None and on_stderr is None:
+            data = await self._sb.controller.exec_command(
+                self._sb.id, _argv(cmd), timeout, env=envs, cwd=cwd, stdin=stdin
+            )
+            return CommandResult.from_wire(data)
+        collected = _Collected(on_stdout, on_stderr)
+        async for event in self._sb.controller.exec_stream(
             self._sb.id, _argv(cmd), timeout, env=envs, cwd=cwd, stdin=stdin
-        )
-        return CommandResult.from_wire(data)
+        ):
+            collected.add(event)
+        return collected.result()
 
 
 class AsyncFiles:

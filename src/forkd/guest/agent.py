@@ -41,7 +41,7 @@ import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-AGENT_VERSION = "0.6.0"
+AGENT_VERSION = "0.7.0"
 DEFAULT_PORT_NAME = "org.forkd.agent.0"
 
 MAX_WORKERS = 64
@@ -155,11 +155,14 @@ _tls = threading.local()
 class _StreamProxy:
     """Stands in for sys.stdout / sys.stderr: a thread running an eval writes into its buffer."""
 
-    def __init__(self, real) -> None:
+    def __init__(self, real, is_err: bool = False) -> None:
         self._real = real
+        self._is_err = is_err
 
     def _target(self):
-        buf = getattr(_tls, "buf", None)
+        buf = getattr(_tls, "err", None) if self._is_err else None
+        if buf is None:
+            buf = getattr(_tls, "buf", None)
         return buf if buf is not None else self._real
 
     def write(self, s):
@@ -194,7 +197,7 @@ def _install_capture() -> None:
     if not isinstance(sys.stdout, _StreamProxy):
         sys.stdout = _StreamProxy(sys.stdout)
     if not isinstance(sys.stderr, _StreamProxy):
-        sys.stderr = _StreamProxy(sys.stderr)
+        sys.stderr = _StreamProxy(sys.stderr, is_err=True)
 
 
 # --------------------------------------------------------------------------- ops
@@ -401,6 +404,235 @@ def op_exec(req: dict) -> dict:
     }
 
 
+# --------------------------------------------------------------------------- tracked processes
+#
+# proc_start answers with the pid at once; the process's output and exit then arrive as
+# unsolicited events ({"event": "proc_output"|"proc_exit", "pid": ...}) on the current
+# connection, sent only after the start answer. See docs/agent-protocol.md.
+
+MAX_PROCS = 256  # tracked processes running at once
+EXITED_KEPT = 128  # exit statuses remembered after the exit event
+OUTPUT_CHUNK = 32 << 10  # bytes of output per event at most
+
+_procs = {}  # pid -> _Proc
+_exited = deque()  # (pid, exit_code, signal) of recently exited tracked processes
+_procs_lock = threading.Lock()
+_event_sink = [None]  # the serving Agent's emit(event) (set by Agent.__init__)
+
+
+def _emit(event: dict) -> None:
+    sink = _event_sink[0]
+    if sink is not None:
+        sink(event)
+
+
+class _Proc:
+    def __init__(self, popen, argv, env, cwd, tag, deadline) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.argv = argv
+        self.env = env
+        self.cwd = cwd
+        self.tag = tag
+        self.deadline = deadline
+        self.stdin_lock = threading.Lock()
+        self.started = threading.Event()
+
+
+def _env_arg(req: dict):
+    env_arg = req.get("env")
+    if env_arg is None:
+        return None, {}
+    if not isinstance(env_arg, dict):
+        raise _bad("argument 'env' must be an object")
+    env = dict(os.environ)
+    given = {}
+    for key, value in env_arg.items():
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
+            raise _bad("bad environment variable name %r" % (key,))
+        if value is None:
+            env.pop(key, None)
+        elif isinstance(value, str) and "\0" not in value:
+            env[key] = value
+            given[key] = value
+        else:
+            raise _bad("environment variable %r must be a string" % key)
+    return env, given
+
+
+def op_proc_start(req: dict) -> dict:
+    argv = req.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise _bad("argument 'argv' must be a non-empty list of strings")
+    env, given_env = _env_arg(req)
+    cwd = _arg_str(req, "cwd")
+    tag = _arg_str(req, "tag")
+    use_stdin = _arg_bool(req, "stdin", False)
+    timeout = _arg_number(req, "timeout", 1.0) if req.get("timeout") is not None else None
+    with _procs_lock:
+        if len(_procs) >= MAX_PROCS:
+            raise _bad("too many tracked processes running (at most %d)" % MAX_PROCS)
+    try:
+        popen = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.PIPE if use_stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            close_fds=True,
+        )
+    except FileNotFoundError as e:
+        if cwd is not None and not os.path.isdir(cwd):
+            raise RequestError("not_found", "working directory %s does not exist" % cwd) from e
+        raise RequestError("not_found", "%s: %s" % (argv[0], e)) from e
+    deadline = time.monotonic() + timeout if timeout is not None else None
+    proc = _Proc(popen, list(argv), given_env, cwd, tag, deadline)
+    with _procs_lock:
+        _procs[proc.pid] = proc
+    thread = threading.Thread(target=_pump, args=(proc,), name="forkd-proc-%d" % proc.pid)
+    thread.daemon = True
+    thread.start()
+    # The pump sends nothing before the start answer is out (run_op calls this after sending).
+    return {"pid": proc.pid, "_after_send": proc.started.set}
+
+
+def _pump(proc: _Proc) -> None:
+    """Forward the process's output as events until it exits, then send its exit event."""
+    proc.started.wait()
+    popen = proc.popen
+    names = {popen.stdout.fileno(): "stdout", popen.stderr.fileno(): "stderr"}
+    poller = select.poll()
+    for fd in names:
+        poller.register(fd, select.POLLIN)
+    pidfd = _pidfd(proc.pid)
+    if pidfd is not None:
+        poller.register(pidfd, select.POLLIN)
+    open_outputs = len(names)
+    exited_at = None
+    killed_for_timeout = False
+    try:
+        while open_outputs > 0:
+            now = time.monotonic()
+            wait = 1.0 if pidfd is not None else 0.05
+            if proc.deadline is not None:
+                if now >= proc.deadline and not killed_for_timeout:
+                    killed_for_timeout = True
+                    _killpg(proc.pid)
+                wait = min(wait, max(0.0, proc.deadline - now))
+            if exited_at is not None:
+                # It exited but a descendant still holds its pipes: drain briefly, like exec.
+                if now >= exited_at + EXIT_GRACE_S:
+                    break
+                wait = min(wait, exited_at + EXIT_GRACE_S - now)
+            for fd, _ev in poller.poll(int(wait * 1000) + 1):
+                if fd == pidfd:
+                    poller.unregister(pidfd)
+                    exited_at = time.monotonic()
+                    continue
+                try:
+                    data = os.read(fd, OUTPUT_CHUNK)
+                except OSError:
+                    data = b""
+                if not data:
+                    poller.unregister(fd)
+                    open_outputs -= 1
+                    continue
+                _emit(
+                    {
+                        "event": "proc_output",
+                        "pid": proc.pid,
+                        "stream": names[fd],
+                        "data_b64": base64.b64encode(data).decode("ascii"),
+                    }
+                )
+            if pidfd is None and exited_at is None and popen.poll() is not None:
+                exited_at = time.monotonic()
+        code = popen.wait()
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+        popen.stdout.close()
+        popen.stderr.close()
+        with contextlib.suppress(Exception):
+            if popen.stdin is not None:
+                popen.stdin.close()
+        if popen.returncode is None:
+            _killpg(proc.pid)
+            popen.wait()
+    code = popen.returncode
+    sig = -code if code < 0 else None
+    exit_code = 128 + sig if sig is not None else code
+    with _procs_lock:
+        _procs.pop(proc.pid, None)
+        _exited.append((proc.pid, exit_code, sig))
+        while len(_exited) > EXITED_KEPT:
+            _exited.popleft()
+    event = {"event": "proc_exit", "pid": proc.pid, "exit_code": exit_code, "signal": sig}
+    if killed_for_timeout:
+        event["timed_out"] = True
+    _emit(event)
+
+
+def _tracked(req: dict) -> _Proc:
+    pid = _arg_int(req, "pid", None, minimum=1)
+    if pid is None:
+        raise _bad("argument 'pid' is required")
+    with _procs_lock:
+        proc = _procs.get(pid)
+    if proc is None:
+        raise RequestError("not_found", "no running tracked process with pid %d" % pid)
+    return proc
+
+
+def op_proc_input(req: dict) -> dict:
+    proc = _tracked(req)
+    data = _arg_b64(req, "data_b64", required=True)
+    if proc.popen.stdin is None:
+        raise _bad("process %d was started without stdin" % proc.pid)
+    with proc.stdin_lock:
+        try:
+            proc.popen.stdin.write(data)
+            proc.popen.stdin.flush()
+        except (BrokenPipeError, ValueError) as e:
+            raise _bad("stdin of process %d is closed" % proc.pid) from e
+    return {"written": len(data)}
+
+
+def op_proc_close_stdin(req: dict) -> dict:
+    proc = _tracked(req)
+    if proc.popen.stdin is not None:
+        with proc.stdin_lock, contextlib.suppress(OSError, ValueError):
+            proc.popen.stdin.close()
+    return {"closed": True}
+
+
+def op_proc_signal(req: dict) -> dict:
+    proc = _tracked(req)
+    sig = _arg_int(req, "signal", int(signal.SIGKILL), minimum=1)
+    if sig > 64:
+        raise _bad("argument 'signal' must be a signal number (1-64)")
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        raise RequestError("not_found", "process %d has exited" % proc.pid) from None
+    return {"signalled": True}
+
+
+def op_proc_list(req: dict) -> dict:
+    with _procs_lock:
+        running = list(_procs.values())
+        exited = list(_exited)
+    return {
+        "processes": [
+            {"pid": p.pid, "argv": p.argv, "env": p.env, "cwd": p.cwd, "tag": p.tag}
+            for p in running
+        ],
+        "exited": [{"pid": pid, "exit_code": code, "signal": sig} for pid, code, sig in exited],
+    }
+
+
 _NAMESPACE = {"__name__": "__main__", "__builtins__": builtins}
 _eval_counter = [0]
 _eval_lock = threading.Lock()
@@ -466,8 +698,73 @@ def _compile_eval(code: str, filename: str):
     return (compile(tree, filename, "exec") if tree.body else None), tail
 
 
+MAX_EVAL_CONTEXTS = 64
+_CONTEXTS = {}  # name -> namespace of a named eval context (the default one is _NAMESPACE)
+
+
+def _eval_namespace(req: dict) -> dict:
+    name = _arg_str(req, "context")
+    if name is None or name == "":
+        return _NAMESPACE
+    if len(name) > 128:
+        raise _bad("argument 'context' is longer than 128 characters")
+    with _eval_lock:
+        ns = _CONTEXTS.get(name)
+        if ns is None:
+            if len(_CONTEXTS) >= MAX_EVAL_CONTEXTS:
+                raise _bad("too many eval contexts (at most %d)" % MAX_EVAL_CONTEXTS)
+            ns = _CONTEXTS[name] = {"__name__": "__main__", "__builtins__": builtins}
+    return ns
+
+
+def op_eval_context_drop(req: dict) -> dict:
+    name = _arg_str(req, "context", required=True)
+    with _eval_lock:
+        removed = _CONTEXTS.pop(name, None) is not None
+    return {"removed": removed}
+
+
+EVAL_OUTPUT_CHUNK = 8 << 10  # characters of streamed eval output per event at most
+
+
+class _StreamedOutput(io.StringIO):
+    """Captures like StringIO and also sends what is written as ``eval_output`` events of the
+    request ``ref`` (a line at a time, or a chunk of a long line), before the answer."""
+
+    def __init__(self, ref: str, name: str) -> None:
+        super().__init__()
+        self._ref = ref
+        self._name = name
+        self._pending = []
+        self._size = 0
+
+    def write(self, s) -> int:
+        n = super().write(s)
+        self._pending.append(s)
+        self._size += len(s)
+        if "\n" in s or self._size >= EVAL_OUTPUT_CHUNK:
+            self.flush()
+        return n
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        text = "".join(self._pending)
+        self._pending = []
+        self._size = 0
+        for i in range(0, len(text), EVAL_OUTPUT_CHUNK):
+            _emit(
+                {
+                    "event": "eval_output",
+                    "ref": self._ref,
+                    "stream": self._name,
+                    "text": text[i : i + EVAL_OUTPUT_CHUNK],
+                }
+            )
+
+
 def op_eval(req: dict) -> dict:
-    return run_eval(_arg_str(req, "code", required=True), _NAMESPACE)
+    return _run_eval(req, _eval_namespace(req))
 
 
 def op_warm(req: dict) -> dict:
@@ -479,43 +776,78 @@ def op_warm(req: dict) -> dict:
         raise _bad("argument 'code' must be a list of strings")
     errors = 0
     for code in snippets[:16]:
-        if run_eval(code, dict(_NAMESPACE))["error"] is not None:
+        if _run_eval({"id": "warm", "code": code}, dict(_NAMESPACE))["error"] is not None:
             errors += 1
     return {"warmed": len(snippets[:16]), "errors": errors}
 
 
-def run_eval(code: str, namespace: dict) -> dict:
+def _run_eval(req: dict, namespace: dict) -> dict:
+    code = _arg_str(req, "code", required=True)
+    split_stderr = _arg_bool(req, "split_stderr", False)
+    streamed = _arg_bool(req, "stream", False) and split_stderr
     filename = _eval_filename(code)
-    out = io.StringIO()
+    if streamed:
+        out = _StreamedOutput(req["id"], "stdout")
+        err = _StreamedOutput(req["id"], "stderr")
+    else:
+        out = io.StringIO()
+        err = io.StringIO() if split_stderr else None
     result = None
+    result_str = None
+    none_result = False
     error = None
+    error_type = None
+    error_value = None
     tb_text = None
     try:
         body, tail = _compile_eval(code, filename)
     except BaseException as e:  # SyntaxError, ValueError (null bytes), RecursionError, ...
         body = tail = None
         error = _exc_text(e)
+        error_type = type(e).__name__
+        error_value = str(e)
         # Like Python's own REPL: the offending line and caret, not the agent's compile frames.
         tb_text = "".join(traceback.format_exception_only(type(e), e))
     if error is None:
         _tls.buf = out
+        _tls.err = err
         try:
             if body is not None:
                 exec(body, namespace)
             if tail is not None:
-                result = repr(eval(tail, namespace))
+                value = eval(tail, namespace)
+                result = repr(value)
+                if isinstance(value, str):
+                    result_str = value
+                elif value is None:
+                    none_result = True
         except BaseException as e:
             error = _exc_text(e)
+            error_type = type(e).__name__
+            error_value = str(e)
             tb_text = _format_exc(e, skip_first=True)
         finally:
             _tls.buf = None
-    return {
+            _tls.err = None
+            if streamed:
+                out.flush()
+                err.flush()
+    resp = {
         "result": result if error is None else None,
         "error": error,
         "traceback": tb_text,
         "exit_code": 0 if error is None else 1,
         "stdout": out.getvalue(),
     }
+    if split_stderr:
+        # The richer form (code interpreters): stderr apart, the exception's type and message
+        # apart, a str result unquoted, and whether the trailing value was None.
+        resp["stderr"] = err.getvalue() if err is not None else ""
+        resp["error_type"] = error_type
+        resp["error_value"] = error_value
+        resp["result_str"] = result_str if error is None else None
+        resp["result_none"] = none_result and error is None
+    return resp
 
 
 def op_write_file(req: dict) -> dict:
@@ -618,6 +950,50 @@ def op_list_files(req: dict) -> dict:
             }
         )
     return {"entries": entries}
+
+
+def _entry(full: str, st) -> dict:
+    entry = {
+        "name": os.path.basename(full.rstrip("/")) or "/",
+        "path": full,
+        "type": _file_type(st.st_mode),
+        "size": st.st_size,
+        "mode": stat.S_IMODE(st.st_mode),
+        "mtime": st.st_mtime,
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+    }
+    if stat.S_ISLNK(st.st_mode):
+        with contextlib.suppress(OSError):
+            entry["symlink_target"] = os.readlink(full)
+    return entry
+
+
+def op_stat(req: dict) -> dict:
+    path = _arg_path(req)
+    return {"entry": _entry(path, os.lstat(path))}
+
+
+def op_mkdir(req: dict) -> dict:
+    """Create directory ``path`` with its parents; ``created`` false if it already was one."""
+    path = _arg_path(req)
+    if os.path.isdir(path):
+        return {"created": False, "entry": _entry(path, os.lstat(path))}
+    os.makedirs(path)
+    return {"created": True, "entry": _entry(path, os.lstat(path))}
+
+
+def op_move(req: dict) -> dict:
+    source = _arg_str(req, "source", required=True)
+    destination = _arg_str(req, "destination", required=True)
+    for p in (source, destination):
+        if not p.startswith("/") or "\0" in p:
+            raise _bad("paths must be absolute")
+    parent = os.path.dirname(destination)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    os.rename(source, destination)
+    return {"entry": _entry(destination, os.lstat(destination))}
 
 
 def op_remove_file(req: dict) -> dict:
@@ -796,6 +1172,15 @@ OPS = {
     "reseed": op_reseed,
     "set_net": op_set_net,
     "warm": op_warm,
+    "eval_context_drop": op_eval_context_drop,
+    "stat": op_stat,
+    "mkdir": op_mkdir,
+    "move": op_move,
+    "proc_start": op_proc_start,
+    "proc_input": op_proc_input,
+    "proc_close_stdin": op_proc_close_stdin,
+    "proc_signal": op_proc_signal,
+    "proc_list": op_proc_list,
 }
 
 
@@ -822,6 +1207,7 @@ class Agent:
         self.session = None
         self.write_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="forkd-op")
+        _event_sink[0] = self.emit
 
     # -- writing
 
@@ -847,12 +1233,23 @@ class Agent:
             except OSError as e:
                 _log("write failed: %s" % e)
 
+    def emit(self, event: dict) -> None:
+        """An unsolicited event (a tracked process's output or exit) to the current host."""
+        line = json.dumps(event, separators=(",", ":")).encode("utf-8") + b"\n"
+        with self.write_lock:
+            try:
+                self._write_all(line)
+            except OSError as e:
+                _log("write failed: %s" % e)
+
     # -- requests
 
     def run_op(self, handler, req: dict, rid: str, session) -> None:
+        after_send = None
         try:
             resp = {"id": rid, "ok": True}
             resp.update(handler(req))
+            after_send = resp.pop("_after_send", None)
         except RequestError as e:
             resp = {"id": rid, "ok": False, "error": str(e), "kind": e.kind}
         except FileNotFoundError as e:
@@ -863,6 +1260,8 @@ class Agent:
             _log("op %s failed: %s" % (req.get("op"), traceback.format_exc()))
             resp = {"id": rid, "ok": False, "error": _exc_text(e), "kind": "internal"}
         self.send(resp, session)
+        if after_send is not None:
+            after_send()
 
     def handle_line(self, line: bytes) -> None:
         line = line.strip()

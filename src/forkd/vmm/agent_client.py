@@ -13,9 +13,10 @@ import base64
 import binascii
 import contextlib
 import json
+import re
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -44,6 +45,10 @@ MAX_STRAY_LINES = 1000
 MAX_STRAY_BYTES = 64 << 20
 # Requests awaiting an answer on one connection (the agent runs 64 at a time); more answer 503.
 MAX_IN_FLIGHT = 256
+# Output of one tracked process queued on the host before its reader takes it; beyond this the
+# output is dropped (counted in ProcStream.dropped_bytes) so a chatty guest cannot grow memory.
+PROC_QUEUE_BYTES = 16 << 20
+PROC_SUBSCRIBERS_MAX = 16  # readers of one process at once
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,96 @@ class EvalResult:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+@dataclass(frozen=True)
+class ProcEvent:
+    """One event of a tracked process: output (``stdout``/``stderr``) or its ``exit``."""
+
+    kind: str
+    data: bytes = b""
+    exit_code: int | None = None
+    signal: int | None = None
+    timed_out: bool = False
+
+
+class ProcStream:
+    """The events of one tracked process as one reader sees them (:meth:`AgentClient.proc_start`).
+
+    Output beyond :data:`PROC_QUEUE_BYTES` not yet taken is dropped and counted; the exit event
+    always arrives. :meth:`next` raises :class:`AgentError` when the connection is lost.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.dropped_bytes = 0
+        self._queue: asyncio.Queue[ProcEvent | AgentError] = asyncio.Queue()
+        self._queued_bytes = 0
+        self.exited: ProcEvent | None = None
+
+    def _put(self, event: ProcEvent) -> None:
+        if event.kind == "exit":
+            self.exited = event
+        elif self._queued_bytes + len(event.data) > PROC_QUEUE_BYTES:
+            self.dropped_bytes += len(event.data)
+            return
+        self._queued_bytes += len(event.data)
+        self._queue.put_nowait(event)
+
+    def _fail(self, error: AgentError) -> None:
+        self._queue.put_nowait(error)
+
+    async def next(self) -> ProcEvent:
+        item = await self._queue.get()
+        if isinstance(item, AgentError):
+            self._queue.put_nowait(item)  # every later call fails the same way
+            raise item
+        self._queued_bytes -= len(item.data)
+        return item
+
+
+def _proc_event(msg: dict[str, Any]) -> tuple[int, ProcEvent] | None:
+    """A well-formed process event from the guest, or None."""
+    pid = msg.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        return None
+    kind = msg.get("event")
+    if kind == "proc_output":
+        stream = msg.get("stream")
+        data = msg.get("data_b64")
+        if stream not in ("stdout", "stderr") or not isinstance(data, str):
+            return None
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except ValueError:
+            return None
+        return pid, ProcEvent(kind=str(stream), data=raw)
+    if kind == "proc_exit":
+        code = msg.get("exit_code")
+        sig = msg.get("signal")
+        return pid, ProcEvent(
+            kind="exit",
+            exit_code=code if isinstance(code, int) else -1,
+            signal=sig if isinstance(sig, int) else None,
+            timed_out=msg.get("timed_out") is True,
+        )
+    return None
+
+
+# Events (docs/agent-protocol.md) begin with their name and then the pid or the request id they
+# concern (the agent writes them in this order), so they are routed before being parsed.
+_EVENT = re.compile(
+    rb'\{"event":"(proc_output|proc_exit|eval_output)",'
+    rb'(?:"pid":(\d{1,10})|"ref":"([^"\\]{1,64})")'
+)
+
+
+def _parse_event(line: bytes) -> dict[str, Any] | None:
+    try:
+        msg = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return msg if isinstance(msg, dict) else None
 
 
 def _encode(msg: Mapping[str, Any]) -> bytes:
@@ -152,6 +247,9 @@ class AgentClient:
         self._close_reason = "agent client closed"
         self._close_error: type[AgentError] = AgentError
         self._strays = strays if strays is not None else _Strays()
+        self._proc_streams: dict[int, list[ProcStream]] = {}
+        self._on_answer: dict[str, Callable[[dict[str, Any]], None]] = {}
+        self._listeners: dict[str, Callable[[dict[str, Any]], None]] = {}
         self._reader_task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
             self._read_loop(), name=f"agent-reader-{session}"
         )
@@ -243,6 +341,10 @@ class AgentClient:
         for _, fut in pending.values():
             if not fut.done():
                 fut.set_exception(error(reason))
+        streams, self._proc_streams = self._proc_streams, {}
+        for subs in streams.values():
+            for sub in subs:
+                sub._fail(error(reason))
         self._writer.close()
 
     async def _read_loop(self) -> None:
@@ -279,6 +381,9 @@ class AgentClient:
         A line is parsed only when its id is one this connection is waiting for, so junk and
         floods cost one regex search each.
         """
+        event = _EVENT.match(line)
+        if event is not None:
+            return self._event(line, event)
         rid = peek_id(line)
         if rid is None:
             return self._strays.note(line, False)
@@ -296,8 +401,12 @@ class AgentClient:
         if reply.id != rid:  # the regex found a decoy: nobody asked for the real id
             return self._strays.note(line, True)
         del self._pending[rid]
+        answer = agent_wire.as_dict(reply)
+        hook = self._on_answer.pop(rid, None)
+        if hook is not None and answer.get("ok") is True:
+            hook(answer)  # before any later line (an event it enables) is read
         if not fut.done():
-            fut.set_result(agent_wire.as_dict(reply))
+            fut.set_result(answer)
         return None
 
     # ----------------------------------------------------------------- requests
@@ -313,11 +422,21 @@ class AgentClient:
         return await self.call(op, args, timeout=timeout)
 
     async def call(
-        self, op: str, args: Mapping[str, Any], *, timeout: float | None = None
+        self,
+        op: str,
+        args: Mapping[str, Any],
+        *,
+        timeout: float | None = None,
+        on_answer: Callable[[dict[str, Any]], None] | None = None,
+        listener: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Like :meth:`request`, with the protocol arguments given as a mapping.
 
         The answer has been checked against the op's reply model (``agent_wire``).
+        ``on_answer`` runs in the reader as soon as a successful answer is read, before any
+        later line: it is how a caller subscribes to events the answer announces.
+        ``listener`` gets the events that name this request (``"ref": <id>``) until it is
+        answered.
         """
         if self._closed:
             raise self._close_error(self._close_reason)
@@ -333,6 +452,10 @@ class AgentClient:
         msg["op"] = op
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = (op, fut)
+        if on_answer is not None:
+            self._on_answer[rid] = on_answer
+        if listener is not None:
+            self._listeners[rid] = listener
         try:
             try:
                 self._writer.write(_encode(msg))
@@ -347,8 +470,114 @@ class AgentClient:
                 raise AgentError(f"agent {op} timed out after {timeout:g} s") from None
         finally:
             self._pending.pop(rid, None)
+            self._on_answer.pop(rid, None)
+            self._listeners.pop(rid, None)
         _raise_for(op, resp)
         return resp
+
+    def _event(self, line: bytes, match: re.Match[bytes]) -> str | None:
+        """Hand an event to whoever reads its process or request; a reason when abusive.
+
+        An event nobody reads (a process started before this connection, output of a request
+        already answered) is dropped unparsed and is not abuse: forks inherit processes.
+        """
+        pid_raw, ref = match.group(2), match.group(3)
+        if ref is not None:
+            listener = self._listeners.get(ref.decode("ascii", "replace"))
+            if listener is None:
+                return None
+            msg = _parse_event(line)
+            if msg is None:
+                return self._strays.note(line, False)
+            listener(msg)
+            return None
+        subs = self._proc_streams.get(int(pid_raw))
+        if not subs:
+            return None
+        msg = _parse_event(line)
+        parsed = _proc_event(msg) if msg is not None else None
+        if parsed is None:
+            return self._strays.note(line, False)
+        pid, event = parsed
+        if event.kind == "exit":
+            self._proc_streams.pop(pid, None)
+        for sub in subs:
+            sub._put(event)
+        return None
+
+    # ----------------------------------------------------------------- tracked processes
+
+    async def proc_start(
+        self,
+        argv: list[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bool = False,
+        timeout: float | None = None,
+        tag: str | None = None,
+        call_timeout: float | None = 30.0,
+    ) -> ProcStream:
+        """Start ``argv`` as a tracked process; its output and exit arrive on the stream.
+
+        ``timeout`` (None: none) has the guest kill the process group when it passes.
+        """
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise InvalidInput("argv must be a non-empty list of strings")
+        args: dict[str, Any] = {"argv": list(argv), "stdin": stdin}
+        if env is not None:
+            args["env"] = dict(env)
+        if cwd is not None:
+            args["cwd"] = cwd
+        if timeout is not None and timeout > 0:
+            args["timeout"] = timeout
+        if tag is not None:
+            args["tag"] = tag
+        holder: list[ProcStream] = []
+
+        def subscribe(resp: dict[str, Any]) -> None:
+            pid = resp.get("pid")
+            if isinstance(pid, int) and not isinstance(pid, bool):
+                stream = ProcStream(pid)
+                self._proc_streams[pid] = [stream]
+                holder.append(stream)
+
+        resp = await self.call("proc_start", args, timeout=call_timeout, on_answer=subscribe)
+        if not holder:
+            raise AgentError(f"agent proc_start: bad answer {resp!r}")
+        return holder[0]
+
+    def proc_attach(self, pid: int) -> ProcStream:
+        """Another reader of running tracked process ``pid`` (events from now on)."""
+        subs = self._proc_streams.get(pid)
+        if subs is None:
+            raise NotFound(f"no running tracked process with pid {pid} on this connection")
+        if len(subs) >= PROC_SUBSCRIBERS_MAX:
+            raise InvalidInput(f"process {pid} has {len(subs)} readers already")
+        stream = ProcStream(pid)
+        subs.append(stream)
+        return stream
+
+    def proc_detach(self, stream: ProcStream) -> None:
+        subs = self._proc_streams.get(stream.pid)
+        if subs is not None and stream in subs:
+            subs.remove(stream)
+
+    async def proc_input(self, pid: int, data: bytes, *, timeout: float | None = 30.0) -> None:
+        args = {"pid": pid, "data_b64": base64.b64encode(data).decode("ascii")}
+        await self.call("proc_input", args, timeout=timeout)
+
+    async def proc_close_stdin(self, pid: int, *, timeout: float | None = 10.0) -> None:
+        await self.call("proc_close_stdin", {"pid": pid}, timeout=timeout)
+
+    async def proc_signal(self, pid: int, signal: int, *, timeout: float | None = 10.0) -> None:
+        await self.call("proc_signal", {"pid": pid, "signal": signal}, timeout=timeout)
+
+    async def proc_list(self, *, timeout: float | None = 10.0) -> list[dict[str, Any]]:
+        """Running tracked processes: pid, argv, env (as given), cwd, tag."""
+        resp = await self.call("proc_list", {}, timeout=timeout)
+        procs = resp.get("processes", [])
+        return [p for p in procs if isinstance(p, dict)] if isinstance(procs, list) else []
 
     async def ping(self, *, timeout: float | None = 5.0) -> dict[str, Any]:
         return await self.call("ping", {}, timeout=timeout)
@@ -397,6 +626,38 @@ class AgentClient:
             stderr_truncated=resp["stderr_truncated"],
             duration_ms=resp["duration_ms"],
         )
+
+    async def eval_rich(
+        self,
+        code: str,
+        *,
+        context: str | None = None,
+        timeout: float | None = None,
+        on_output: Callable[[str, str], None] | None = None,
+    ) -> dict[str, Any]:
+        """``eval`` in namespace ``context`` (None: the default one) with the richer answer:
+        ``stderr`` apart, ``error_type``/``error_value``, ``result_str``, ``result_none``.
+
+        ``on_output(stream, text)`` gets what the code prints while it runs (the answer still
+        carries all of it)."""
+        args: dict[str, Any] = {"code": code, "split_stderr": True}
+        if context is not None:
+            args["context"] = context
+        listener = None
+        if on_output is not None:
+            args["stream"] = True
+            callback = on_output
+
+            def listener(msg: dict[str, Any]) -> None:
+                stream, text = msg.get("stream"), msg.get("text")
+                if stream in ("stdout", "stderr") and isinstance(text, str):
+                    callback(str(stream), text)
+
+        return await self.call("eval", args, timeout=timeout, listener=listener)
+
+    async def eval_context_drop(self, context: str, *, timeout: float | None = 10.0) -> bool:
+        resp = await self.call("eval_context_drop", {"context": context}, timeout=timeout)
+        return resp.get("removed") is True
 
     async def eval(self, code: str, *, timeout: float | None = None) -> EvalResult:
         """Evaluate Python ``code`` in the agent's persistent namespace."""
@@ -486,6 +747,26 @@ class AgentClient:
         resp = await self.call("list_files", {"path": path}, timeout=timeout)
         entries: list[dict[str, Any]] = resp["entries"]
         return entries
+
+    async def stat(self, path: str, *, timeout: float | None = 30.0) -> dict[str, Any]:
+        """``lstat`` of ``path``: name, path, type, size, mode, mtime, uid, gid (symlink_target)."""
+        resp = await self.call("stat", {"path": path}, timeout=timeout)
+        entry = resp.get("entry")
+        return entry if isinstance(entry, dict) else {}
+
+    async def mkdir(self, path: str, *, timeout: float | None = 30.0) -> bool:
+        """Create ``path`` and its parents; False if it was a directory already."""
+        resp = await self.call("mkdir", {"path": path}, timeout=timeout)
+        return resp.get("created") is True
+
+    async def move(
+        self, source: str, destination: str, *, timeout: float | None = 60.0
+    ) -> dict[str, Any]:
+        """Rename ``source`` to ``destination`` (parents created); the new entry."""
+        args = {"source": source, "destination": destination}
+        resp = await self.call("move", args, timeout=timeout)
+        entry = resp.get("entry")
+        return entry if isinstance(entry, dict) else {}
 
     async def remove_file(
         self, path: str, *, recursive: bool = False, timeout: float | None = 60.0

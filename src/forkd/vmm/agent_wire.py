@@ -75,6 +75,13 @@ class EvalReply(Reply):
     exit_code: int | None = Field(default=None, ge=-INT32, lt=INT32)
     stdout: str = ""
     stdout_truncated: bool = False
+    # with split_stderr (the E2B code interpreter): stderr apart, the exception's parts
+    stderr: str | None = None
+    stderr_truncated: bool = False
+    error_type: str | None = Field(default=None, max_length=1024)
+    error_value: str | None = None
+    result_str: str | None = None
+    result_none: bool = False
 
 
 class WriteFileReply(Reply):
@@ -108,7 +115,65 @@ class RemoveFileReply(Reply):
     removed: bool = False
 
 
+class StatEntry(FileEntry):
+    uid: int | None = Field(default=None, ge=0, lt=1 << 32)
+    gid: int | None = Field(default=None, ge=0, lt=1 << 32)
+    symlink_target: str | None = Field(default=None, max_length=8192)
+
+
+class EntryReply(Reply):
+    """stat, mkdir (``created``), move."""
+
+    entry: StatEntry | None = None
+    created: bool = False
+
+
+class ProcStartReply(Reply):
+    pid: int | None = Field(default=None, ge=1, lt=INT32)
+
+
+class ProcInfo(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, hide_input_in_errors=True, frozen=True)
+
+    pid: int = Field(ge=1, lt=INT32)
+    argv: list[str] = Field(default_factory=list, max_length=65536)
+    env: dict[str, str] = Field(default_factory=dict, max_length=65536)
+    cwd: str | None = Field(default=None, max_length=8192)
+    tag: str | None = Field(default=None, max_length=4096)
+
+
+class ProcExit(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, hide_input_in_errors=True, frozen=True)
+
+    pid: int = Field(ge=1, lt=INT32)
+    exit_code: int = Field(ge=-INT32, lt=INT32)
+    signal: int | None = Field(default=None, ge=0, le=128)
+
+
+class ProcListReply(Reply):
+    processes: list[ProcInfo] = Field(default_factory=list, max_length=4096)
+    exited: list[ProcExit] = Field(default_factory=list, max_length=4096)
+
+
+class ProcDoneReply(Reply):
+    """proc_input, proc_close_stdin, proc_signal, eval_context_drop."""
+
+    written: int | None = Field(default=None, ge=0, lt=1 << 63)
+    closed: bool = False
+    signalled: bool = False
+    removed: bool = False
+
+
 MODELS: dict[str, type[Reply]] = {
+    "stat": EntryReply,
+    "mkdir": EntryReply,
+    "move": EntryReply,
+    "proc_start": ProcStartReply,
+    "proc_list": ProcListReply,
+    "proc_input": ProcDoneReply,
+    "proc_close_stdin": ProcDoneReply,
+    "proc_signal": ProcDoneReply,
+    "eval_context_drop": ProcDoneReply,
     "exec": ExecReply,
     "eval": EvalReply,
     "write_file": WriteFileReply,
