@@ -140,7 +140,8 @@ def _write(pack: PackManifest, files: dict[PartName, Path], dest: Path, compress
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.partial")
     try:
-        with open(tmp, "wb") as out:
+        # 0600: guest memory may hold secrets.
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
             if compress:
                 zstd = subprocess.Popen(
                     [ZSTD, "-q", "-T0", "-3", "-c"], stdin=subprocess.PIPE, stdout=out
