@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
-import tempfile
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -23,6 +21,7 @@ from forkd.errors import GatewayTimeout, InvalidInput, PayloadTooLarge
 from forkd.hub.format import PACK_SUFFIX
 from forkd.hub.pack import write_pack
 from forkd.hub.registry import MAX_PACK_BYTES, PullResult, pull, push
+from forkd.hub.scratch import scratch_dir
 from forkd.hub.unpack import UnpackResult, unpack
 from forkd.runtime.engine import Runtime
 from forkd.validate import validate_tag
@@ -109,9 +108,7 @@ def _answer(runtime: Runtime, u: UnpackResult, pulled: PullResult | None = None)
 
 
 def _scratch(runtime: Runtime) -> Path:
-    root = runtime.settings.home / "hub"
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return Path(tempfile.mkdtemp(prefix=f".work-{os.getpid()}-", dir=root))
+    return scratch_dir(runtime.settings.home)
 
 
 def hub_router(runtime: Runtime, lim: Limits) -> APIRouter:

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import httpx
 from forkd.errors import ForkdError, HostSetupError, InvalidInput, NotFound, PayloadTooLarge
 from forkd.hub.format import ARTIFACT_TYPE, CONFIG_MEDIA_TYPE, LAYER_MEDIA_TYPE, PACK_SUFFIX
 from forkd.hub.pack import PackResult, write_pack
+from forkd.hub.scratch import scratch_dir
 from forkd.hub.unpack import UnpackResult, unpack
 from forkd.runtime.engine import Runtime
 
@@ -82,9 +82,7 @@ def docker_ref(ref: str) -> str:
 @contextlib.asynccontextmanager
 async def _workdir(runtime: Runtime) -> AsyncIterator[Path]:
     """A private scratch dir on disk under FORKD_HOME (packs are too big for /tmp)."""
-    root = runtime.settings.home / "hub"
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = Path(tempfile.mkdtemp(prefix=f".work-{os.getpid()}-", dir=root))
+    path = scratch_dir(runtime.settings.home)
     try:
         yield path
     finally:
