@@ -5,6 +5,7 @@ behind; a delta branch packs flattened and keeps its state."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -22,7 +23,7 @@ import pytest
 
 from forkd.config import Settings
 from forkd.errors import Conflict, InvalidInput
-from forkd.hub.format import MANIFEST_MEMBER
+from forkd.hub.format import DIGEST_MEMBER, MANIFEST_MEMBER
 from forkd.hub.pack import write_pack
 from forkd.hub.registry import pull
 from forkd.hub.unpack import unpack
@@ -121,6 +122,7 @@ def _rewrite(src: Path, dest: Path, *, manifest: dict[str, object] | None = None
              rename: dict[str, str] | None = None) -> None:  # fmt: skip
     """A copy of an uncompressed pack with another manifest and/or renamed members."""
     rename = rename or {}
+    new_digest = b""
     with tarfile.open(src) as tin, tarfile.open(dest, "w") as tout:
         for member in tin.getmembers():
             data = tin.extractfile(member)
@@ -128,9 +130,21 @@ def _rewrite(src: Path, dest: Path, *, manifest: dict[str, object] | None = None
             body = data.read()
             if member.name == MANIFEST_MEMBER and manifest is not None:
                 body = json.dumps(manifest).encode()
+                new_digest = hashlib.sha256(body).hexdigest().encode()
+            if member.name == DIGEST_MEMBER and manifest is not None:
+                body = new_digest
             copy = tarfile.TarInfo(rename.get(member.name, member.name))
             copy.size = len(body)
             tout.addfile(copy, io.BytesIO(body))
+
+
+def _flip(src: Path, dest: Path, offset: int) -> None:
+    shutil.copyfile(src, dest)
+    with open(dest, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 def _cli(rt: Runtime, *args: str) -> subprocess.CompletedProcess[str]:
@@ -152,6 +166,8 @@ async def test_push_delete_pull_fork_and_refusals(
     assert json.loads(pushed.stdout)["digest"].startswith("sha256:")
     plain = tmp_path / "plain.forkd"
     packed = await write_pack(rt, TAG, plain, compress=False)
+    packed_z = await write_pack(rt, TAG, tmp_path / "zstd.forkd")
+    assert packed_z.compressed and packed_z.bytes < packed.bytes
     assert packed.stored_bytes < packed.logical_bytes  # holes and zero pages are not stored
     assert oct(plain.stat().st_mode & 0o777) == "0o600"
 
@@ -163,19 +179,22 @@ async def test_push_delete_pull_fork_and_refusals(
     clean = _footprint(rt)
     assert not rt.images.list() and TAG not in clean["rows"]
 
-    # One flipped byte in the middle of the memory part: refused, nothing left behind.
-    corrupt = tmp_path / "corrupt.forkd"
-    shutil.copyfile(plain, corrupt)
+    # One flipped byte, in the middle of the memory part, in the manifest's warm-up text, or
+    # anywhere in a compressed pack: refused, nothing left behind.
     with tarfile.open(plain) as tar:
-        member = tar.getmember("memory")
-    with open(corrupt, "r+b") as f:
-        f.seek(member.offset_data + member.size // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0xFF]))
-    with pytest.raises(InvalidInput, match="part 'memory' fails its sha256 check"):
-        await unpack(rt, corrupt)
-    assert _footprint(rt) == clean
+        memory, head = tar.getmember("memory"), tar.getmember(MANIFEST_MEMBER)
+        warmup_at = tar.extractfile(head).read().index(b"HUB_STATE")  # type: ignore[union-attr]
+    for source, offset, reason in (
+        (plain, memory.offset_data + memory.size // 2, "part 'memory' fails its sha256 check"),
+        (plain, head.offset_data + warmup_at, "manifest fails its sha256 check"),
+        (packed_z.path, packed_z.bytes * 2 // 3, "refusing the pack"),
+        (packed_z.path, packed_z.bytes - 2, "refusing the pack"),  # its frame checksum
+    ):
+        corrupt = tmp_path / "corrupt.forkd"
+        _flip(source, corrupt, offset)
+        with pytest.raises(InvalidInput, match=reason):
+            await unpack(rt, corrupt)
+        assert _footprint(rt) == clean
 
     # A member named ../x (first, or after the manifest): refused before it is written.
     with tarfile.open(plain) as tar:

@@ -1,6 +1,7 @@
 """The pack format: one tar (zstd-compressed when ``zstd`` is installed) holding a template.
 
-Members, in this order: ``forkd-pack.json`` (:class:`PackManifest`), then one member per part
+Members, in this order: ``forkd-pack.json`` (:class:`PackManifest`), ``forkd-pack.json.sha256``
+(its hash), then one member per part
 (``memory``, ``devstate``, ``kernel``, ``initrd``, ``rootfs``). A part is stored as its data
 extents only: the member holds the bytes of every extent in order, the manifest lists the
 extents, so a 512 MiB guest memory file that the guest touched 150 MiB of costs 150 MiB (holes
@@ -20,6 +21,7 @@ from forkd.snapshots.manifest import SnapshotManifest
 PACK_FORMAT: Literal["forkd-pack"] = "forkd-pack"
 PACK_VERSION = 1
 MANIFEST_MEMBER = "forkd-pack.json"
+DIGEST_MEMBER = "forkd-pack.json.sha256"  # the manifest's sha256, hex: a flipped byte in it shows
 PACK_SUFFIX = ".forkd"
 
 PartName = Literal["memory", "devstate", "kernel", "initrd", "rootfs"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import os
 import secrets
@@ -20,7 +21,7 @@ from forkd import __version__
 from forkd.errors import Conflict, HostSetupError
 from forkd.hub.compat import facts_of
 from forkd.hub.extents import ExtentReader, Scan, scan_extents
-from forkd.hub.format import MANIFEST_MEMBER, PackManifest, PackPart, PartName
+from forkd.hub.format import DIGEST_MEMBER, MANIFEST_MEMBER, PackManifest, PackPart, PartName
 from forkd.runtime.engine import Runtime
 from forkd.snapshots.delta import overlay
 from forkd.snapshots.guestram import PAGE, sparse_copy
@@ -166,6 +167,8 @@ def _tar(pack: PackManifest, files: dict[PartName, Path], stream: IO[bytes]) -> 
     with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         head = pack.model_dump_json().encode()
         tar.addfile(_member(MANIFEST_MEMBER, len(head), pack.created_at_unix), io.BytesIO(head))
+        digest = hashlib.sha256(head).hexdigest().encode()
+        tar.addfile(_member(DIGEST_MEMBER, len(digest), pack.created_at_unix), io.BytesIO(digest))
         for part in pack.parts:
             reader = ExtentReader(files[part.name], part.extents)
             try:

@@ -9,6 +9,7 @@ call staged or published, so a refused pack leaves nothing behind.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import secrets
 import shutil
@@ -24,7 +25,7 @@ from forkd.errors import Conflict, HostSetupError, InvalidInput
 from forkd.hub import compat
 from forkd.hub.checks import check_manifest_member, check_member, parse_manifest
 from forkd.hub.extents import CHUNK, ExtentWriter
-from forkd.hub.format import MAX_MANIFEST_BYTES, PackManifest, PackPart
+from forkd.hub.format import DIGEST_MEMBER, MAX_MANIFEST_BYTES, PackManifest, PackPart
 from forkd.images.store import Image
 from forkd.private import private_dir
 from forkd.runtime.engine import Runtime
@@ -123,6 +124,8 @@ class _Job:
             raw = open(path, "rb")  # noqa: SIM115 (closed below, with the process's pipe)
         try:
             self._read(_Budget(raw))
+            if proc is not None:
+                _finish_zstd(proc, raw)
         except tarfile.TarError as exc:
             raise InvalidInput(f"refusing the pack: it is not a readable tar ({exc})") from None
         finally:
@@ -144,7 +147,18 @@ class _Job:
         assert first is not None
         head = tar.extractfile(first)
         assert head is not None
-        pack = parse_manifest(head.read())
+        raw = head.read()
+        stream.limit = stream.pos + _SLACK
+        digest = tar.next()
+        if digest is None:
+            raise InvalidInput("refusing the pack: it ends after its manifest")
+        check_member(digest, DIGEST_MEMBER, 64)
+        recorded = tar.extractfile(digest)
+        assert recorded is not None
+        if recorded.read() != hashlib.sha256(raw).hexdigest().encode():
+            raise InvalidInput("refusing the pack: its manifest fails its sha256 check "
+                               "(corrupted or altered)")  # fmt: skip
+        pack = parse_manifest(raw)
         self._admit(pack)
         self.pack = pack
         settings = self.rt.settings
@@ -320,6 +334,19 @@ class _Job:
         shutil.rmtree(self.snap_dir, ignore_errors=True)
         shutil.rmtree(self.image_dir, ignore_errors=True)
         self.memory.unlink(missing_ok=True)
+
+
+def _finish_zstd(proc: subprocess.Popen[bytes], out: IO[bytes]) -> None:
+    """Read what zstd has left (the tar's end padding) and require a clean exit: its frame
+    checksum covers every byte, padding included."""
+    left = _SLACK * 16
+    while chunk := out.read(1 << 16):
+        left -= len(chunk)
+        if left < 0:
+            raise InvalidInput("refusing the pack: it has data after the end of its tar")
+    err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+    if proc.wait() != 0:
+        raise InvalidInput(f"refusing the pack: its zstd stream is corrupt ({err[-200:]})")
 
 
 def _relocate(args: list[str], s: SnapshotManifest, kernel: Path, initrd: Path, rootfs: Path
