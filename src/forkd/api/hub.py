@@ -176,7 +176,7 @@ def hub_router(runtime: Runtime, lim: Limits) -> APIRouter:
         response_model=UnpackAnswer,
         responses=_errors(400, 401, 409, 413, 504),
         openapi_extra={"requestBody": {"required": True, "content": {
-            PACK_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
     )  # fmt: skip
     async def unpack_upload(
         request: Request,

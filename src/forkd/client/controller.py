@@ -212,7 +212,7 @@ def _unpack_request(tag: str | None, force: bool) -> _Request[JSONDict]:
     if force:
         params["force"] = _TRUE
     return _Request("POST", "/v1/snapshots/unpack", _parse_dict, params=params or None,
-                    headers={"Content-Type": "application/vnd.forkd.pack.v1.tar"},
+                    headers={"Content-Type": "application/octet-stream"},
                     min_timeout=_HUB_TIMEOUT)  # fmt: skip
 
 

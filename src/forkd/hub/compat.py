@@ -7,16 +7,15 @@ saved the state, the same accelerator, and (KVM ``-cpu host``) every CPU feature
 
 from __future__ import annotations
 
-import functools
 import re
-import subprocess
 from pathlib import Path
 
+from forkd.errors import HostSetupError
 from forkd.hub.format import HostFacts
+from forkd.runtime.engine import Runtime
 from forkd.snapshots.manifest import SnapshotManifest
-from forkd.vmm.qemu import qemu_binary
+from forkd.vmm import machine
 
-_VERSION_RE = re.compile(r"version (\d+)\.(\d+)(?:\.(\d+))?")
 _VERSIONED_TYPE = re.compile(r"^pc-(?:q35|i440fx)-(\d+)\.(\d+)$")
 
 
@@ -64,27 +63,7 @@ def facts_of(manifest: SnapshotManifest) -> HostFacts:
 
 
 def parse_version(text: str) -> tuple[int, int, int] | None:
-    m = _VERSION_RE.search(f"version {text}") or _VERSION_RE.search(text)
-    return (int(m[1]), int(m[2]), int(m[3] or 0)) if m else None
-
-
-@functools.cache
-def local_qemu() -> tuple[tuple[int, int, int] | None, dict[str, str]]:
-    """This host's QEMU version and machine types (alias -> the type it stands for)."""
-    binary = qemu_binary()
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
-    version = parse_version(out.stdout.splitlines()[0] if out.stdout else "")
-    listing = subprocess.run(
-        [binary, "-machine", "help"], capture_output=True, text=True, timeout=30
-    ).stdout
-    types: dict[str, str] = {}
-    for line in listing.splitlines()[1:]:
-        parts = line.split(None, 1)
-        if not parts:
-            continue
-        alias = re.search(r"\(alias of ([\w.-]+)\)", line)
-        types[parts[0]] = alias[1] if alias else parts[0]
-    return version, types
+    return machine.parse_version(f"version {text}")
 
 
 def incompatibility(
@@ -129,7 +108,13 @@ def incompatibility(
     return None
 
 
-def check_here(facts: HostFacts, accel: str) -> str | None:
-    version, types = local_qemu()
+def check_here(facts: HostFacts, runtime: Runtime) -> str | None:
+    """None if this host (its accelerator, QEMU, CPU) restores a template with ``facts``."""
+    try:
+        build = runtime.qemu
+    except HostSetupError as exc:
+        return str(exc)
+    types = {t: build.resolve(t) for t in build.machine_types}
     cpu = cpu_identity() if facts.cpu_model == "host" else None
-    return incompatibility(facts, accel=accel, qemu_version=version, machine_types=types, cpu=cpu)
+    return incompatibility(facts, accel=runtime.accel.name, qemu_version=build.version,
+                           machine_types=types, cpu=cpu)  # fmt: skip

@@ -71,6 +71,8 @@ async def write_pack(
     reason = bootability(manifest, runtime.snapshots.devstate_path(tag))
     if reason is not None:
         raise Conflict(f"snapshot {tag!r} cannot be packed: {reason}")
+    if not info.bootable:
+        raise Conflict(f"snapshot {tag!r} cannot be packed: it is not bootable on this host")
     image = runtime.images.load_digest(manifest.image_digest or "")
     if image is None:
         raise Conflict(f"snapshot {tag!r} cannot be packed: its image "

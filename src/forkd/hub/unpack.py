@@ -185,7 +185,7 @@ class _Job:
 
     def _admit(self, pack: PackManifest) -> None:
         """Refuse a pack this host cannot run, or whose tag is taken, before writing anything."""
-        reason = compat.check_here(pack.host, self.rt.accel.name)
+        reason = compat.check_here(pack.host, self.rt)
         if reason is not None:
             raise InvalidInput(f"refusing the pack of {pack.tag!r}: it cannot run on this host: "
                                f"{reason}")  # fmt: skip
@@ -208,7 +208,7 @@ class _Job:
         s = pack.snapshot
         spec = MachineSpec(kernel=kernel, initrd=initrd, rootfs=rootfs, mem_mib=s.mem_mib,
                            accel_args=tuple(self.rt.accel.qemu_args()), cpus=s.cpus,
-                           nic=s.network)  # fmt: skip
+                           nic=s.network, machine_type=pack.host.machine_type)  # fmt: skip
         return spec.machine_args()
 
     def _target(self, part: PackPart) -> Path:
