@@ -110,6 +110,7 @@ def test_a_good_manifest_parses() -> None:
         (lambda d: d["parts"][0].update(size=4096), "for a 64 MiB guest"),
         (lambda d: d["host"].update(machine_type="pc-q35-2.0"), "disagree"),
         (lambda d: d["snapshot"].update(mem_mib=1 << 30), "mem_mib"),
+        (lambda d: d["snapshot"].update(cpus=100000), "cpus"),
     ],
 )
 def test_bad_manifests_are_refused(mutate: object, fragment: str) -> None:

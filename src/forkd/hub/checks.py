@@ -23,7 +23,7 @@ from forkd.hub.format import (
     PART_NAMES,
     PackManifest,
 )
-from forkd.validate import validate_image_name, validate_mem_mib, validate_tag
+from forkd.validate import validate_cpus, validate_image_name, validate_mem_mib, validate_tag
 
 _DIGEST_RE = re.compile(r"^[0-9a-f]{16,64}$")
 _FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -94,6 +94,7 @@ def check_manifest(pack: PackManifest) -> None:
         validate_tag(pack.tag)
         validate_tag(pack.snapshot.tag)
         validate_mem_mib(pack.snapshot.mem_mib)
+        validate_cpus(pack.snapshot.cpus)
         if pack.snapshot.image_name is not None:
             validate_image_name(pack.snapshot.image_name)
     except InvalidInput as exc:

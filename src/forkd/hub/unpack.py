@@ -245,16 +245,16 @@ class _Job:
         pack = self.pack
         assert pack is not None
         tag = self.tag or pack.tag
+        images = self.rt.images
+        names_before = {n for n, _ in images.list()}
         image, image_name, reused, made_dir = self._publish_image(pack)
         try:
             manifest = await self._commit_snapshot(pack, tag, image, image_name)
         except BaseException:
-            if made_dir:
-                images = self.rt.images
-                if (images.names / image_name).is_file() and not any(
-                    n != image_name and i.digest == image.digest for n, i in images.list()
-                ):
-                    (images.names / image_name).unlink(missing_ok=True)
+            # Undo exactly what this call added: a new name, and the image dir it published.
+            if image_name not in names_before:
+                (images.names / image_name).unlink(missing_ok=True)
+            if made_dir and not any(i.digest == image.digest for _, i in images.list()):
                 shutil.rmtree(image.dir, ignore_errors=True)
             raise
         self.progress(f"template {manifest.tag!r} is ready")
