@@ -90,3 +90,22 @@ def test_pack_download_then_pull_by_url_and_upload(
     finally:
         for tag in ("py-http", "py-up"):
             api.delete(f"/v1/snapshots/{tag}")
+
+
+def test_push_and_pull_through_a_registry(api: httpx.Client, registry: str) -> None:
+    ref = f"{registry}/forkd/daemon-py:v1"
+    pushed = expect(api.post(f"/v1/snapshots/{TEMPLATE_TAG}/push",
+                             json={"ref": ref, "insecure": True}), 200)  # fmt: skip
+    assert pushed["digest"].startswith("sha256:")
+    assert pushed["stored_bytes"] < pushed["logical_bytes"]
+    try:
+        body = {"ref": ref, "tag": "py-reg", "insecure": True}
+        pulled = expect(api.post("/v1/snapshots/pull", json=body), 200)
+        assert pulled["snapshot"]["bootable"] and pulled["image_reused"]
+        assert _warm_marker(api, "py-reg") == "'warm'"
+        missing = {"ref": f"{registry}/forkd/nothing:v1", "tag": "py-none", "insecure": True}
+        expect(api.post("/v1/snapshots/pull", json=missing), 404, "registry")
+        expect(api.post("/v1/snapshots/pull", json={"ref": ref, "insecure": True}), 409,
+               "already exists")  # fmt: skip
+    finally:
+        api.delete("/v1/snapshots/py-reg")

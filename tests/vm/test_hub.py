@@ -8,17 +8,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from forkd.config import Settings
@@ -36,46 +32,6 @@ pytestmark = pytest.mark.vm
 TAG = "hub-src"
 WARMUP = ("import numpy\nHUB_STATE = 'warm-' + str(numpy.arange(4).sum())\n"
           "open('/root/hub.txt', 'w').write('from the template')")  # fmt: skip
-REGISTRY = "/usr/bin/docker-registry"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real OCI registry on loopback, storage in a temp dir; its address."""
-    if not os.access(REGISTRY, os.X_OK):
-        pytest.skip("docker-registry is not installed (apt-get install docker-registry)")
-    root = tmp_path_factory.mktemp("registry")
-    port = _free_port()
-    config = root / "config.yml"
-    config.write_text(
-        "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
-        f"    rootdirectory: {root / 'storage'}\n  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
-    )
-    with open(root / "registry.log", "wb") as log:
-        proc = subprocess.Popen([REGISTRY, "serve", str(config)], stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, (
-                root / "registry.log"
-            ).read_text()
-            time.sleep(0.1)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture(scope="module")
