@@ -9,6 +9,7 @@ from typing import Any
 
 from forkd.cli import render
 from forkd.cli.backend import Backend
+from forkd.errors import NotFound
 
 Progress = Callable[[str], None]
 MiB = 1 << 20
@@ -61,6 +62,8 @@ def cmd_pack(args: argparse.Namespace, backend: Backend, progress: Progress) -> 
 
 
 def cmd_unpack(args: argparse.Namespace, backend: Backend, progress: Progress) -> int:
+    if not args.file.is_file():
+        raise NotFound(f"no pack file at {args.file}")
     r = backend.unpack(args.file, args.tag, args.force, progress)
     reused = " (already here)" if r.get("image_reused") else ""
     return _done(args, r, f"unpacked template {r['tag']!r} (image {r['image']!r}{reused}) in "

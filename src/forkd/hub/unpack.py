@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from forkd.errors import Conflict, HostSetupError, InvalidInput
+from forkd.errors import Conflict, HostSetupError, InvalidInput, NotFound
 from forkd.hub import compat
 from forkd.hub.checks import check_manifest_member, check_member, parse_manifest
 from forkd.hub.extents import CHUNK, ExtentWriter
@@ -82,6 +82,8 @@ async def unpack(
     """Unpack the pack file at ``path`` as template ``tag`` (default: the tag it was packed as)."""
     if tag is not None:
         validate_tag(tag)
+    if not path.is_file():
+        raise NotFound(f"no pack file at {path}")
     t0 = time.monotonic()
     job = _Job(runtime, tag, force, progress)
     try:
