@@ -104,4 +104,4 @@ def running_daemon(settings: Settings) -> Iterator[str]:
         yield url
     finally:
         proc.terminate()
-        proc.wait(timeout=60)
+        proc.wait(timeout=600)  # --kill-on-exit of hundreds of QEMUs on a loaded host
