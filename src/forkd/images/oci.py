@@ -62,7 +62,7 @@ def parse_source(src: str) -> Source:
         transport, _, rest = src.partition(":")
         rest = rest.removeprefix("//")
         if transport in ("docker-archive", "oci-archive", "oci"):
-            name = _name_from_path(rest.split(":", 1)[0])
+            name = _name_from_path(Path(rest.split(":", 1)[0]).name)
         else:
             name = _name_from_reference(rest) if REFERENCE.match(rest) else _sanitize(rest)
         return Source(src, src, name)
