@@ -49,7 +49,9 @@ def add_parsers(sub: Any) -> None:
     _add_source_args(fi)
     fi.add_argument("--tag", required=True, help="the template's tag")
     fi.add_argument("--warmup", help="Python code run in the image's interpreter before the pause")
-    fi.add_argument("--mem-mib", type=int, default=DEFAULT_MEM_MIB)
+    fi.add_argument(
+        "--mem-mib", "--mem-size-mib", dest="mem_mib", type=int, default=DEFAULT_MEM_MIB
+    )
     fi.add_argument("--cpus", type=int)
     _add_pip_args(fi)
     fi.add_argument("--json", action="store_true")
