@@ -33,6 +33,7 @@ from forkd.api.auth import OPEN_PATHS, BearerAuthMiddleware
 from forkd.api.e2b import PREFIX as E2B_PREFIX
 from forkd.api.e2b import mount_e2b
 from forkd.api.exec_stream import exec_stream_router
+from forkd.api.images import image_router
 from forkd.api.limits import BodyLimitMiddleware
 from forkd.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from forkd.api.metrics import Metrics
@@ -631,6 +632,10 @@ def create_app(
     # --- workspaces (routes in forkd.api.workspaces) -----------------------------------------
 
     app.include_router(workspace_router(workspaces, lim))
+
+    # --- images (routes in forkd.api.images) ------------------------------------------------
+
+    app.include_router(image_router(runtime.settings, lim))
 
     # --- OpenAPI and middleware ---------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, ValidationError
 
 from forkd.config import DEFAULT_IMAGE, Settings
-from forkd.errors import ImageError, InvalidInput
+from forkd.errors import ImageError, ImageSourceError, InvalidInput
 from forkd.hostcmd import require_program, run
 from forkd.images import agentrt, builder, rootfs
 from forkd.images.guestpython import AGENT_MIN_PYTHON, GuestPython, find_python
@@ -239,13 +239,13 @@ def import_image(
             argv.append("--src-tls-verify=false")
         run(
             [*argv, source.ref, f"oci:{layout}:{LAYOUT_REF}"],
-            error=ImageError,
+            error=ImageSourceError,
             what=f"reading image {source.display}",
             timeout=COPY_TIMEOUT_S,
         )
         image = read_layout(layout, blobs)
         if (image.config.os, image.config.architecture) != ("linux", "amd64"):
-            raise ImageError(
+            raise ImageSourceError(
                 f"image {source.display} is for {image.config.os}/{image.config.architecture}: "
                 "forkd guests are linux/amd64"
             )

@@ -96,10 +96,13 @@ class ImageStore:
         """Move a fully built ``directory`` into place and point ``name`` at it, atomically."""
         (directory / IMAGE_MANIFEST).write_text(manifest.model_dump_json(indent=2))
         final = self.digest_dir(manifest.digest)
-        if final.exists():
-            shutil.rmtree(directory)
-        else:
+        try:
             directory.rename(final)
+        except OSError:
+            if not (final / IMAGE_MANIFEST).is_file():
+                raise
+            # built meanwhile by another build of the same inputs: same content, keep that one
+            shutil.rmtree(directory)
         return self.point(name, Image(final, manifest))
 
     def point(self, name: str, image: Image) -> Image:
