@@ -215,7 +215,7 @@ def test_pip_package_in_a_built_image(home: Path, tmp_path: Path, built_image: I
     ok(forkd(home, "snapshot", "--tag", "pipimg", "--image", "pipimg", "--warmup", "import six"))
     (child,) = json.loads(ok(forkd(home, "fork", "--tag", "pipimg", "--json")))
     where = ok(forkd(home, "eval", child["id"], "six.__version__ + ' ' + six.__file__"))
-    assert where.strip() == "1.17.0 /usr/local/lib/python3.11/dist-packages/six.py"
+    assert where.strip() == "'1.17.0 /usr/local/lib/python3.11/dist-packages/six.py'"
     ok(forkd(home, "kill", "--all"))
 
 
