@@ -29,6 +29,7 @@ from forkd.images.store import Image
 pytestmark = pytest.mark.vm
 
 WHITEOUT = "etc/debian_version"  # in the base layer, deleted by the second
+SMALL_PATH = "/opt/tools:/usr/bin"
 
 
 def forkd(home: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
@@ -97,6 +98,8 @@ def images(
         (sbundle / "rootfs/bin" / applet).symlink_to("busybox")
     (sbundle / "rootfs/etc/motd").write_text("busybox only\n")
     sh("umoci", "repack", "--image", f"{small}:v1", sbundle)
+    # a PATH without /bin: the image's environment reaches exec, and boot does not need it
+    sh("umoci", "config", "--image", f"{small}:v1", "--config.env", f"PATH={SMALL_PATH}")
     return {"layout": layout, "archive": archive, "small": small}
 
 
@@ -193,9 +196,8 @@ def test_exec_only_image(home: Path, images: dict[str, Path]) -> None:
     assert refused.returncode == 1 and "--warmup runs Python" in refused.stderr
     ok(forkd(home, "from-image", src, "--name", "bbox", "--tag", "bbox"))
     (child,) = json.loads(ok(forkd(home, "fork", "--tag", "bbox", "--json")))
-    assert _exec(home, child["id"], "cat /etc/motd; ls /usr 2>&1 | head -1").startswith(
-        "busybox only\n"
-    )
+    out = _exec(home, child["id"], '/bin/cat /etc/motd; echo "$PATH"')
+    assert out == f"busybox only\n{SMALL_PATH}\n"
     ev = forkd(home, "eval", child["id"], "1 + 1")
     assert ev.returncode == 1
     assert f"image {src} has no Python; this template is exec-only" in ev.stderr
