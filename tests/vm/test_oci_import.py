@@ -25,6 +25,7 @@ from forkd.config import Settings
 from forkd.images import rootfs
 from forkd.images.builder import DEFAULT_PACKAGES
 from forkd.images.store import Image
+from forkd.snapshots.memfs import release_memory_dir
 
 pytestmark = pytest.mark.vm
 
@@ -54,6 +55,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("oci-home")
     yield path
     forkd(path, "kill", "--all")  # sandboxes outlive the CLI: none may outlive the tests
+    release_memory_dir(Settings.from_env(home=path).memory_dir)
 
 
 @pytest.fixture(scope="module")
