@@ -175,3 +175,24 @@ def test_read_layout_refuses_odd_digests(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="unsupported blob digest"):
         oci.read_layout(tmp_path, tmp_path)
     assert os.path.exists("/etc/passwd")
+
+
+def test_merge_never_follows_the_trees_symlinks(tmp_path: Path) -> None:
+    host = tmp_path / "host-lib"
+    host.mkdir()
+    (host / "libc.so.6").write_text("the host's")
+    root = tmp_path / "root"
+    (root / "opt/forkd/rt").mkdir(parents=True)
+    (root / "opt/forkd/rt/lib").symlink_to(host)  # an image's trap
+    (root / "opt/forkd/rt/bin").write_text("not a dir")
+    src = tmp_path / "runtime"
+    (src / "lib").mkdir(parents=True)
+    (src / "bin").mkdir()
+    (src / "lib/libc.so.6").write_text("forkd's")
+    (src / "bin/python3").write_text("py")
+    treepath.merge_tree(src, root, "opt/forkd/rt")
+    assert (host / "libc.so.6").read_text() == "the host's"
+    lib = root / "opt/forkd/rt/lib"
+    assert not lib.is_symlink() and (lib / "libc.so.6").read_text() == "forkd's"
+    assert (root / "opt/forkd/rt/bin/python3").read_text() == "py"
+    assert (lib / "libc.so.6").stat().st_ino == (src / "lib/libc.so.6").stat().st_ino

@@ -110,12 +110,7 @@ def build_root_image(
     try:
         (stage / ".forkd-complete").unlink(missing_ok=True)
         for source, guest_dir in extra.merge:
-            target = treepath.make_dir(stage, guest_dir)
-            run(
-                ["cp", "-al", "--remove-destination", f"{source}/.", target],
-                error=ImageError,
-                what=f"adding {guest_dir} to the root tree",
-            )
+            treepath.merge_tree(source, stage, guest_dir)
         treepath.write_file(stage, "opt/forkd/agent.py", agent.read_bytes())
         for name, content in (
             ("launch", extra.launch and extra.launch + "\n"),

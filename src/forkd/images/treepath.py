@@ -8,6 +8,7 @@ An imported image is untrusted: an absolute symlink such as ``/opt -> /etc`` nam
 from __future__ import annotations
 
 import os
+import shutil
 from collections import deque
 from pathlib import Path, PurePosixPath
 
@@ -66,3 +67,27 @@ def write_file(root: Path, rel: str, data: bytes, mode: int = 0o644) -> Path:
     path.write_bytes(data)
     path.chmod(mode)
     return path
+
+
+def merge_tree(source: Path, root: Path, rel: str) -> None:
+    """Hard-link every file of host directory ``source`` into guest directory ``rel``. What the
+    tree has in the way is replaced, and a symlink in it is never followed: an image's
+    ``/opt/forkd/rt/lib -> /usr/lib`` must not send forkd's files to the host's /usr/lib."""
+    target = make_dir(root, rel)
+    for dirpath, dirnames, filenames in os.walk(source):
+        here = Path(dirpath)
+        out = target / here.relative_to(source)
+        for name in dirnames:
+            _replace_with_dir(out / name)
+        for name in filenames:
+            dest = out / name
+            if dest.is_dir() and not dest.is_symlink():
+                shutil.rmtree(dest)
+            dest.unlink(missing_ok=True)
+            os.link(here / name, dest, follow_symlinks=False)
+
+
+def _replace_with_dir(path: Path) -> None:
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+    path.mkdir(exist_ok=True)
