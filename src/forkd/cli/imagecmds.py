@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -99,16 +100,13 @@ def _pip(args: argparse.Namespace) -> PipRequest | None:
 
 
 def _status_progress(what: str) -> tuple[contextlib.AbstractContextManager[Any], Progress]:
+    """A status line for ``what`` and a progress callback that also logs each step's time."""
     status = render.err.status(what)
-    start = [0.0]
+    start = time.monotonic()
 
     def progress(msg: str) -> None:
-        import time
-
-        if not start[0]:
-            start[0] = time.monotonic()
         status.update(f"{what}: {msg}")
-        render.err.print(f"[dim]{time.monotonic() - start[0]:7.1f}s[/dim] {msg}")
+        render.err.print(f"[dim]{time.monotonic() - start:7.1f}s[/dim] {msg}")
 
     return status, progress
 
