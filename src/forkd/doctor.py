@@ -194,11 +194,12 @@ def check_page_reporting(huge_memory: bool, reporting: bool) -> Check:
     )  # fmt: skip
 
 
-def check_program(name: str, package: str, why: str) -> Check:
+def check_program(name: str, package: str, why: str, *, optional: bool = False) -> Check:
     path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
     if path:
         return Check(name, "PASS", path)
-    return Check(name, "FAIL", f"{name} not found ({why})", f"apt-get install {package}")
+    hint = f"apt-get install {package}"
+    return Check(name, "WARN" if optional else "FAIL", f"{name} not found ({why})", hint)
 
 
 def check_images(settings: Settings) -> list[Check]:
@@ -287,6 +288,8 @@ def run_checks(settings: Settings) -> list[Check]:
         check_program("debootstrap", "debootstrap", "needed to build images"),
         check_program("mkfs.ext4", "e2fsprogs", "needed to build images"),
         check_program("busybox", "busybox-static", "needed for the initramfs"),
+        check_program("skopeo", "skopeo", "needed to import OCI/Docker images", optional=True),
+        check_program("umoci", "umoci", "needed to import OCI/Docker images", optional=True),
         check_network_backend(),
         check_egress_guard(),
         *check_images(settings),

@@ -65,6 +65,13 @@ class ImageError(ForkdError):
     """Building or loading a guest image failed."""
 
 
+class ImageSourceError(ImageError):
+    """An image to import cannot be read or used: no such image, unreachable registry, not an
+    image, another platform."""
+
+    http_status = 422
+
+
 class VMError(ForkdError):
     """A QEMU process failed to start, answer QMP, migrate or stop."""
 

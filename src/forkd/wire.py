@@ -262,3 +262,33 @@ class WorkspaceInfo(BaseModel):
     per_child_netns: bool = False
     memory_limit_mib: int | None = None
     warning: str | None = None
+
+
+class ImportImageRequest(BaseModel):
+    """``POST /v1/images``: what ``forkd image import SRC`` takes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(
+        description="registry/repo:tag, a skopeo transport (oci:DIR:REF, "
+        "docker-archive:FILE, ...), or a file or directory on the daemon's host"
+    )
+    name: str | None = Field(default=None, description="image name (default: from source)")
+    pip: list[str] = Field(default_factory=list, description="pip specs installed at build time")
+    tls_verify: bool = True
+
+
+class ImageInfo(BaseModel):
+    """A guest image: built from Debian (``source`` null) or imported."""
+
+    name: str
+    digest: str
+    source: str | None = None
+    oci_config_digest: str | None = None
+    python: str | None = None
+    python_version: str | None = None
+    exec_only: str | None = Field(default=None, description="eval's refusal: no usable Python")
+    packages: list[str] = Field(default_factory=list)
+    pip: list[str] = Field(default_factory=list)
+    rootfs_bytes: int = 0
+    created_at_unix: int = 0

@@ -34,6 +34,8 @@ from forkd.api.e2b import PREFIX as E2B_PREFIX
 from forkd.api.e2b import mount_e2b
 from forkd.api.exec_stream import exec_stream_router
 from forkd.api.hub import UNPACK_PATH, hub_router
+
+from forkd.api.images import image_router
 from forkd.api.limits import BodyLimitMiddleware
 from forkd.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from forkd.api.metrics import Metrics
@@ -636,6 +638,10 @@ def create_app(
     # --- hub: pack, pull, push, unpack (routes in forkd.api.hub) ------------------------------
 
     app.include_router(hub_router(runtime, lim))
+
+    # --- images (routes in forkd.api.images) ------------------------------------------------
+
+    app.include_router(image_router(runtime.settings, lim))
 
     # --- OpenAPI and middleware ---------------------------------------------------------------
 

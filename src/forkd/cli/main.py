@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from forkd import __version__
-from forkd.cli import hubcmds, netcmds, render
+from forkd.cli import hubcmds, imagecmds, netcmds, render
 from forkd.cli.backend import Backend, SpawnFlags, choose_backend
 from forkd.config import DEFAULT_IMAGE, DEFAULT_MEM_MIB, Settings
 from forkd.errors import ForkdError, InvalidInput
@@ -41,18 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true", help="never use a daemon; run in this process")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    img = sub.add_parser("image", help="build, list and remove guest images")
-    isub = img.add_subparsers(dest="image_command", required=True, metavar="ACTION")
-    b = isub.add_parser("build", help="build a guest image (cached by content)")
-    b.add_argument("name", nargs="?", default=DEFAULT_IMAGE)
-    b.add_argument(
-        "--packages", help="comma-separated Debian packages (default for 'python': python3-numpy)"
-    )
-    b.add_argument("--kernel", type=Path, help="use this kernel file instead of the distribution's")
-    il = isub.add_parser("ls", help="list built images")
-    il.add_argument("--json", action="store_true")
-    ir = isub.add_parser("rm", help="remove an image")
-    ir.add_argument("name")
+    imagecmds.add_parsers(sub)
 
     s = sub.add_parser(
         "snapshot", help="make a template from an image, or BRANCH a running sandbox"
@@ -288,50 +277,17 @@ SNAPSHOT_COLUMNS = (("tag", "TAG"), ("status", "STATUS"), ("bootable", "BOOTABLE
 
 
 def cmd_image(args: argparse.Namespace) -> int:
-    from forkd.images.builder import ImageRequest, build_image
-    from forkd.images.store import ImageStore
+    return imagecmds.cmd_image(args, _settings(args))
 
-    settings = _settings(args)
-    store = ImageStore(settings)
-    if args.image_command == "build":
-        packages = (
-            tuple(p.strip() for p in args.packages.split(",") if p.strip())
-            if args.packages is not None
-            else None
-        )
-        req = ImageRequest.default(args.name, packages, args.kernel)
-        with render.err.status(f"building image {req.name}") as status:
-            step = _step_printer()
 
-            def progress(msg: str) -> None:
-                status.update(f"building image {req.name}: {msg}")
-                step(msg)
+def cmd_from_image(args: argparse.Namespace) -> int:
+    with _backend(args) as backend:
+        return imagecmds.cmd_from_image(args, _settings(args), backend)
 
-            image = build_image(settings, req, progress)
-        render.out.print(f"image {req.name} ready: {image.dir}")
-        return 0
-    if args.image_command == "ls":
-        rows = [
-            {"name": name, "digest": img.digest, "packages": ",".join(img.manifest.packages),
-             "kernel": img.manifest.kernel_identity, "dir": str(img.dir)}
-            for name, img in store.list()
-        ]  # fmt: skip
-        if args.json:
-            render.print_json(rows)
-        else:
-            columns = (("name", "NAME"), ("digest", "DIGEST"), ("packages", "PACKAGES"),
-                       ("kernel", "KERNEL"))  # fmt: skip
-            render.table(rows, columns, empty="no images: run 'forkd image build'")
-        return 0
-    # rm
-    from forkd.snapshots.store import SnapshotStore
 
-    image = store.get(args.name)
-    snaps = SnapshotStore(settings)
-    users = [t for t in snaps.tags_on_disk() if snaps.load(t).image_digest == image.digest]
-    store.remove(args.name, in_use_by=users)
-    render.out.print(f"removed image {args.name}")
-    return 0
+def cmd_run(args: argparse.Namespace) -> int:
+    with _backend(args) as backend:
+        return imagecmds.cmd_run(args, _settings(args), backend)
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
@@ -692,8 +648,9 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     if args.image is not None:
         raise Usage(
-            f"--image {args.image}: Docker images are not supported; quickstart uses the "
-            "built-in 'python' image (forkd image build --packages adds Debian packages)"
+            f"--image {args.image}: Docker images are not supported by quickstart, which uses "
+            "the built-in 'python' image; make a template of an image with 'forkd from-image "
+            "SRC --tag T'"
         )
     if args.n < 1:
         raise Usage(f"-n must be at least 1, got {args.n}")
@@ -734,7 +691,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "image": cmd_image, "snapshot": cmd_snapshot, "fork": cmd_fork, "spawn": cmd_fork,
+    "image": cmd_image, "from-image": cmd_from_image, "run": cmd_run,
+    "snapshot": cmd_snapshot, "fork": cmd_fork, "spawn": cmd_fork,
     "ls": cmd_ls, "images": cmd_images, "snapshot-info": cmd_snapshot_info, "rmi": cmd_rmi,
     "snapshot-compact": cmd_snapshot_compact,
     "exec": cmd_exec, "eval": cmd_eval, "ping": cmd_ping, "kill": cmd_kill,
@@ -744,7 +702,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "quickstart": cmd_quickstart, "where": cmd_where, "cleanup": cmd_cleanup,
     "pack": cmd_pack, "unpack": cmd_unpack, "push": cmd_push, "pull": cmd_pull,
 }  # fmt: skip
-SEPARATED = {"exec", "eval"}  # the commands that take what follows "--" verbatim
+SEPARATED = {"exec", "eval", "run"}  # the commands that take what follows "--" verbatim
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -759,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if tail is not None:
         if args.command not in SEPARATED:
             parser.error("'--' separates the command of 'forkd exec' and the code of 'forkd eval'")
-        if args.command == "exec":
+        if args.command in ("exec", "run"):
             args.cmd = [*args.cmd, *tail]
         elif args.code is not None:
             parser.error("forkd eval: give the code either as an argument or after --, not both")

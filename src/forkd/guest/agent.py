@@ -1495,7 +1495,29 @@ def run_init(args) -> None:
             time.sleep(0.5)
 
 
+EXEC_ONLY_FILE = "/opt/forkd/exec-only"
+
+
+def _exec_only() -> None:
+    """An image without a usable Python runs this agent on forkd's private interpreter: exec,
+    files and processes work, eval answers the reason the image builder wrote."""
+    try:
+        with open(EXEC_ONLY_FILE) as f:
+            reason = f.read().strip() or "this template is exec-only"
+    except OSError:
+        return
+
+    def refuse(req: dict) -> dict:
+        raise _bad(reason)
+
+    OPS["eval"] = refuse
+    OPS["eval_context_drop"] = refuse
+    # a pooled child is warmed with eval snippets: nothing to warm here
+    OPS["warm"] = lambda req: {"warmed": 0, "errors": 0}
+
+
 def main(argv=None) -> int:
+    _exec_only()
     parser = argparse.ArgumentParser(description="forkd guest agent")
     parser.add_argument("--port-name", default=DEFAULT_PORT_NAME)
     parser.add_argument("--device", help="open this port device instead of looking it up")

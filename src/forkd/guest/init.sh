@@ -48,4 +48,11 @@ mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm
 ip link set lo up 2>/dev/null
 hostname forkd
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
-exec switch_root /newroot /usr/bin/python3 -u /opt/forkd/agent.py --init
+# An imported OCI image brings its own environment (written quoted by forkd at build time) and
+# names the interpreter that runs the agent: the image's python3, or forkd's private runtime
+# (with its own loader) in an image without one.
+# (Its PATH is the guest's, so the initramfs' own tools are named by path from here on.)
+[ -f /newroot/opt/forkd/env ] && . /newroot/opt/forkd/env
+python="/usr/bin/python3 -u"
+[ -f /newroot/opt/forkd/launch ] && python="$(/bin/cat /newroot/opt/forkd/launch)"
+exec /bin/switch_root /newroot $python /opt/forkd/agent.py --init

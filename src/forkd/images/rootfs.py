@@ -4,12 +4,15 @@ packed into ext4 without mounting anything."""
 from __future__ import annotations
 
 import hashlib
+import shlex
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from forkd.errors import ImageError
 from forkd.hostcmd import require_program, run
+from forkd.images import treepath
 
 SUITE = "bookworm"
 BASE_PACKAGES = ("python3-minimal", "python3")
@@ -67,8 +70,38 @@ def tree_size_bytes(tree: Path) -> int:
     return total
 
 
-def build_root_image(tree: Path, dest: Path, *, agent: Path, workdir: Path) -> None:
-    """Pack ``tree`` plus the agent at /opt/forkd/agent.py into an ext4 image at ``dest``."""
+ENV_NAME_OK = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+@dataclass(frozen=True)
+class GuestFiles:
+    """What forkd adds to a root tree besides the agent (init.sh reads the first two)."""
+
+    # the interpreter command that runs the agent; None: the tree's /usr/bin/python3
+    launch: str | None = None
+    # exported before the agent starts (an OCI image's configured environment)
+    env: Mapping[str, str] = field(default_factory=dict)
+    # eval's answer in a tree without a usable Python (the agent then refuses eval)
+    exec_only: str | None = None
+    # (host directory, guest directory): merged in as hard links (pip packages, agent runtime)
+    merge: tuple[tuple[Path, str], ...] = ()
+
+
+def env_script(env: Mapping[str, str]) -> str:
+    """``export K=V`` lines for init.sh to source, each value quoted for a POSIX shell."""
+    lines = []
+    for key, value in env.items():
+        if key and not key[0].isdigit() and set(key) <= ENV_NAME_OK and "\0" not in value:
+            lines.append(f"export {key}={shlex.quote(value)}")
+    return "".join(line + "\n" for line in lines)
+
+
+def build_root_image(
+    tree: Path, dest: Path, *, agent: Path, workdir: Path, extra: GuestFiles | None = None
+) -> None:
+    """Pack ``tree`` plus the agent at /opt/forkd/agent.py (and ``extra``) into an ext4 image
+    at ``dest``."""
+    extra = extra or GuestFiles()
     mkfs = require_program("mkfs.ext4", "e2fsprogs")
     stage = workdir / "stage"
     shutil.rmtree(stage, ignore_errors=True)
@@ -76,13 +109,18 @@ def build_root_image(tree: Path, dest: Path, *, agent: Path, workdir: Path) -> N
     run(["cp", "-al", tree, stage], error=ImageError, what="staging the root tree")
     try:
         (stage / ".forkd-complete").unlink(missing_ok=True)
-        (stage / "opt" / "forkd").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(agent, stage / "opt" / "forkd" / "agent.py")
+        for source, guest_dir in extra.merge:
+            treepath.merge_tree(source, stage, guest_dir)
+        treepath.write_file(stage, "opt/forkd/agent.py", agent.read_bytes())
+        for name, content in (
+            ("launch", extra.launch and extra.launch + "\n"),
+            ("env", env_script(extra.env) if extra.env else None),
+            ("exec-only", extra.exec_only and extra.exec_only + "\n"),
+        ):
+            if content:
+                treepath.write_file(stage, f"opt/forkd/{name}", content.encode())
         # The root is a throw-away overlay per sandbox: pip may install into the system Python.
-        # (A hard-linked staging tree: replace files, never write through existing links.)
-        pip_conf = stage / "etc" / "pip.conf"
-        pip_conf.unlink(missing_ok=True)
-        pip_conf.write_text(PIP_CONF)
+        treepath.write_file(stage, "etc/pip.conf", PIP_CONF.encode())
         size_mib = tree_size_bytes(stage) * 13 // 10 // (1024 * 1024) + 64
         run(
             [mkfs, "-q", "-F", "-L", "forkd-root", "-d", stage, dest, f"{size_mib}M"],

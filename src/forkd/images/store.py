@@ -8,7 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from forkd.config import Settings
 from forkd.errors import Conflict, NotFound
@@ -31,6 +31,16 @@ class ImageManifest(BaseModel):
     rootfs_bytes: int = 0
     # whether the guest can drive the NIC (images built before networking cannot)
     network: bool = False
+    # an imported OCI image: what was imported and its config digest (its content identity)
+    source: str | None = None
+    oci_config_digest: str | None = None
+    # the python3 the agent runs on (None: none usable, exec-only) and its version
+    python: str | None = "/usr/bin/python3"
+    python_version: str | None = None
+    # eval's refusal in an image without a usable Python
+    exec_only: str | None = None
+    # what --pip/--requirements installed
+    pip: list[str] = Field(default_factory=list)
 
 
 class Image:
@@ -86,10 +96,13 @@ class ImageStore:
         """Move a fully built ``directory`` into place and point ``name`` at it, atomically."""
         (directory / IMAGE_MANIFEST).write_text(manifest.model_dump_json(indent=2))
         final = self.digest_dir(manifest.digest)
-        if final.exists():
-            shutil.rmtree(directory)
-        else:
+        try:
             directory.rename(final)
+        except OSError:
+            if not (final / IMAGE_MANIFEST).is_file():
+                raise
+            # built meanwhile by another build of the same inputs: same content, keep that one
+            shutil.rmtree(directory)
         return self.point(name, Image(final, manifest))
 
     def point(self, name: str, image: Image) -> Image:
