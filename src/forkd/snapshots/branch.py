@@ -32,6 +32,7 @@ from forkd.snapshots.delta import delta_from_file, write_delta
 from forkd.snapshots.guestram import PAGE, copy_runs, find_ram_mapping, sparse_copy, written_runs
 from forkd.snapshots.manifest import SnapshotManifest
 from forkd.snapshots.store import Staging
+from forkd.vmm.jail import Jail
 from forkd.vmm.qemu import QemuProcess
 from forkd.vmm.spec import RunPaths, instance_args
 
@@ -153,6 +154,7 @@ async def start_live(
     *,
     armed: bool = False,
     on_materializer: Callable[[int], None] = lambda _pid: None,
+    jail: Jail | None = None,
 ) -> LiveBranch:
     """Start a background snapshot; return as soon as the source is stopped at the snapshot
     instant (it resumes milliseconds later, on its own). ``armed``: the caller knows this QEMU
@@ -199,7 +201,7 @@ async def start_live(
         full = staging.memory.with_name(staging.memory.name + ".full")
         try:
             await materialize(stream, base, staging, run_root, memory=full,
-                              on_materializer=on_materializer)  # fmt: skip
+                              on_materializer=on_materializer, jail=jail)  # fmt: skip
             stream.unlink(missing_ok=True)
             stats.bytes_written += full.stat().st_size
             await _keep_only_the_delta(qemu, base, full, staging.memory, stats)
@@ -241,6 +243,7 @@ async def materialize(
     *,
     memory: Path,
     on_materializer: Callable[[int], None] = lambda _pid: None,
+    jail: Jail | None = None,
 ) -> None:
     """Load a full migration stream into a fresh shared memory file ``memory``, then save
     device state only (``staging.devstate``)."""
@@ -249,7 +252,8 @@ async def materialize(
         base.machine_args, mem_mib=base.mem_mib, memory_path=memory, share=True,
         paths=paths, incoming=True,
     )  # fmt: skip
-    qemu = await QemuProcess.launch(argv, paths)
+    # No network: its guest never runs (a NIC's user-mode stack needs no host network).
+    qemu = await QemuProcess.launch(argv, paths, jail=jail, new_netns=True)
     on_materializer(qemu.pid)
     try:
         await qemu.migrate_incoming(stream, timeout=MATERIALIZE_TIMEOUT_S)
