@@ -172,9 +172,13 @@ async def start_live(
     events_cm = qemu.events("STOP", "RESUME")
     events = await events_cm.__aenter__()
     deadline = time.monotonic() + PAUSE_TIMEOUT_S
-    qemu.allow_large_files(True)  # the stream holds all guest RAM
+    copied: asyncio.Future[int] | None = None
+    uri = ""
     try:
-        await qemu.execute("migrate", {"uri": await qemu.file_uri(stream, write=True)})
+        # through a pipe this process drains: the stream holds all guest RAM, far past QEMU's
+        # file-size limit
+        uri, copied = await qemu.pipe_uri(stream)
+        await qemu.execute("migrate", {"uri": uri})
         # The snapshot instant: once the guest is stopped, nothing it does later can reach the
         # snapshot, so the caller may go on while QEMU saves devices, arms write protection and
         # resumes. finish() records the pause when RESUME arrives.
@@ -183,7 +187,11 @@ async def start_live(
         await events_cm.__aexit__(None, None, None)
         with contextlib.suppress(Exception):
             await qemu.execute("migrate_cancel")
-        qemu.allow_large_files(False)
+        if copied is not None:
+            with contextlib.suppress(Exception):  # the unused descriptor, if QEMU still has it
+                await qemu.execute("closefd", {"fdname": uri.removeprefix("fd:")})
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(copied), 10.0)
         raise
     stats.phases["stop_return_ms"] = (time.monotonic() - t0) * 1000
 
@@ -194,8 +202,12 @@ async def start_live(
             finally:
                 await events_cm.__aexit__(None, None, None)
             await qemu.wait_migration(timeout=LIVE_TIMEOUT_S, what="live snapshot")
-        finally:
-            qemu.allow_large_files(False)
+            # QEMU closed its end: the copy ends with the stream (ENOSPC and the like raise)
+            await asyncio.wait_for(asyncio.shield(copied), LIVE_TIMEOUT_S)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(copied), 10.0)
+            raise
         stats.phases["stream_ms"] = (time.monotonic() - t0) * 1000
         stats.bytes_written = stream.stat().st_size
         full = staging.memory.with_name(staging.memory.name + ".full")

@@ -321,8 +321,10 @@ class QemuProcess:
         why = death_reason(self.pid)
         if detail:
             raise VMError("QEMU failed to start: " + (f"{why} | " if why else "") + detail)
+        status = _exits.get(self.pid)
+        code = "unknown" if status is None else os.waitstatus_to_exitcode(status)
         raise QemuGone(
-            f"QEMU exited (status {_exits.get(self.pid)}) before it finished starting and said "
+            f"QEMU exited (status {code}) before it finished starting and said "
             "nothing: " + (why or "killed from outside, or out of memory?")
         )
 
@@ -451,6 +453,36 @@ class QemuProcess:
             os.close(fd)
         return f"fd:{name}"
 
+    async def pipe_uri(self, dest: Path) -> tuple[str, asyncio.Future[int]]:
+        """A migration URI whose stream this process copies into ``dest`` (the returned future:
+        the bytes written, once QEMU closes its end). QEMU writes no file itself, so its
+        file-size limit stays in force: lifting it on a QEMU of another uid needs
+        CAP_SYS_RESOURCE, which forkd may lack."""
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        name = f"forkd-{dest.name}-{write_end}"
+        try:
+            client = await self.qmp()
+            client.send_fd_scm(write_end)
+            await self.execute("getfd", {"fdname": name})
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+
+        def copy() -> int:
+            out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            total = 0
+            try:
+                while n := os.splice(read_end, out, 1 << 20):
+                    total += n
+            finally:
+                os.close(out)
+                os.close(read_end)
+            return total
+
+        return f"fd:{name}", asyncio.ensure_future(asyncio.to_thread(copy))
+
     async def restore_and_run(self, devstate: Path) -> None:
         """On a ``-incoming defer`` QEMU whose x-ignore-shared is already on: load ``devstate`` and
         run as soon as it is loaded, without waiting here (``cont`` during an incoming migration
@@ -488,10 +520,6 @@ class QemuProcess:
             "ringbuf-read", {"device": CONSOLE_CHARDEV, "size": size, "format": "utf8"}
         )
         return str(text)
-
-    def allow_large_files(self, allow: bool) -> None:
-        """Lift (or restore) the QEMU_FILE_CAP_BYTES cap, for a migration stream QEMU writes."""
-        cap_file_size(self.pid, None if allow else QEMU_FILE_CAP_BYTES)
 
     def log_tail(self, lines: int = 3) -> str:
         """QEMU's last error reports (``-D`` log), for error messages."""
