@@ -47,6 +47,7 @@ JAIL_PATH = "/usr/bin:/bin"
 # Where QEMU finds firmware and ROMs (Debian's --firmwarepath); missing ones are skipped.
 FIRMWARE_DIRS = ("/usr/share/qemu", "/usr/share/seabios", "/usr/lib/ipxe/qemu")
 HELPERS = ("setpriv", "env")
+RESOLV_CONF = "/etc/resolv.conf"
 DEVICES = {"userfaultfd": Path("/dev/userfaultfd"), "kvm": Path("/dev/kvm")}
 
 
@@ -326,6 +327,9 @@ def build(
         else:
             groups.append(template_gid(jail, memory.path))
             binds.append(("--ro-bind", str(memory.path), str(memory.path)))
+    if not new_netns and os.path.exists(RESOLV_CONF):
+        # a NIC's user-mode stack forwards the guest's DNS to the host's resolvers, read here
+        binds.append(("--ro-bind", os.path.realpath(RESOLV_CONF), RESOLV_CONF))
     if jail.devices:
         groups.append(jail.device_gid)
     for name, node in jail.devices.items():
