@@ -32,7 +32,7 @@ from forkd.snapshots.delta import delta_from_file, write_delta
 from forkd.snapshots.guestram import PAGE, copy_runs, find_ram_mapping, sparse_copy, written_runs
 from forkd.snapshots.manifest import SnapshotManifest
 from forkd.snapshots.store import Staging
-from forkd.vmm.jail import Jail
+from forkd.vmm.jail import Jail, reclaim
 from forkd.vmm.qemu import QemuProcess
 from forkd.vmm.spec import RunPaths, instance_args
 
@@ -274,4 +274,5 @@ async def materialize(
         raise VMError(f"materializing the live snapshot failed: {exc}") from exc
     finally:
         await qemu.terminate()
+        reclaim(memory)
         shutil.rmtree(paths.dir, ignore_errors=True)

@@ -17,7 +17,7 @@ from forkd.snapshots.manifest import Artifact, SnapshotManifest
 from forkd.snapshots.store import DEVSTATE_NAME, SnapshotStore
 from forkd.vmm.accel import AccelChoice
 from forkd.vmm.agent_client import AgentClient
-from forkd.vmm.jail import Jail
+from forkd.vmm.jail import Jail, reclaim
 from forkd.vmm.netdev import GuestNetwork
 from forkd.vmm.qemu import QemuProcess
 from forkd.vmm.spec import MachineSpec, RunPaths, instance_args
@@ -112,6 +112,7 @@ async def make_template(
         timings["save_ms"] = (time.monotonic() - t2) * 1000
         await qemu.terminate()
         await agent.close()
+        reclaim(staging.memory)
         progress("hashing artifacts")
         manifest = SnapshotManifest(
             tag=req.tag,

@@ -209,6 +209,15 @@ def prepare_writable_memory(path: Path, size: int, uid: int) -> None:
         os.close(fd)
 
 
+def reclaim(path: Path) -> None:
+    """Give a memory file a jailed QEMU wrote back to forkd's user once that QEMU is gone: its
+    uid may go to another VM next."""
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_uid != os.geteuid():
+            os.chown(path, os.geteuid(), os.getegid())
+            os.chmod(path, 0o600)
+
+
 # --- what QEMU reads --------------------------------------------------------------------------
 
 
