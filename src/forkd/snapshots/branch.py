@@ -33,7 +33,7 @@ from forkd.snapshots.guestram import PAGE, copy_runs, find_ram_mapping, sparse_c
 from forkd.snapshots.manifest import SnapshotManifest
 from forkd.snapshots.store import Staging
 from forkd.vmm.jail import Jail, reclaim
-from forkd.vmm.qemu import QemuProcess
+from forkd.vmm.qemu import QemuProcess, run_dir_for
 from forkd.vmm.spec import RunPaths, instance_args
 
 Mode = Literal["full", "diff", "live"]
@@ -259,7 +259,7 @@ async def materialize(
 ) -> None:
     """Load a full migration stream into a fresh shared memory file ``memory``, then save
     device state only (``staging.devstate``)."""
-    paths = RunPaths(run_root / f"materialize-{staging.tag}")
+    paths = RunPaths(run_dir_for(run_root, f"materialize-{staging.tag}"))
     argv = instance_args(
         base.machine_args, mem_mib=base.mem_mib, memory_path=memory, share=True,
         paths=paths, incoming=True,

@@ -19,7 +19,7 @@ from forkd.vmm.accel import AccelChoice
 from forkd.vmm.agent_client import AgentClient
 from forkd.vmm.jail import Jail, reclaim
 from forkd.vmm.netdev import GuestNetwork
-from forkd.vmm.qemu import QemuProcess
+from forkd.vmm.qemu import QemuProcess, run_dir_for
 from forkd.vmm.spec import MachineSpec, RunPaths, instance_args
 
 BOOT_TIMEOUT_S = 300.0
@@ -63,7 +63,7 @@ async def make_template(
 ) -> SnapshotManifest:
     """Boot, warm and snapshot a parent into template ``req.tag``; the parent is stopped after."""
     staging = store.begin(req.tag)
-    paths = RunPaths(run_root / f"parent-{req.tag}-{secrets.token_hex(3)}")
+    paths = RunPaths(run_dir_for(run_root, f"parent-{req.tag}-{secrets.token_hex(3)}"))
     spec = MachineSpec(
         kernel=req.image.kernel,
         initrd=req.image.initrd,

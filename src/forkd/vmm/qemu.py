@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -102,6 +103,16 @@ def death_reason(pid: int) -> str | None:
     if sig == signal.SIGSYS:
         return "QEMU was killed by its seccomp filter (SIGSYS: a forbidden system call)"
     return None
+
+
+SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
+
+
+def run_dir_for(run_root: Path, name: str) -> Path:
+    """``run_root / name``, or a shorter random name when its sockets' paths would not fit."""
+    if len(str(run_root / name / "agent.sock").encode()) <= SOCKET_PATH_MAX:
+        return run_root / name
+    return run_root / f"{name.split('-', 1)[0]}-{secrets.token_hex(6)}"
 
 
 def _listen(path: Path) -> socket.socket:
