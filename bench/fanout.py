@@ -27,7 +27,15 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, median, running_daemon, scratch_settings, write_results
+from common import (
+    RESULTS,
+    median,
+    mem_available_bytes,
+    pss_bytes,
+    running_daemon,
+    scratch_settings,
+    write_results,
+)
 
 from forkd.vmm.accel import detect_accel
 
@@ -35,6 +43,8 @@ CODE = "numpy.zeros(5).tolist()"
 NATIVE = "import numpy; print(numpy.zeros(5).tolist())"
 TEMPLATE = "fanout"
 LOOP_TIMEOUT_S = 900.0
+MiB = 1024 * 1024
+MEMORY_N = 100  # the N whose idle children's memory is measured (or the largest below it)
 
 
 def bwrap_argv(python: str) -> list[str]:
@@ -61,7 +71,12 @@ async def run_processes(argv: list[str], n: int) -> float:
     return elapsed
 
 
-async def run_forkd(api: httpx.AsyncClient, n: int) -> float:
+async def run_forkd(
+    api: httpx.AsyncClient, n: int, memory: dict[str, list[float]] | None = None
+) -> float:
+    """Wall time until every one of ``n`` children answered; with ``memory``, also record the
+    idle children's mean PSS and the host's MemAvailable drop per child (MiB)."""
+    available = mem_available_bytes()
     t0 = time.monotonic()
     r = await api.post("/v1/sandboxes", json={"snapshot_tag": TEMPLATE, "n": n})
     r.raise_for_status()
@@ -72,6 +87,12 @@ async def run_forkd(api: httpx.AsyncClient, n: int) -> float:
     )
     elapsed = time.monotonic() - t0
     assert all(a.json()["result"] == "[0.0, 0.0, 0.0, 0.0, 0.0]" for a in answers)
+    if memory is not None:
+        await asyncio.sleep(3.0)  # idle: the pool refilled, nothing in flight
+        pids = [s["pid"] for s in r.json()]
+        memory.setdefault("pss_mib", []).append(sum(map(pss_bytes, pids)) / n / MiB)
+        drop = (available - mem_available_bytes()) / n / MiB
+        memory.setdefault("available_drop_mib", []).append(drop)
     await asyncio.gather(*(api.delete(f"/v1/sandboxes/{i}") for i in ids))
     return elapsed
 
@@ -92,6 +113,8 @@ def host_python(given: str | None) -> str:
 async def main(args: argparse.Namespace) -> None:
     python = host_python(args.python)
     rows: dict[int, dict[str, list[float]]] = {}
+    memory: dict[str, list[float]] = {}
+    memory_n = max((n for n in args.n if n <= MEMORY_N), default=min(args.n))
     os.environ["FORKD_MAX_SANDBOXES"] = str(max(args.n) + 16)
     limits = httpx.Limits(max_connections=64)
     with scratch_settings() as settings, running_daemon(settings) as url:
@@ -102,7 +125,7 @@ async def main(args: argparse.Namespace) -> None:
                 for n in args.n:
                     row = rows.setdefault(n, {"forkd": [], "bwrap": [], "python": []})
                     await asyncio.sleep(2.0)  # let the previous round's processes go
-                    row["forkd"].append(await run_forkd(api, n))
+                    row["forkd"].append(await run_forkd(api, n, memory if n == memory_n else None))
                     row["bwrap"].append(await run_processes(bwrap_argv(python), n))
                     row["python"].append(await run_processes([python, "-c", NATIVE], n))
     accel = detect_accel(settings.accel)
@@ -118,13 +141,20 @@ async def main(args: argparse.Namespace) -> None:
         f, b, p = median(row["forkd"]), median(row["bwrap"]), median(row["python"])
         table.append([n, f, b, p])
         lines.append(f"| {n} | {_t(f)} | {_t(b)} | {_t(p)} | {b / f:.2f}x |")
-    lines += ["", f"per child at the largest N: forkd {_t(f / n)}, bwrap {_t(b / n)}",
-              "", "`python bench/fanout.py`"]  # fmt: skip
+    lines += ["", f"per child at the largest N: forkd {_t(f / n)}, bwrap {_t(b / n)}"]
+    if memory:
+        lines.append(
+            f"idle children at N = {memory_n}: PSS {median(memory['pss_mib']):.1f} MiB per child, "
+            f"host MemAvailable drop {median(memory['available_drop_mib']):.1f} MiB per child"
+        )
+    lines += ["", "`python bench/fanout.py`"]
     RESULTS.mkdir(exist_ok=True)
     with (RESULTS / "fanout.csv").open("w", newline="") as fh:
         csv.writer(fh).writerows(table)
     _chart(rows)
-    write_results("fanout", {"accel": accel.name, "rows": rows}, "\n".join(lines) + "\n")
+    write_results(
+        "fanout", {"accel": accel.name, "rows": rows, "memory": memory}, "\n".join(lines) + "\n"
+    )
 
 
 def _t(seconds: float) -> str:
