@@ -13,8 +13,9 @@ log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 # --- host packages (only the package manager's default sources) ---------------------------------
 # nftables: the egress guard of sandboxes with internet or allow-list egress (docs/network.md)
 # zstd, skopeo: the hub (forkd pack/push/pull); docker-registry: the hub tests' local registry
-# skopeo, umoci: reading OCI/Docker images and applying their layers (forkd image import)
-packages=(debootstrap e2fsprogs busybox-static ca-certificates nftables zstd skopeo umoci)
+# umoci (and skopeo): OCI/Docker images and their layers (forkd image import)
+# bubblewrap: the jail of every QEMU process (docs/security.md)
+packages=(debootstrap e2fsprogs busybox-static ca-certificates nftables zstd skopeo umoci bubblewrap)
 command -v python3 >/dev/null || packages+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
 if [ "$action" = test ] && ! command -v npm >/dev/null; then packages+=(nodejs npm); fi

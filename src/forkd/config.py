@@ -103,6 +103,10 @@ class Settings:
     # egress of a sandbox (and template warm-up) whose request names none: "none" or "internet"
     default_egress: str = "none"
     cgroups: bool = True
+    # "auto": every QEMU jailed where the host can (forkd.vmm.jail); "required": refuse to run
+    # QEMU unjailed; "off": QEMU runs as forkd's user with its seccomp filter only
+    jail: str = "auto"
+    jail_id_base: int = 0x5F000000
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
@@ -119,6 +123,14 @@ class Settings:
             values["huge_memory"] = _flag("FORKD_HUGE_MEMORY", huge)
         if cgroups := os.environ.get("FORKD_CGROUPS"):
             values["cgroups"] = _flag("FORKD_CGROUPS", cgroups)
+        if jail := os.environ.get("FORKD_JAIL"):
+            values["jail"] = jail.strip().lower()
+        if id_base := os.environ.get("FORKD_JAIL_ID_BASE"):
+            try:
+                values["jail_id_base"] = int(id_base, 0)
+            except ValueError:
+                msg = f"FORKD_JAIL_ID_BASE must be an integer, got {id_base!r}"
+                raise InvalidInput(msg) from None
         if accel := os.environ.get("FORKD_ACCEL"):
             values["accel"] = accel
         if pool := os.environ.get("FORKD_WARM_POOL"):
@@ -141,6 +153,12 @@ class Settings:
         return cls(**values)  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
+        if self.jail not in ("off", "auto", "required"):
+            raise InvalidInput(f"FORKD_JAIL must be off, auto or required, got {self.jail!r}")
+        if not 1 << 16 <= self.jail_id_base <= (1 << 31) - (1 << 24):
+            raise InvalidInput(
+                f"FORKD_JAIL_ID_BASE must leave 2^24 ids below 2^31, got {self.jail_id_base}"
+            )
         if self.default_egress not in ("none", "internet"):
             raise InvalidInput(
                 f"default egress must be 'none' or 'internet' (an allow-list is per sandbox), "

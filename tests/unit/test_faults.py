@@ -19,9 +19,6 @@ from forkd.vmm.spec import RunPaths
 def _argv(paths: RunPaths) -> list[str]:
     return [
         "-machine", "none", "-S", "-nodefaults", "-display", "none",
-        "-chardev", f"socket,id=qmp,path={paths.qmp},server=on,wait=off",
-        "-mon", "chardev=qmp,mode=control",
-        "-D", str(paths.qemu_log), "-pidfile", str(paths.pidfile), "-daemonize",
     ]  # fmt: skip
 
 
@@ -59,9 +56,9 @@ async def test_silent_start_failure_is_qemu_gone(
     monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
     paths = RunPaths(tmp_path / "vm")
     with pytest.raises(QemuGone, match=r"status 1\) before it finished starting and said nothing"):
-        await QemuProcess.launch(["-daemonize"], paths, timeout=10)
+        await QemuProcess.launch([], paths, timeout=10)
     assert not paths.dir.exists(), "a failed start left its run dir behind"
     fake.write_text("#!/bin/sh\necho 'qemu: bad option' >&2\nexit 1\n")
     with pytest.raises(VMError, match="QEMU failed to start: qemu: bad option") as info:
-        await QemuProcess.launch(["-daemonize"], paths, timeout=10)
+        await QemuProcess.launch([], paths, timeout=10)
     assert not isinstance(info.value, QemuGone)

@@ -40,6 +40,19 @@ class MemoryCgroups:
         (leaf / "cgroup.procs").write_text(str(pid))
         return leaf
 
+    def oom_killed(self, sandbox_id: str) -> bool:
+        """Whether the kernel's OOM killer ended a process of the sandbox's leaf."""
+        name = "memory.events" if self.version == "v2" else "memory.oom_control"
+        try:
+            text = (self.leaf(sandbox_id) / name).read_text()
+        except OSError:
+            return False
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill" and value.strip().isdigit():
+                return int(value) > 0
+        return False
+
     def remove(self, sandbox_id: str) -> None:
         with contextlib.suppress(OSError):
             self.leaf(sandbox_id).rmdir()

@@ -63,6 +63,7 @@ from forkd.validate import (
     validate_sandbox_id,
     validate_tag,
 )
+from forkd.vmm import jail as jails
 from forkd.vmm.accel import AccelChoice, detect_accel
 from forkd.vmm.agent_client import AgentClient
 from forkd.vmm.machine import (
@@ -73,7 +74,7 @@ from forkd.vmm.machine import (
     require_supported,
 )
 from forkd.vmm.netdev import GuestNetwork
-from forkd.vmm.qemu import QemuProcess, pid_alive, pid_runs_in, qemu_binary
+from forkd.vmm.qemu import QemuProcess, death_reason, pid_alive, pid_runs_in, qemu_binary
 from forkd.vmm.spec import RunPaths
 
 ADOPT_QMP_TIMEOUT_S = 5.0
@@ -115,6 +116,9 @@ class Runtime:
         self.images = ImageStore(settings)
         self.accel: AccelChoice = detect_accel(settings.accel)
         self._qemu: QemuBuild | None = None
+        self.jail: jails.Jail | None = jails.configure(
+            settings.jail, settings.home / "jail", id_base=settings.jail_id_base
+        )
         self._watch = watch
         self._agents: dict[str, AgentClient] = {}
         self._agent_locks: dict[str, asyncio.Lock] = {}
@@ -123,7 +127,7 @@ class Runtime:
         self._background: set[asyncio.Future[None]] = set()
         self._pool = WarmPool(
             settings.run_dir, settings.warm_pool_size, self._launch_gate,
-            make_hot=self._make_hot if watch else None,
+            make_hot=self._make_hot if watch else None, jail=self.jail,
         )  # fmt: skip
         self._branching: set[str] = set()
         self._source_locks: dict[str, asyncio.Lock] = {}
@@ -288,7 +292,7 @@ class Runtime:
             req = dataclasses.replace(
                 self._template_request(tag, image, built, mem_mib, warmup, machine_nic, policy,
                                        key),
-                cpus=cpus, machine_type=self.qemu.resolve(MACHINE_FAMILY),
+                cpus=cpus, machine_type=self.qemu.resolve(MACHINE_FAMILY), jail=self.jail,
             )  # fmt: skip
             await self.networks.prepare(key, policy, machine_nic)
             manifest = await make_template(self.snapshots, self.settings.run_dir, req, progress)
@@ -506,10 +510,18 @@ class Runtime:
             child = self._pool.take(manifest) if use_pool and policy.restricted else None
             pooled = child is not None
             if child is None:
+                limit = memory_limit_mib
+                hook = None
+                if cgroups is not None and limit is not None:
+                    # In its cgroup before it runs: QEMU's own start-up is charged there too.
+                    def hook(sid: str, pid: int) -> None:
+                        cgroups.limit(sid, pid, limit)
+
                 try:
                     child = await launch_incoming(
-                        self.settings.run_dir, manifest, restrict_network=policy.restricted
-                    )
+                        self.settings.run_dir, manifest, restrict_network=policy.restricted,
+                        jail=self.jail, before_exec=hook,
+                    )  # fmt: skip
                 except ForkdError:
                     raise
                 except Exception as exc:
@@ -520,7 +532,7 @@ class Runtime:
                     id=sandbox_id, snapshot_tag=tag, pid=qemu.pid, run_dir=str(child.paths.dir),
                     created_at_unix=now_unix(), state="starting", memory_limit_mib=memory_limit_mib,
                 ))  # fmt: skip
-                if cgroups is not None and memory_limit_mib is not None:
+                if pooled and cgroups is not None and memory_limit_mib is not None:
                     cgroups.limit(sandbox_id, qemu.pid, memory_limit_mib)
                 # The guard is in place before the guest runs a single instruction.
                 await self.networks.prepare(sandbox_id, policy, manifest.network)
@@ -744,7 +756,7 @@ class Runtime:
             if resolved == "live":
                 live = await start_live(
                     qemu, base, staging, self.settings.run_dir,
-                    armed=sandbox_id in self._live_armed,
+                    armed=sandbox_id in self._live_armed, jail=self.jail,
                 )  # fmt: skip
                 self._live_armed.add(sandbox_id)
                 if not wait:
@@ -1070,9 +1082,22 @@ class Runtime:
             self._mark_dead(sandbox_id, "QEMU process exited (killed or crashed)")
             return
         self._pidfds[sandbox_id] = fd
-        asyncio.get_running_loop().add_reader(
-            fd, self._mark_dead, sandbox_id, "QEMU process exited (killed or crashed)"
-        )
+        asyncio.get_running_loop().add_reader(fd, self._qemu_exited, sandbox_id)
+
+    def _qemu_exited(self, sandbox_id: str) -> None:
+        """A watched QEMU is gone: dead, with the most telling reason known."""
+        reason = "QEMU process exited (killed or crashed)"
+        row = self.registry.get_sandbox(sandbox_id)
+        if row is not None and row.memory_limit_mib is not None:
+            cgroups = cgroup_limits.detect()
+            if cgroups is not None and cgroups.oom_killed(sandbox_id):
+                reason = (
+                    f"memory limit of {row.memory_limit_mib} MiB exceeded: the kernel's OOM "
+                    "killer ended QEMU in the sandbox's cgroup"
+                )
+        if row is not None and (why := death_reason(row.pid)) is not None:
+            reason = why
+        self._mark_dead(sandbox_id, reason)
 
     def _unwatch(self, sandbox_id: str) -> None:
         fd = self._pidfds.pop(sandbox_id, None)

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from forkd.snapshots.manifest import SnapshotManifest
 from forkd.vmm.agent_client import AgentClient, AgentSocket
+from forkd.vmm.jail import Jail
 from forkd.vmm.qemu import QemuProcess
-from forkd.vmm.spec import RunPaths, instance_args, without_boot_files
+from forkd.vmm.spec import RunPaths, has_nic, instance_args, without_boot_files
 
 AGENT_CONNECT_TIMEOUT_S = 10.0
 BASE_MANIFEST = "base-manifest.json"
@@ -99,11 +100,15 @@ async def launch_incoming(
     *,
     pooled: bool = False,
     restrict_network: bool = True,
+    jail: Jail | None = None,
+    before_exec: Callable[[str, int], None] | None = None,
 ) -> Prelaunched:
     """Start a child QEMU for ``manifest`` up to the point where only the restore is left.
 
     A pooled child's run dir names its owner (``pool-<pid>-...``) so that only a dead owner's
-    leftovers are ever swept by another process.
+    leftovers are ever swept by another process. ``before_exec(sandbox_id, pid)`` runs before
+    QEMU runs (cgroup placement). A machine without a NIC gets a network namespace of its own;
+    one with a NIC stays in the host's (its user-mode stack's port forwards listen there).
     """
     sandbox_id = "sb-" + secrets.token_hex(6)
     name = f"{POOL_PREFIX}{os.getpid()}-{secrets.token_hex(4)}" if pooled else sandbox_id
@@ -113,7 +118,10 @@ async def launch_incoming(
         memory_path=Path(manifest.memory.path), share=False, paths=paths, incoming=True,
         restrict_network=restrict_network,
     )  # fmt: skip
-    qemu = await QemuProcess.launch(argv, paths)
+    hook = None if before_exec is None else (lambda pid: before_exec(sandbox_id, pid))
+    qemu = await QemuProcess.launch(
+        argv, paths, jail=jail, new_netns=not has_nic(manifest.machine_args), before_exec=hook
+    )
     try:
         (paths.dir / BASE_MANIFEST).write_text(manifest.model_dump_json())
         # Connected before the guest runs: the restored agent is blocked in read() and answers as
@@ -137,7 +145,9 @@ class WarmPool:
         gate: asyncio.Semaphore,
         *,
         make_hot: Callable[[Prelaunched, SnapshotManifest], Awaitable[AgentClient]] | None = None,
+        jail: Jail | None = None,
     ) -> None:
+        self.jail = jail
         self.run_root = run_root
         self.size = size
         self._gate = gate
@@ -176,7 +186,9 @@ class WarmPool:
                 if mem_available_bytes() < POOL_MIN_AVAILABLE_BYTES + manifest.mem_mib * MiB:
                     return
                 async with self._gate:
-                    entry = await launch_incoming(self.run_root, manifest, pooled=True)
+                    entry = await launch_incoming(
+                        self.run_root, manifest, pooled=True, jail=self.jail
+                    )
                 set_priority(entry.qemu.pid, POOL_NICE)  # refills yield to user work
                 if self._make_hot is not None:
                     try:

@@ -32,7 +32,8 @@ from forkd.snapshots.delta import delta_from_file, write_delta
 from forkd.snapshots.guestram import PAGE, copy_runs, find_ram_mapping, sparse_copy, written_runs
 from forkd.snapshots.manifest import SnapshotManifest
 from forkd.snapshots.store import Staging
-from forkd.vmm.qemu import QemuProcess
+from forkd.vmm.jail import Jail, reclaim
+from forkd.vmm.qemu import QemuProcess, run_dir_for
 from forkd.vmm.spec import RunPaths, instance_args
 
 Mode = Literal["full", "diff", "live"]
@@ -153,6 +154,7 @@ async def start_live(
     *,
     armed: bool = False,
     on_materializer: Callable[[int], None] = lambda _pid: None,
+    jail: Jail | None = None,
 ) -> LiveBranch:
     """Start a background snapshot; return as soon as the source is stopped at the snapshot
     instant (it resumes milliseconds later, on its own). ``armed``: the caller knows this QEMU
@@ -170,9 +172,13 @@ async def start_live(
     events_cm = qemu.events("STOP", "RESUME")
     events = await events_cm.__aenter__()
     deadline = time.monotonic() + PAUSE_TIMEOUT_S
-    qemu.allow_large_files(True)  # the stream holds all guest RAM
+    copied: asyncio.Future[int] | None = None
+    uri = ""
     try:
-        await qemu.execute("migrate", {"uri": await qemu.file_uri(stream, write=True)})
+        # through a pipe this process drains: the stream holds all guest RAM, far past QEMU's
+        # file-size limit
+        uri, copied = await qemu.pipe_uri(stream)
+        await qemu.execute("migrate", {"uri": uri})
         # The snapshot instant: once the guest is stopped, nothing it does later can reach the
         # snapshot, so the caller may go on while QEMU saves devices, arms write protection and
         # resumes. finish() records the pause when RESUME arrives.
@@ -181,7 +187,11 @@ async def start_live(
         await events_cm.__aexit__(None, None, None)
         with contextlib.suppress(Exception):
             await qemu.execute("migrate_cancel")
-        qemu.allow_large_files(False)
+        if copied is not None:
+            with contextlib.suppress(Exception):  # the unused descriptor, if QEMU still has it
+                await qemu.execute("closefd", {"fdname": uri.removeprefix("fd:")})
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(copied), 10.0)
         raise
     stats.phases["stop_return_ms"] = (time.monotonic() - t0) * 1000
 
@@ -192,14 +202,18 @@ async def start_live(
             finally:
                 await events_cm.__aexit__(None, None, None)
             await qemu.wait_migration(timeout=LIVE_TIMEOUT_S, what="live snapshot")
-        finally:
-            qemu.allow_large_files(False)
+            # QEMU closed its end: the copy ends with the stream (ENOSPC and the like raise)
+            await asyncio.wait_for(asyncio.shield(copied), LIVE_TIMEOUT_S)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(copied), 10.0)
+            raise
         stats.phases["stream_ms"] = (time.monotonic() - t0) * 1000
         stats.bytes_written = stream.stat().st_size
         full = staging.memory.with_name(staging.memory.name + ".full")
         try:
             await materialize(stream, base, staging, run_root, memory=full,
-                              on_materializer=on_materializer)  # fmt: skip
+                              on_materializer=on_materializer, jail=jail)  # fmt: skip
             stream.unlink(missing_ok=True)
             stats.bytes_written += full.stat().st_size
             await _keep_only_the_delta(qemu, base, full, staging.memory, stats)
@@ -241,15 +255,17 @@ async def materialize(
     *,
     memory: Path,
     on_materializer: Callable[[int], None] = lambda _pid: None,
+    jail: Jail | None = None,
 ) -> None:
     """Load a full migration stream into a fresh shared memory file ``memory``, then save
     device state only (``staging.devstate``)."""
-    paths = RunPaths(run_root / f"materialize-{staging.tag}")
+    paths = RunPaths(run_dir_for(run_root, f"materialize-{staging.tag}"))
     argv = instance_args(
         base.machine_args, mem_mib=base.mem_mib, memory_path=memory, share=True,
         paths=paths, incoming=True,
     )  # fmt: skip
-    qemu = await QemuProcess.launch(argv, paths)
+    # No network: its guest never runs (a NIC's user-mode stack needs no host network).
+    qemu = await QemuProcess.launch(argv, paths, jail=jail, new_netns=True)
     on_materializer(qemu.pid)
     try:
         await qemu.migrate_incoming(stream, timeout=MATERIALIZE_TIMEOUT_S)
@@ -258,4 +274,5 @@ async def materialize(
         raise VMError(f"materializing the live snapshot failed: {exc}") from exc
     finally:
         await qemu.terminate()
+        reclaim(memory)
         shutil.rmtree(paths.dir, ignore_errors=True)

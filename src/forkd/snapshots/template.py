@@ -17,8 +17,9 @@ from forkd.snapshots.manifest import Artifact, SnapshotManifest
 from forkd.snapshots.store import DEVSTATE_NAME, SnapshotStore
 from forkd.vmm.accel import AccelChoice
 from forkd.vmm.agent_client import AgentClient
+from forkd.vmm.jail import Jail, reclaim
 from forkd.vmm.netdev import GuestNetwork
-from forkd.vmm.qemu import QemuProcess
+from forkd.vmm.qemu import QemuProcess, run_dir_for
 from forkd.vmm.spec import MachineSpec, RunPaths, instance_args
 
 BOOT_TIMEOUT_S = 300.0
@@ -44,6 +45,7 @@ class TemplateRequest:
     on_launch: Callable[[int], Awaitable[None]] | None = None
     on_agent: Callable[[AgentClient], Awaitable[None]] | None = None
     after_warmup: Callable[[AgentClient], Awaitable[None]] | None = None
+    jail: Jail | None = None
 
 
 async def qemu_version(qemu: QemuProcess) -> str:
@@ -61,7 +63,7 @@ async def make_template(
 ) -> SnapshotManifest:
     """Boot, warm and snapshot a parent into template ``req.tag``; the parent is stopped after."""
     staging = store.begin(req.tag)
-    paths = RunPaths(run_root / f"parent-{req.tag}-{secrets.token_hex(3)}")
+    paths = RunPaths(run_dir_for(run_root, f"parent-{req.tag}-{secrets.token_hex(3)}"))
     spec = MachineSpec(
         kernel=req.image.kernel,
         initrd=req.image.initrd,
@@ -83,7 +85,8 @@ async def make_template(
             machine, mem_mib=req.mem_mib, memory_path=staging.memory, share=True, paths=paths,
             incoming=False, restrict_network=not req.warmup_unrestricted,
         )  # fmt: skip
-        qemu = await QemuProcess.launch(argv, paths)
+        # A parent with a NIC keeps the host's network namespace: its warm-up may have egress.
+        qemu = await QemuProcess.launch(argv, paths, jail=req.jail, new_netns=req.network is None)
         if req.on_launch is not None:
             await req.on_launch(qemu.pid)
         agent = await AgentClient.connect(paths.agent, timeout=BOOT_TIMEOUT_S)
@@ -109,6 +112,7 @@ async def make_template(
         timings["save_ms"] = (time.monotonic() - t2) * 1000
         await qemu.terminate()
         await agent.close()
+        reclaim(staging.memory)
         progress("hashing artifacts")
         manifest = SnapshotManifest(
             tag=req.tag,

@@ -22,7 +22,9 @@ class AccelChoice:
     def qemu_args(self) -> list[str]:
         """The only place the two accelerators differ."""
         if self.name == "kvm":
-            return ["-accel", "kvm", "-cpu", "host"]
+            # no nested virtualization for guests: a guest-reachable KVM surface the host's own
+            # KVM would have to defend (new templates; recorded ones keep their CPU)
+            return ["-accel", "kvm", "-cpu", "host,-vmx,-svm"]
         # A bounded translation cache keeps per-child memory small.
         return ["-accel", "tcg,tb-size=64", "-cpu", "max"]
 

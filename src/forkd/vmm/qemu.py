@@ -1,35 +1,48 @@
-"""Driving one QEMU process: launch (daemonized), QMP, device-state save/load, stop, kill.
+"""Driving one QEMU process: launch, QMP, device-state save/load, stop, kill.
 
-QEMU runs with ``-daemonize``: it is never our child, so neither the CLI nor the daemon leaves
-zombies, sandboxes outlive the process that started them, and when ``launch`` returns QEMU has
-finished initialising (its sockets exist).
+QEMU never daemonizes (its seccomp filter forbids it): it is started in its own session, jailed
+where the host can (:mod:`forkd.vmm.jail`), with its QMP and agent sockets made here and passed
+as listening descriptors, and its stdout and stderr going to a log file made here. Its pid is
+written to the run dir's pid file. Sandboxes outlive the process that started them; this
+process reaps what it started while it runs (:func:`death_reason` says how one ended).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import resource
+import secrets
 import shutil
 import signal
+import socket
+import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 from qemu.qmp import QMPClient
 
 from forkd.errors import HostSetupError, QemuGone, VMError
-from forkd.vmm.spec import CONSOLE_CHARDEV, RunPaths
+from forkd.vmm import jail as jails
+from forkd.vmm.spec import CONSOLE_CHARDEV, RunPaths, name_marker
 
 QEMU_BINARY = "qemu-system-x86_64"
 MIGRATION_POLL_S = 0.002
-# No file QEMU writes grows past this (RLIMIT_FSIZE, set on every QEMU once it runs): its -D log,
-# the only file a running QEMU appends to on its own, holds QEMU's error reports, some of which a
-# guest can provoke at will. SIGXFSZ stays ignored (inherited from Python), so a write past the
-# cap fails with EFBIG and QEMU runs on. A live branch lifts the cap while QEMU streams RAM.
+# No file QEMU writes grows past this (RLIMIT_FSIZE, set on every QEMU before it runs a guest):
+# its log, the only file a running QEMU appends to on its own, holds QEMU's error reports, some
+# of which a guest can provoke at will. SIGXFSZ stays ignored (inherited from Python), so a write
+# past the cap fails with EFBIG and QEMU runs on. A live branch lifts the cap while QEMU streams
+# RAM.
 QEMU_FILE_CAP_BYTES = 8 << 20
+INFO_TIMEOUT_S = 10.0
+SOCKET_BACKLOG = 16
+
+# pid of a QEMU this process started -> the wait status of it (or of its jail launcher)
+_exits: dict[int, int] = {}
 
 
 def cap_file_size(pid: int, cap: int | None) -> None:
@@ -66,16 +79,96 @@ def pid_alive(pid: int) -> bool:
 
 
 def pid_runs_in(pid: int, paths: RunPaths) -> bool:
-    """True if ``pid`` is a live QEMU whose command line names this run dir's QMP socket."""
+    """True if ``pid`` is a live QEMU whose command line names this run dir (its ``-name``, or
+    the QMP socket path of a QEMU started before sockets were passed as descriptors)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return pid_alive(pid) and any(str(paths.qmp).encode() in arg for arg in cmdline)
+    name = f"guest={name_marker(paths)}".encode()
+    qmp = str(paths.qmp).encode()
+    return pid_alive(pid) and any(arg == name or qmp in arg for arg in cmdline)
+
+
+def death_reason(pid: int) -> str | None:
+    """Why a QEMU this process started died, when its exit status says more than "exited"."""
+    status = _exits.get(pid)
+    if status is None:
+        return None
+    sig = None
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+    elif os.WIFEXITED(status) and os.WEXITSTATUS(status) > 128:
+        sig = os.WEXITSTATUS(status) - 128  # bwrap exits 128 + N when its child died of N
+    if sig == signal.SIGSYS:
+        return "QEMU was killed by its seccomp filter (SIGSYS: a forbidden system call)"
+    return None
+
+
+SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
+
+
+def run_dir_for(run_root: Path, name: str) -> Path:
+    """``run_root / name``, or a shorter random name when its sockets' paths would not fit."""
+    if len(str(run_root / name / "agent.sock").encode()) <= SOCKET_PATH_MAX:
+        return run_root / name
+    return run_root / f"{name.split('-', 1)[0]}-{secrets.token_hex(6)}"
+
+
+def _listen(path: Path) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(SOCKET_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _reap(proc: subprocess.Popen[bytes], qemu_pid: int) -> None:
+    """Reap ``proc`` (QEMU or its jail launcher) when it exits, while this loop runs."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+
+    def done() -> None:
+        try:
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = proc.pid, 0
+        if pid == 0:
+            return
+        _exits[qemu_pid] = status
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        loop.remove_reader(fd)
+        os.close(fd)
+
+    loop.add_reader(fd, done)
+
+
+def _read_info(fd: int, timeout: float) -> dict[str, Any]:
+    """bwrap's ``--info-fd`` JSON (written once the namespaces exist; EOF if it failed)."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(ValueError):
+            return dict(json.loads(data))
+        if time.monotonic() > deadline:
+            raise VMError("the QEMU jail did not start in time")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            raise VMError("the QEMU jail failed to start")
+        data += chunk
 
 
 class QemuProcess:
-    """A running (daemonized) QEMU, addressed by pid and run dir."""
+    """A running QEMU, addressed by pid and run dir."""
 
     def __init__(self, pid: int, paths: RunPaths) -> None:
         self.pid = pid
@@ -84,73 +177,175 @@ class QemuProcess:
 
     @classmethod
     async def launch(
-        cls, argv: list[str], paths: RunPaths, *, timeout: float = 60.0
+        cls,
+        argv: list[str],
+        paths: RunPaths,
+        *,
+        jail: jails.Jail | None = None,
+        new_netns: bool = False,
+        before_exec: Callable[[int], None] | None = None,
+        timeout: float = 60.0,
     ) -> QemuProcess:
-        """Start QEMU with ``argv`` (which must include ``-daemonize`` and ``-pidfile``).
+        """Start QEMU with ``argv`` (from ``instance_args``), jailed when ``jail`` is given (in
+        a network namespace of its own with ``new_netns``); return once QMP answers.
 
-        A run dir created here is removed again when the start fails.
+        ``before_exec(pid)`` runs before QEMU runs a guest (to put it into its cgroup). A run
+        dir created here is removed again when the start fails.
         """
         created = not paths.dir.exists()
         paths.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
-            return await cls._start(argv, paths, timeout)
+            return await cls._start(argv, paths, jail, new_netns, before_exec, timeout)
         except BaseException:
             if created:
                 shutil.rmtree(paths.dir, ignore_errors=True)
             raise
 
     @classmethod
-    async def _start(cls, argv: list[str], paths: RunPaths, timeout: float) -> QemuProcess:
-        proc = await asyncio.create_subprocess_exec(
-            qemu_binary(),
+    async def _start(
+        cls,
+        argv: list[str],
+        paths: RunPaths,
+        jail: jails.Jail | None,
+        new_netns: bool,
+        before_exec: Callable[[int], None] | None,
+        timeout: float,
+    ) -> QemuProcess:
+        agent, qmp = _listen(paths.agent), _listen(paths.qmp)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        log = os.open(paths.qemu_log, flags, 0o600)
+        full = [
             *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+            "-chardev", f"socket,id=agent,fd={agent.fileno()},server=on,wait=off",
+            "-chardev", f"socket,id=qmp,fd={qmp.fileno()},server=on,wait=off",
+            "-mon", "chardev=qmp,mode=control",
+            "-sandbox", jails.SANDBOX_OPTION,
+        ]  # fmt: skip
+        fds = [agent.fileno(), qmp.fileno()]
+        uid: int | None = None
+        try:
+            if jail is not None:
+                proc, pid, uid = await cls._start_jailed(jail, full, fds, log, new_netns,
+                                                         before_exec)  # fmt: skip
+            else:
+                proc = cls._popen([qemu_binary(), *full], fds, log)
+                pid = proc.pid
+                cap_file_size(pid, QEMU_FILE_CAP_BYTES)
+                if before_exec is not None:
+                    before_exec(pid)
+        finally:
+            agent.close()
+            qmp.close()
+            os.close(log)
+        _reap(proc, pid)
+        paths.pidfile.write_text(f"{pid}\n")
+        qemu = cls(pid, paths)
+        try:
+            await qemu._wait_ready(proc, timeout)
+        except BaseException:
+            qemu.kill()
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await qemu.close_qmp()
+            raise
+        finally:
+            if uid is not None:
+                jails.release_uid(uid)
+        return qemu
+
+    @classmethod
+    async def _start_jailed(
+        cls,
+        jail: jails.Jail,
+        argv: list[str],
+        fds: list[int],
+        log: int,
+        new_netns: bool,
+        before_exec: Callable[[int], None] | None,
+    ) -> tuple[subprocess.Popen[bytes], int, int]:
+        """bwrap, blocked before its exec until the pid has its limits and cgroup."""
+        info_r, info_w = os.pipe()
+        block_r, block_w = os.pipe()
+        try:
+            try:
+                launch = jails.build(jail, qemu_binary(), argv, info_fd=info_w, block_fd=block_r,
+                                     new_netns=new_netns)  # fmt: skip
+                proc = cls._popen(launch.argv, [*fds, info_w, block_r], log)
+            finally:
+                os.close(info_w)
+                os.close(block_r)
+            try:
+                info = await asyncio.to_thread(_read_info, info_r, INFO_TIMEOUT_S)
+                pid = int(info["child-pid"])
+                cap_file_size(pid, QEMU_FILE_CAP_BYTES)
+                if before_exec is not None:
+                    before_exec(pid)
+            except BaseException:
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
+                jails.release_uid(launch.uid)
+                raise
+            os.write(block_w, b"1")
+        finally:
+            os.close(info_r)
+            os.close(block_w)
+        return proc, pid, launch.uid
+
+    @staticmethod
+    def _popen(argv: list[str], fds: list[int], log: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            pass_fds=fds,
+            env={"PATH": jails.JAIL_PATH},
+            # its own session: a signal to the daemon's process group never reaches QEMU
             start_new_session=True,
             # Keep Python's SIG_IGN of SIGXFSZ (and SIGPIPE, which QEMU ignores anyway): a write
             # past QEMU_FILE_CAP_BYTES must fail, not kill the VM.
             restore_signals=False,
-            # What QEMU creates before it daemonizes (log, sockets) is the daemon user's alone;
-            # after, QEMU's own umask (027) applies, so memory and device-state files are
-            # created by forkd first, 0600.
             umask=0o077,
         )
+
+    async def _wait_ready(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
+        """Until QMP greets (QEMU has initialised), or QEMU exits (then why, from its log)."""
+        ready = asyncio.ensure_future(self.qmp(timeout=timeout))
+        exited = asyncio.ensure_future(self.wait_exit(timeout))
         try:
-            _, err = await asyncio.wait_for(proc.communicate(), timeout)
-        except BaseException as exc:
-            # Cancelled or timed out mid-start: the daemonized QEMU may already exist; never
-            # leave it running unowned.
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await asyncio.shield(proc.wait())
-            with contextlib.suppress(OSError, ValueError, ProcessLookupError):
-                os.kill(int(paths.pidfile.read_text().strip()), signal.SIGKILL)
-            if isinstance(exc, TimeoutError):
-                raise VMError(f"QEMU did not finish starting within {timeout} s") from exc
-            raise
-        if proc.returncode != 0:
-            detail = err.decode(errors="replace").strip().splitlines()[-5:]
-            if not detail:
-                raise QemuGone(
-                    f"QEMU exited (status {proc.returncode}) before it finished starting and "
-                    "said nothing: killed from outside, or out of memory?"
-                )
-            raise VMError("QEMU failed to start: " + " | ".join(detail))
-        try:
-            pid = int(paths.pidfile.read_text().strip())
-        except (OSError, ValueError) as exc:
-            raise VMError(f"QEMU started but wrote no pid file {paths.pidfile}") from exc
-        cap_file_size(pid, QEMU_FILE_CAP_BYTES)
-        return cls(pid, paths)
+            await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+        if ready.done() and not ready.cancelled() and ready.exception() is None:
+            return
+        ready.cancel()
+        with contextlib.suppress(BaseException):
+            await ready
+        for _ in range(100):  # the reaper records how it ended (bwrap reports QEMU's end)
+            if self.pid in _exits or not pid_alive(proc.pid):
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
+        detail = self.log_tail(5)
+        if pid_alive(self.pid):
+            raise VMError(f"QEMU did not finish starting within {timeout} s: {detail}")
+        why = death_reason(self.pid)
+        if detail:
+            raise VMError("QEMU failed to start: " + (f"{why} | " if why else "") + detail)
+        status = _exits.get(self.pid)
+        code = "unknown" if status is None else os.waitstatus_to_exitcode(status)
+        raise QemuGone(
+            f"QEMU exited (status {code}) before it finished starting and said "
+            "nothing: " + (why or "killed from outside, or out of memory?")
+        )
 
     # --- QMP -------------------------------------------------------------------------------
 
-    async def qmp(self) -> QMPClient:
+    async def qmp(self, *, timeout: float = 10.0) -> QMPClient:
         if self._qmp is None:
             client = QMPClient(f"forkd-{self.pid}")
             try:
-                await asyncio.wait_for(client.connect(str(self.paths.qmp)), 10.0)
+                await asyncio.wait_for(client.connect(str(self.paths.qmp)), timeout)
             except Exception as exc:
                 with contextlib.suppress(Exception):
                     await client.disconnect()
@@ -236,11 +431,23 @@ class QemuProcess:
         state as "running", so a child restored from the file starts as soon as it is loaded.
         Guest RAM is never in the file: it lives in the template's memory file.
         """
-        # Created here, 0600: QEMU would make it 0640 (0660 under its daemonized umask).
+        # Opened here (0600) and handed over as a descriptor: a jailed QEMU sees no host path.
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        os.fchmod(fd, 0o600)
-        os.close(fd)
-        await self.execute("xen-save-devices-state", {"filename": str(dest), "live": False})
+        try:
+            os.fchmod(fd, 0o600)
+            client = await self.qmp()
+            client.send_fd_scm(fd)
+            added = await self.execute("add-fd", {"opaque": f"forkd-{dest.name}"})
+        finally:
+            os.close(fd)
+        fdset = int(added["fdset-id"])
+        try:
+            await self.execute(
+                "xen-save-devices-state", {"filename": f"/dev/fdset/{fdset}", "live": False}
+            )
+        finally:
+            with contextlib.suppress(VMError):
+                await self.execute("remove-fd", {"fdset-id": fdset})
 
     async def file_uri(self, path: Path, *, write: bool) -> str:
         """A migration URI for ``path`` that needs no helper process: the file is opened here and
@@ -256,6 +463,36 @@ class QemuProcess:
         finally:
             os.close(fd)
         return f"fd:{name}"
+
+    async def pipe_uri(self, dest: Path) -> tuple[str, asyncio.Future[int]]:
+        """A migration URI whose stream this process copies into ``dest`` (the returned future:
+        the bytes written, once QEMU closes its end). QEMU writes no file itself, so its
+        file-size limit stays in force: lifting it on a QEMU of another uid needs
+        CAP_SYS_RESOURCE, which forkd may lack."""
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        name = f"forkd-{dest.name}-{write_end}"
+        try:
+            client = await self.qmp()
+            client.send_fd_scm(write_end)
+            await self.execute("getfd", {"fdname": name})
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+
+        def copy() -> int:
+            out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            total = 0
+            try:
+                while n := os.splice(read_end, out, 1 << 20):
+                    total += n
+            finally:
+                os.close(out)
+                os.close(read_end)
+            return total
+
+        return f"fd:{name}", asyncio.ensure_future(asyncio.to_thread(copy))
 
     async def restore_and_run(self, devstate: Path) -> None:
         """On a ``-incoming defer`` QEMU whose x-ignore-shared is already on: load ``devstate`` and
@@ -294,10 +531,6 @@ class QemuProcess:
             "ringbuf-read", {"device": CONSOLE_CHARDEV, "size": size, "format": "utf8"}
         )
         return str(text)
-
-    def allow_large_files(self, allow: bool) -> None:
-        """Lift (or restore) the QEMU_FILE_CAP_BYTES cap, for a migration stream QEMU writes."""
-        cap_file_size(self.pid, None if allow else QEMU_FILE_CAP_BYTES)
 
     def log_tail(self, lines: int = 3) -> str:
         """QEMU's last error reports (``-D`` log), for error messages."""

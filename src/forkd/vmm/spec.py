@@ -102,6 +102,11 @@ class MachineSpec:
         return args
 
 
+def name_marker(paths: RunPaths) -> str:
+    """``-name`` value naming the run dir (QEMU doubles commas inside an option value)."""
+    return "forkd:" + str(paths.dir).replace(",", ",,")
+
+
 BOOT_FILE_OPTIONS = ("-kernel", "-initrd", "-append")
 
 
@@ -135,8 +140,9 @@ def instance_args(
     incoming: bool,
     restrict_network: bool = True,
 ) -> list[str]:
-    """argv after the binary: the machine plus this process's memory, sockets, logs, and (for a
-    machine with a NIC) its own network backend, restricted unless the host guards egress."""
+    """argv after the binary: the machine plus this process's memory, console and (for a machine
+    with a NIC) its own network backend, restricted unless the host guards egress. The QMP and
+    agent sockets, the seccomp filter and the log are added by ``QemuProcess.launch``."""
     # A child maps the template read-only (rom=off: its private copy stays writable), so even a
     # compromised child cannot change the pages its siblings map.
     access = "share=on" if share else "share=off,readonly=on,rom=off"
@@ -147,14 +153,12 @@ def instance_args(
         "-object",
         f"memory-backend-file,id=mem,size={mem_mib}M,mem-path={memory_path},{access}"
         ",align=2M",
-        "-chardev", f"socket,id=agent,path={paths.agent},server=on,wait=off",
-        "-chardev", f"socket,id=qmp,path={paths.qmp},server=on,wait=off",
-        "-mon", "chardev=qmp,mode=control",
         "-chardev", f"ringbuf,id={CONSOLE_CHARDEV},size={CONSOLE_RING_BYTES}",
         "-serial", f"chardev:{CONSOLE_CHARDEV}",
-        "-D", str(paths.qemu_log),
-        "-pidfile", str(paths.pidfile),
-        "-daemonize",
+        # host-only (not guest-visible, not in the recorded machine): merged into -machine
+        "-machine", "dump-guest-core=off",
+        # the run dir, for recognising this QEMU after a daemon restart (pid_runs_in)
+        "-name", f"guest={name_marker(paths)}",
     ]  # fmt: skip
     if has_nic(machine_args):
         args += backend_args(restrict=restrict_network)
