@@ -34,7 +34,6 @@ from forkd.api.e2b import PREFIX as E2B_PREFIX
 from forkd.api.e2b import mount_e2b
 from forkd.api.exec_stream import exec_stream_router
 from forkd.api.hub import UNPACK_PATH, hub_router
-
 from forkd.api.images import image_router
 from forkd.api.limits import BodyLimitMiddleware
 from forkd.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
