@@ -83,7 +83,8 @@ async def test_templates_and_branches_survive_a_reboot(home: Settings) -> None:
         deadline = time.monotonic() + 600
         while rt.get_snapshot("dur-live").status == "writing" and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
-        assert rt.get_snapshot("dur-live").status == "ready"
+        live = rt.get_snapshot("dur-live")
+        assert live.status == "ready", live.error
         await rt.wait_persisted()
         for tag in BRANCHES:
             m = rt.snapshots.load(tag)
