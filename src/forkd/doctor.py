@@ -16,9 +16,9 @@ from forkd.errors import HostSetupError
 from forkd.private import check_owned
 from forkd.snapshots.memfs import AccessSampler, access_samplers, free_page_reporting, mount_of
 from forkd.vmm.accel import detect_accel
+from forkd.vmm.machine import MACHINE_FAMILY, probe_qemu, require_supported
 
 Status = Literal["PASS", "WARN", "FAIL"]
-MIN_QEMU = (7, 2)
 MIN_SHM_FREE_BYTES = 1 << 30
 MIN_HOME_FREE_BYTES = 4 << 30
 
@@ -41,18 +41,18 @@ class Check:
 def check_qemu() -> Check:
     path = shutil.which("qemu-system-x86_64")
     if path is None:
-        return Check("qemu", "FAIL", "qemu-system-x86_64 not found",
-                     "apt-get install qemu-system-x86")  # fmt: skip
-    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
-    m = re.search(r"version (\d+)\.(\d+)\.?(\d*)", out)
-    if not m:
-        return Check("qemu", "WARN", f"cannot read the version of {path}")
-    version = (int(m[1]), int(m[2]))
-    text = f"{path} version {m[1]}.{m[2]}.{m[3] or 0}"
-    if version < MIN_QEMU:
-        return Check(
-            "qemu", "FAIL", text, "forkd needs QEMU >= 7.2 (x-ignore-shared, background-snapshot)"
-        )
+        hint = "apt-get install qemu-system-x86 (on Debian 12: scripts/setup.sh install)"
+        return Check("qemu", "FAIL", "qemu-system-x86_64 not found", hint)
+    try:
+        build = probe_qemu(path)
+    except HostSetupError as exc:
+        return Check("qemu", "WARN", str(exc))
+    machine = build.resolve(MACHINE_FAMILY)
+    text = f"{path} version {build.version_text}; new templates record machine type {machine}"
+    try:
+        require_supported(build)
+    except HostSetupError as exc:
+        return Check("qemu", "FAIL", text, str(exc))
     return Check("qemu", "PASS", text)
 
 

@@ -24,6 +24,7 @@ from forkd.errors import (
     AgentError,
     Conflict,
     ForkdError,
+    HostSetupError,
     InvalidInput,
     NotFound,
     QemuGone,
@@ -64,8 +65,15 @@ from forkd.validate import (
 )
 from forkd.vmm.accel import AccelChoice, detect_accel
 from forkd.vmm.agent_client import AgentClient
+from forkd.vmm.machine import (
+    MACHINE_FAMILY,
+    QemuBuild,
+    incompatibility,
+    probe_qemu,
+    require_supported,
+)
 from forkd.vmm.netdev import GuestNetwork
-from forkd.vmm.qemu import QemuProcess, pid_alive, pid_runs_in
+from forkd.vmm.qemu import QemuProcess, pid_alive, pid_runs_in, qemu_binary
 from forkd.vmm.spec import RunPaths
 
 ADOPT_QMP_TIMEOUT_S = 5.0
@@ -106,6 +114,7 @@ class Runtime:
         self.snapshots = SnapshotStore(settings)
         self.images = ImageStore(settings)
         self.accel: AccelChoice = detect_accel(settings.accel)
+        self._qemu: QemuBuild | None = None
         self._watch = watch
         self._agents: dict[str, AgentClient] = {}
         self._agent_locks: dict[str, asyncio.Lock] = {}
@@ -334,7 +343,7 @@ class Runtime:
             req = dataclasses.replace(
                 self._template_request(tag, image, built, mem_mib, warmup, machine_nic, policy,
                                        key),
-                cpus=cpus,
+                cpus=cpus, machine_type=self.qemu.resolve(MACHINE_FAMILY),
             )  # fmt: skip
             await self.networks.prepare(key, policy, machine_nic)
             manifest = await make_template(self.snapshots, self.settings.run_dir, req, progress)
@@ -407,6 +416,26 @@ class Runtime:
         self.snapshots.delete(tag)
         self.registry.delete_snapshot(tag)
 
+    @property
+    def qemu(self) -> QemuBuild:
+        """The installed QEMU (asked once), refused with the fix when too old."""
+        if self._qemu is None:
+            build = probe_qemu(qemu_binary())
+            require_supported(build)
+            self._qemu = build
+        return self._qemu
+
+    def _unbootable(self, tag: str, manifest: SnapshotManifest) -> str | None:
+        """None if children can fork from ``tag`` on this host, else the reason."""
+        reason = self.snapshots.bootability(manifest)
+        if reason is not None:
+            return reason
+        try:
+            build = self.qemu
+        except HostSetupError as exc:
+            return str(exc)
+        return incompatibility(manifest.machine_args, manifest.qemu_version, build)
+
     def _dependents(self, tag: str) -> list[str]:
         return [r.tag for r in self.registry.list_snapshots() if r.parent_tag == tag]
 
@@ -421,7 +450,7 @@ class Runtime:
         bootable, error = False, row.error
         if row.status == "ready" and self.snapshots.exists(row.tag):
             manifest = self.snapshots.load(row.tag)
-            reason = self.snapshots.bootability(manifest)
+            reason = self._unbootable(row.tag, manifest)
             bootable = reason is None
             if reason is not None and error is None:
                 error = f"not bootable: {reason}"
@@ -450,7 +479,7 @@ class Runtime:
             detail = f": {row.error}" if row.error else ""
             raise Conflict(f"snapshot {tag!r} is not ready (status {row.status}{detail})")
         manifest = self.snapshots.load(tag)
-        reason = self.snapshots.bootability(manifest)
+        reason = self._unbootable(tag, manifest)
         if reason is not None:
             raise Conflict(f"snapshot {tag!r} is not bootable: {reason}")
         return manifest

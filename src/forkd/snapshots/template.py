@@ -37,6 +37,7 @@ class TemplateRequest:
     accel: AccelChoice
     network: GuestNetwork | None = None
     cpus: int = 1
+    machine_type: str = "q35"  # the installed QEMU's exact type behind the alias
     # warm-up egress: an unrestricted backend, guarded by the hooks (QEMU's pid before the guest
     # runs any user code; the agent before the warm-up, and again after it, to reset the guest)
     warmup_unrestricted: bool = False
@@ -69,6 +70,7 @@ async def make_template(
         accel_args=tuple(req.accel.qemu_args()),
         nic=req.network,
         cpus=req.cpus,
+        machine_type=req.machine_type,
     )
     machine = spec.machine_args()
     qemu: QemuProcess | None = None

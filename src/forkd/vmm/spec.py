@@ -58,6 +58,8 @@ class MachineSpec:
     accel_args: tuple[str, ...]
     cpus: int = 1
     nic: GuestNetwork | None = None
+    # exact and versioned (``pc-q35-10.0``): an alias such as ``q35`` moves with QEMU upgrades
+    machine_type: str = "q35"
 
     def machine_args(self) -> list[str]:
         cmdline = (
@@ -66,8 +68,11 @@ class MachineSpec:
 
         args = [
             # No built-in devices the guest never uses: less to start and to restore per child.
-            "-machine", "q35,memory-backend=mem,sata=off,smbus=off,usb=off,vmport=off,smm=off,"
-            "i8042=off",
+            # suppress-vmdesc: no JSON self-description after a migration stream. QEMU >= 8.2
+            # opens that description in the configuration section, which send-configuration=off
+            # (below) leaves out, and then aborts closing it (json-writer ``depth`` assertion).
+            "-machine", f"{self.machine_type},memory-backend=mem,sata=off,smbus=off,usb=off,"
+            "vmport=off,smm=off,i8042=off,suppress-vmdesc=on",
             *self.accel_args,
             "-m", f"{self.mem_mib}M",
             "-smp", str(self.cpus),
@@ -132,13 +137,15 @@ def instance_args(
 ) -> list[str]:
     """argv after the binary: the machine plus this process's memory, sockets, logs, and (for a
     machine with a NIC) its own network backend, restricted unless the host guards egress."""
-    share_flag = "on" if share else "off"
+    # A child maps the template read-only (rom=off: its private copy stays writable), so even a
+    # compromised child cannot change the pages its siblings map.
+    access = "share=on" if share else "share=off,readonly=on,rom=off"
     args = [
         *machine_args,
         # align=2M: QEMU otherwise offsets guest RAM by a guard page, and a mapping that is not
         # 2 MiB aligned never gets huge pages from a huge-page tmpfs (see snapshots/memfs.py).
         "-object",
-        f"memory-backend-file,id=mem,size={mem_mib}M,mem-path={memory_path},share={share_flag}"
+        f"memory-backend-file,id=mem,size={mem_mib}M,mem-path={memory_path},{access}"
         ",align=2M",
         "-chardev", f"socket,id=agent,path={paths.agent},server=on,wait=off",
         "-chardev", f"socket,id=qmp,path={paths.qmp},server=on,wait=off",

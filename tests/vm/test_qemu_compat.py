@@ -1,0 +1,59 @@
+"""Templates record the exact QEMU machine type; one the installed QEMU lacks is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from forkd.errors import Conflict
+from forkd.runtime.engine import Runtime
+from forkd.vmm.machine import MACHINE_FAMILY, machine_type_of
+
+pytestmark = pytest.mark.vm
+
+
+def _qemu_cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+async def test_template_records_exact_machine_and_children_map_it_read_only(
+    runtime: Runtime, template: str
+) -> None:
+    manifest = runtime.snapshots.load(template)
+    recorded = machine_type_of(manifest.machine_args)
+    assert recorded == runtime.qemu.resolve(MACHINE_FAMILY)
+    assert recorded is not None and recorded != MACHINE_FAMILY and recorded.startswith("pc-q35-")
+
+    child = (await runtime.spawn(template, 1))[0].sandbox
+    try:
+        assert child.pid is not None
+        cmdline = _qemu_cmdline(child.pid)
+        assert f"-machine {recorded}," in cmdline
+        assert f"mem-path={manifest.memory.path},share=off,readonly=on,rom=off" in cmdline
+        # The guest still writes its own (private) pages.
+        assert (await runtime.eval(child.id, "len(bytearray(8 << 20))")).result == str(8 << 20)
+    finally:
+        await runtime.kill(child.id)
+
+
+async def test_machine_type_missing_from_this_qemu_is_refused_with_the_reason(
+    runtime: Runtime, template: str
+) -> None:
+    source = (await runtime.spawn(template, 1))[0].sandbox.id
+    try:
+        info = await runtime.branch(source, tag="from-future-qemu", mode="full")
+    finally:
+        await runtime.kill(source)
+    manifest = runtime.snapshots.load(info.tag)
+    recorded = machine_type_of(manifest.machine_args)
+    assert recorded is not None
+    manifest.machine_args = [a.replace(recorded, "pc-q35-99.0") for a in manifest.machine_args]
+    manifest.qemu_version = "99.0.0"
+    runtime.snapshots.rewrite_manifest(manifest)
+    try:
+        assert runtime.get_snapshot(info.tag).bootable is False
+        with pytest.raises(Conflict, match=r"pc-q35-99\.0.*make the template again"):
+            await runtime.spawn(info.tag, 1)
+    finally:
+        await runtime.delete_snapshot(info.tag)
