@@ -195,8 +195,10 @@ class Runtime:
                     await previous
             if hash_first:
                 await self._hash_artifacts(tag)
-            with contextlib.suppress(ForkdError, OSError, ValueError):
+            try:
                 await asyncio.to_thread(self.snapshots.persist, tag)
+            except (ForkdError, OSError, ValueError) as exc:  # it stays tmpfs-only, and says so
+                self.snapshots.persist_errors[tag] = str(exc) or type(exc).__name__
 
         task = asyncio.ensure_future(run())
         self._persisting[tag] = task
@@ -354,15 +356,7 @@ class Runtime:
             await self.networks.release(key)
         ready = _row_from_manifest(manifest)
         self.registry.put_snapshot(ready)
-        return self._with_persist_warning(self._snapshot_info(ready), manifest)
-
-    def _with_persist_warning(
-        self, info: wire.SnapshotInfo, manifest: SnapshotManifest
-    ) -> wire.SnapshotInfo:
-        why = self.snapshots.persist_errors.get(manifest.tag)
-        if manifest.memory_authoritative != "disk" and why is not None:
-            info.warning = f"no disk copy written ({why}): this snapshot is lost on a host reboot"
-        return info
+        return self._snapshot_info(ready)
 
     def _template_request(
         self,
@@ -447,13 +441,16 @@ class Runtime:
         return row
 
     def _snapshot_info(self, row: SnapshotRow) -> wire.SnapshotInfo:
-        bootable, error = False, row.error
+        bootable, error, warning = False, row.error, None
         if row.status == "ready" and self.snapshots.exists(row.tag):
             manifest = self.snapshots.load(row.tag)
             reason = self._unbootable(row.tag, manifest)
             bootable = reason is None
             if reason is not None and error is None:
                 error = f"not bootable: {reason}"
+            why = self.snapshots.persist_errors.get(row.tag)
+            if manifest.memory_authoritative != "disk" and why is not None:
+                warning = f"no disk copy written ({why}): this snapshot is lost on a host reboot"
         extra = dict(row.extra)
         return wire.SnapshotInfo(
             tag=row.tag,
@@ -465,6 +462,7 @@ class Runtime:
             status=row.status,  # type: ignore[arg-type]
             bootable=bootable,
             error=error,
+            warning=warning,
             **{k: v for k, v in extra.items() if k in wire.SnapshotInfo.model_fields},
         )
 
@@ -1021,14 +1019,14 @@ class Runtime:
                 "memory": Artifact(path=str(staging.memory), bytes=size),
                 "delta": None, "root_tag": None,
             })  # fmt: skip
-            committed = await asyncio.to_thread(self.snapshots.commit, staging, new)
+            await asyncio.to_thread(self.snapshots.commit, staging, new)
         except BaseException:
             self.snapshots.abort(staging)
             self.registry.delete_snapshot(to)
             raise
         row.status = "ready"
         self.registry.put_snapshot(row)
-        return self._with_persist_warning(self._snapshot_info(row), committed)
+        return self._snapshot_info(row)
 
     # --- agent calls -----------------------------------------------------------------------
 

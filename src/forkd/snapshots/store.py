@@ -332,6 +332,7 @@ class SnapshotStore:
                 if memory.parent == self.memory_root:
                     memory.unlink(missing_ok=True)
         shutil.rmtree(self.dir_of(tag), ignore_errors=True)
+        self.persist_errors.pop(tag, None)
 
     def memory_in_use(self, except_tag: str | None = None) -> set[str]:
         """Memory files named by any snapshot's manifest (but ``except_tag``'s)."""
