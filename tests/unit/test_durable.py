@@ -224,3 +224,16 @@ def test_doctor_reports_home_disk_space(tmp_path: Path) -> None:
     assert ok.status == "PASS" and "GiB free" in ok.detail
     low = check_home_disk(settings, min_free=1 << 62)
     assert low.status == "WARN" and "reboot" in low.hint
+
+
+def test_a_failed_disk_copy_keeps_the_snapshot_tmpfs_only_and_says_why(tmp_path: Path) -> None:
+    store = SnapshotStore(_settings(tmp_path))
+    store.root.mkdir(parents=True)
+    store.disk_root.write_text("not a directory")  # the disk copy cannot be written
+    m = _template(store, "t", tmp_path)
+    assert m.memory_authoritative == "tmpfs" and m.memory_disk is None
+    assert store.bootability(m) is None  # usable from tmpfs meanwhile
+    assert "t" in store.persist_errors and "not a directory" in store.persist_errors["t"]
+    store.disk_root.unlink()
+    assert store.persist("t").memory_authoritative == "disk"
+    assert "t" not in store.persist_errors
