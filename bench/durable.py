@@ -92,6 +92,7 @@ async def main(args: argparse.Namespace) -> None:
             m = rt.snapshots.load(TAG)
             assert m.memory_disk is not None and m.memory_authoritative == "disk"
             tmpfs, disk = Path(m.memory.path), Path(m.memory_disk.path)
+            tmpfs_bytes, disk_bytes = physical(tmpfs), physical(disk)
             persist: list[float] = []
             restore_cold: list[float] = []
             restore_warm: list[float] = []
@@ -130,8 +131,8 @@ async def main(args: argparse.Namespace) -> None:
             await rt.close(kill_sandboxes=True)
     data = {
         "memory_logical_bytes": m.memory.bytes,
-        "tmpfs_physical_bytes": physical(tmpfs),
-        "disk_physical_bytes": physical(disk),
+        "tmpfs_physical_bytes": tmpfs_bytes,
+        "disk_physical_bytes": disk_bytes,
         "persist_s": persist,
         "restore_cold_s": restore_cold,
         "restore_warm_s": restore_warm,
@@ -143,8 +144,8 @@ async def main(args: argparse.Namespace) -> None:
     }
     rows = [
         ("guest memory (logical)", f"{m.memory.bytes / MiB:.0f} MiB"),
-        ("tmpfs file (physical)", f"{physical(tmpfs) / MiB:.0f} MiB"),
-        ("disk copy (sparse, zero blocks skipped)", f"{physical(disk) / MiB:.0f} MiB"),
+        ("tmpfs file (physical)", f"{tmpfs_bytes / MiB:.0f} MiB"),
+        ("disk copy (sparse, zero blocks skipped)", f"{disk_bytes / MiB:.0f} MiB"),
         ("write the disk copy (copy + sha256 + fsync)", f"{median(persist):.2f} s"),
         ("restore tmpfs from it, cold page cache", f"{median(restore_cold):.2f} s"),
         ("restore tmpfs from it, warm page cache", f"{median(restore_warm):.2f} s"),
