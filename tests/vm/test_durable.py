@@ -14,6 +14,8 @@ import pytest
 
 from forkd.config import Settings
 from forkd.errors import Conflict
+from forkd.hub.pack import write_pack
+from forkd.hub.unpack import unpack
 from forkd.images.builder import ImageRequest, build_image
 from forkd.images.store import Image
 from forkd.runtime.engine import Runtime
@@ -61,7 +63,7 @@ async def _state(rt: Runtime, tag: str) -> tuple[str | None, str | None, str]:
     return warm, gen, text
 
 
-async def test_templates_and_branches_survive_a_reboot(home: Settings) -> None:
+async def test_templates_and_branches_survive_a_reboot(home: Settings, tmp_path: Path) -> None:
     rt = await _boot(home)
     try:
         info = await rt.create_snapshot(ROOT, warmup="WARM = 41")
@@ -98,6 +100,13 @@ async def test_templates_and_branches_survive_a_reboot(home: Settings) -> None:
         for tag in (ROOT, *BRANCHES):
             info = rt.get_snapshot(tag)
             assert info.bootable, (tag, info.error)
+        # Packing reads the disk copies (tmpfs is still empty); an unpacked template is durable
+        # as soon as it exists.
+        pack = await write_pack(rt, "dur-diff", tmp_path / "diff.forkd", compress=False)
+        assert not Path(root.memory.path).exists()
+        await unpack(rt, pack.path, tag="dur-unpacked")
+        assert rt.snapshots.load("dur-unpacked").memory_authoritative == "disk"
+        assert await _state(rt, "dur-unpacked") == ("41", "1", "1")
         assert await _state(rt, ROOT) == ("41", "None", "")
         for gen, tag in enumerate(BRANCHES, start=1):
             assert await _state(rt, tag) == ("41", str(gen), str(gen)), tag

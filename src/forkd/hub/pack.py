@@ -128,6 +128,7 @@ def _flatten(runtime: Runtime, manifest: SnapshotManifest) -> Path:
     """A standalone copy of a delta branch's memory, on tmpfs next to the others (named like
     staging, so a crash mid-way leaves debris the start-up sweep removes)."""
     assert manifest.delta is not None
+    runtime.snapshots.prepare_memory()  # gone after a host reboot until the first fork
     root = runtime.snapshots.memory_root
     dest = root / f"{STAGING_PREFIX}{os.getpid()}-pack-{manifest.tag}-{secrets.token_hex(4)}.mem"
     size = manifest.mem_mib * 1024 * 1024

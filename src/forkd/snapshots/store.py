@@ -97,7 +97,8 @@ class SnapshotStore:
     def devstate_path(self, tag: str) -> Path:
         return self.dir_of(tag) / DEVSTATE_NAME
 
-    def _prepare_memory(self) -> None:
+    def prepare_memory(self) -> None:
+        """Create (and, as root, mount) the memory dir: after a host reboot it is gone."""
         private_dir(self.root.parent, "forkd home")
         private_dir(self.root, "snapshot dir")
         if not self._memory_prepared:
@@ -115,7 +116,7 @@ class SnapshotStore:
             raise Conflict(
                 f"snapshot {tag!r} already exists: delete it first or choose another tag"
             )
-        self._prepare_memory()
+        self.prepare_memory()
         suffix = secrets.token_hex(4)
         # The writer's pid is in the name: only a dead writer's leftovers are ever swept.
         name = f"{STAGING_PREFIX}{os.getpid()}-{tag}-{suffix}"
@@ -257,7 +258,7 @@ class SnapshotStore:
                     f"snapshot {manifest.tag!r} maps {tmpfs}, outside this home's memory dir "
                     f"{self.memory_root}: not restored"
                 )
-            self._prepare_memory()
+            self.prepare_memory()
             tmp = temp_name(tmpfs)
             try:
                 got = sparse_hashed_copy(disk, tmp, size).sha256
