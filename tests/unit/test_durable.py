@@ -5,6 +5,7 @@ reason instead of being mapped."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -237,3 +238,19 @@ def test_a_failed_disk_copy_keeps_the_snapshot_tmpfs_only_and_says_why(tmp_path:
     store.disk_root.unlink()
     assert store.persist("t").memory_authoritative == "disk"
     assert "t" not in store.persist_errors
+
+
+def test_sparse_copy_from_disk_into_tmpfs(tmp_path: Path) -> None:
+    """copy_file_range refuses some cross-file-system copies (EXDEV): the copy still works."""
+    from forkd.snapshots.guestram import sparse_copy
+
+    src = tmp_path / "disk-copy"
+    src.touch()
+    _guest_memory(src)
+    shm = Path("/dev/shm") / f"forkd-unit-{os.getpid()}"
+    shm.mkdir(mode=0o700)
+    try:
+        sparse_copy(src, shm / "mem", SIZE)
+        assert (shm / "mem").read_bytes() == src.read_bytes()
+    finally:
+        shutil.rmtree(shm)
