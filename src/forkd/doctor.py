@@ -21,6 +21,7 @@ from forkd.vmm.machine import MACHINE_FAMILY, probe_qemu, require_supported
 
 Status = Literal["PASS", "WARN", "FAIL"]
 MIN_SHM_FREE_BYTES = 1 << 30
+MIN_HOME_FREE_BYTES = 4 << 30
 
 # userfaultfd(2) constants (x86_64).
 SYS_USERFAULTFD = 323
@@ -108,6 +109,44 @@ def check_tmpfs(settings: Settings) -> Check:
     if free < MIN_SHM_FREE_BYTES:
         return Check("tmpfs", "WARN", text, "each template needs its guest memory size in tmpfs")
     return Check("tmpfs", "PASS", text)
+
+
+def _used_bytes(directory: Path) -> int:
+    """Bytes the files directly in ``directory`` occupy (sparse files: their data only)."""
+    total = 0
+    for entry in directory.iterdir() if directory.is_dir() else []:
+        try:
+            total += entry.stat().st_blocks * 512
+        except OSError:
+            continue
+    return total
+
+
+def check_home_disk(settings: Settings, min_free: int = MIN_HOME_FREE_BYTES) -> Check:
+    """Free space under ``FORKD_HOME``, where every template keeps its durable memory copy."""
+    from forkd.snapshots.store import DISK_MEMORY_DIR
+
+    probe = settings.home
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        st = os.statvfs(probe)
+    except OSError as exc:
+        return Check("home disk", "FAIL", f"{probe}: {exc}")
+    free = st.f_bavail * st.f_frsize
+    copies = _used_bytes(settings.snapshots_dir / DISK_MEMORY_DIR)
+    text = (
+        f"{settings.home} has {free / 2**30:.1f} GiB free; durable memory copies use "
+        f"{copies / 2**20:.0f} MiB"
+    )
+    if free < min_free:
+        return Check(
+            "home disk", "WARN", text,
+            "each template and branch keeps a sparse disk copy of its guest memory there (what "
+            "the guest used); without room new snapshots stay tmpfs-only and are lost on a "
+            "host reboot: free space or point FORKD_HOME at a larger disk",
+        )  # fmt: skip
+    return Check("home disk", "PASS", text)
 
 
 def check_private_state(settings: Settings) -> Check:
@@ -306,6 +345,7 @@ def run_checks(settings: Settings) -> list[Check]:
         check_uffd(),
         check_jail(settings),
         check_tmpfs(settings),
+        check_home_disk(settings),
         check_private_state(settings),
         huge,
         check_access_sampling(huge.status == "PASS", access_samplers()),

@@ -63,6 +63,9 @@ class SnapshotDetail(SnapshotInfo):
     memory_bytes: int | None = None
     devstate_bytes: int | None = None
     memory_path: str | None = None
+    # "disk": a complete on-disk copy of the memory exists and tmpfs is a cache; "tmpfs": not yet
+    memory_authoritative: str | None = None
+    memory_disk_path: str | None = None
     delta_path: str | None = None
     root_tag: str | None = None
 

@@ -26,7 +26,7 @@ from forkd.runtime.engine import Runtime
 from forkd.snapshots.delta import overlay
 from forkd.snapshots.guestram import PAGE, sparse_copy
 from forkd.snapshots.manifest import SnapshotManifest
-from forkd.snapshots.store import STAGING_PREFIX, bootability
+from forkd.snapshots.store import STAGING_PREFIX
 
 Progress = Callable[[str], None]
 ZSTD = "zstd"
@@ -68,7 +68,7 @@ async def write_pack(
     if info.status != "ready":
         raise Conflict(f"snapshot {tag!r} is not ready (status {info.status})")
     manifest = runtime.snapshots.load(tag)
-    reason = bootability(manifest, runtime.snapshots.devstate_path(tag))
+    reason = runtime.snapshots.bootability(manifest)
     if reason is not None:
         raise Conflict(f"snapshot {tag!r} cannot be packed: {reason}")
     if not info.bootable:
@@ -81,7 +81,8 @@ async def write_pack(
     if compress and not zstd_available():
         raise HostSetupError("zstd is not installed (apt-get install zstd): pack without it")
     with ExitStack() as cleanup:
-        memory = Path(manifest.memory.path)
+        # tmpfs, or its durable disk copy after a host reboot
+        memory = runtime.snapshots.memory_source(manifest)
         if manifest.delta is not None:
             progress("flattening the delta branch over its root's memory")
             memory = await asyncio.to_thread(_flatten, runtime, manifest)
@@ -127,11 +128,12 @@ def _flatten(runtime: Runtime, manifest: SnapshotManifest) -> Path:
     """A standalone copy of a delta branch's memory, on tmpfs next to the others (named like
     staging, so a crash mid-way leaves debris the start-up sweep removes)."""
     assert manifest.delta is not None
+    runtime.snapshots.prepare_memory()  # gone after a host reboot until the first fork
     root = runtime.snapshots.memory_root
     dest = root / f"{STAGING_PREFIX}{os.getpid()}-pack-{manifest.tag}-{secrets.token_hex(4)}.mem"
     size = manifest.mem_mib * 1024 * 1024
     try:
-        sparse_copy(Path(manifest.memory.path), dest, size)
+        sparse_copy(runtime.snapshots.memory_source(manifest), dest, size)
         overlay(Path(manifest.delta.path), dest, max_pages=size // PAGE)
     except BaseException:
         dest.unlink(missing_ok=True)

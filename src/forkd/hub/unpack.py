@@ -299,7 +299,8 @@ class _Job:
                 os.replace(self.memory, staging.memory)
                 os.replace(self.snap_dir / DEVSTATE_NAME, staging.devstate)
                 manifest = self._manifest(pack, tag, staging, image, image_name)
-                committed = store.commit(staging, manifest)
+                # In a thread: the commit writes the template's durable disk copy (seconds).
+                committed = await asyncio.to_thread(store.commit, staging, manifest)
             except BaseException:
                 store.abort(staging)
                 raise

@@ -52,7 +52,7 @@ from forkd.snapshots.branch import BranchStats, pause_and_copy, start_live
 from forkd.snapshots.delta import apply_delta, overlay
 from forkd.snapshots.guestram import PAGE, find_ram_mapping, sparse_copy
 from forkd.snapshots.manifest import Artifact, SnapshotManifest
-from forkd.snapshots.store import DEVSTATE_NAME, SnapshotStore, Staging, bootability
+from forkd.snapshots.store import DEVSTATE_NAME, SnapshotStore, Staging
 from forkd.snapshots.template import TemplateRequest, artifact, make_template
 from forkd.validate import (
     validate_branch_request,
@@ -125,6 +125,9 @@ class Runtime:
         self._pidfds: dict[str, int] = {}
         self._launch_gate = asyncio.Semaphore(MAX_PARALLEL_LAUNCHES)
         self._background: set[asyncio.Future[None]] = set()
+        # disk copies being written, by tag (awaited before a delete and at close)
+        self._persisting: dict[str, asyncio.Future[None]] = {}
+        self._restore_locks: dict[str, asyncio.Lock] = {}
         self._pool = WarmPool(
             settings.run_dir, settings.warm_pool_size, self._launch_gate,
             make_hot=self._make_hot if watch else None, jail=self.jail,
@@ -148,6 +151,7 @@ class Runtime:
         private_dir(self.settings.home, "forkd home")
         private_dir(self.settings.run_dir, "run dir")
         self.snapshots.sweep_staging()
+        self.snapshots.sweep_disk_copies()
         known = {row.tag for row in self.registry.list_snapshots()}
         for row in self.registry.list_snapshots():
             writer = row.extra.get("writer_pid")
@@ -161,6 +165,8 @@ class Runtime:
                 manifest = self.snapshots.load(tag)
                 self.registry.put_snapshot(_row_from_manifest(manifest))
         self._sweep_orphan_run_dirs()
+        if self._watch:
+            self._persist_backlog()
         alive = [sb for sb in self.registry.list_sandboxes() if sb.state != "dead"]
         await asyncio.gather(*(self._adopt(sb) for sb in alive))
         running = {sb.id for sb in self.registry.list_sandboxes() if sb.state != "dead"}
@@ -168,6 +174,52 @@ class Runtime:
         if self._watch:
             for sandbox_id in running:
                 await self.networks.readopt(sandbox_id)
+
+    def _persist_backlog(self) -> None:
+        """Write the disk copies a previous process did not get to (a branch whose background
+        copy was cut off, snapshots made before disk copies existed), in the background."""
+        for row in self.registry.list_snapshots():
+            if row.status != "ready" or not self.snapshots.exists(row.tag):
+                continue
+            with contextlib.suppress(ForkdError, OSError, ValueError):
+                manifest = self.snapshots.load(row.tag)
+                if manifest.memory_authoritative != "disk" and self.snapshots.memory_cached(
+                    manifest
+                ):
+                    self._persist_soon(row.tag, hash_first=False)
+
+    def _persist_soon(self, tag: str, *, hash_first: bool) -> None:
+        """Hash a new snapshot's small files, then write its disk copy, off the caller's path;
+        serialized per tag."""
+        previous = self._persisting.get(tag)
+
+        async def run() -> None:
+            if previous is not None:
+                with contextlib.suppress(BaseException):
+                    await previous
+            if hash_first:
+                await self._hash_artifacts(tag)
+            try:
+                await asyncio.to_thread(self.snapshots.persist, tag)
+            except (ForkdError, OSError, ValueError) as exc:  # it stays tmpfs-only, and says so
+                self.snapshots.persist_errors[tag] = str(exc) or type(exc).__name__
+
+        task = asyncio.ensure_future(run())
+        self._persisting[tag] = task
+
+        def done(t: asyncio.Future[None]) -> None:
+            if self._persisting.get(tag) is t:
+                del self._persisting[tag]
+
+        task.add_done_callback(done)
+
+    async def wait_persisted(self, tag: str | None = None) -> None:
+        """Wait for the background disk copies of ``tag`` (or of every snapshot)."""
+        tasks = [self._persisting[tag]] if tag in self._persisting else []
+        if tag is None:
+            tasks = list(self._persisting.values())
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _adopt(self, sb: SandboxRow) -> None:
         """Keep a recorded sandbox only if its QEMU is verifiably ours: the pid runs with this
@@ -209,6 +261,8 @@ class Runtime:
     async def close(self, *, kill_sandboxes: bool = False) -> None:
         await self._pool.drain()
         self._sweep_orphan_run_dirs()
+        # A disk copy cut off here would leave its snapshot tmpfs-only: finish it (seconds).
+        await self.wait_persisted()
         for task in list(self._background):
             task.cancel()
         if self._background:
@@ -253,6 +307,9 @@ class Runtime:
             detail.vmstate_bytes = detail.devstate_bytes = m.devstate.bytes
             detail.memory_bytes = m.memory.bytes
             detail.memory_path = m.memory.path
+            detail.memory_authoritative = m.memory_authoritative
+            if m.memory_disk is not None:
+                detail.memory_disk_path = m.memory_disk.path
             if m.delta is not None:
                 detail.delta_path, detail.root_tag = m.delta.path, m.root_tag
                 detail.parent_content_hash = m.memory.sha256
@@ -353,6 +410,7 @@ class Runtime:
             for dep in self._dependents(tag):
                 await self.delete_snapshot(dep, cascade=True)
         await self._pool.drain(tag)
+        await self.wait_persisted(tag)
         self.snapshots.delete(tag)
         self.registry.delete_snapshot(tag)
 
@@ -367,7 +425,7 @@ class Runtime:
 
     def _unbootable(self, tag: str, manifest: SnapshotManifest) -> str | None:
         """None if children can fork from ``tag`` on this host, else the reason."""
-        reason = bootability(manifest, self.snapshots.devstate_path(tag))
+        reason = self.snapshots.bootability(manifest)
         if reason is not None:
             return reason
         try:
@@ -387,10 +445,16 @@ class Runtime:
         return row
 
     def _snapshot_info(self, row: SnapshotRow) -> wire.SnapshotInfo:
-        bootable = False
+        bootable, error, warning = False, row.error, None
         if row.status == "ready" and self.snapshots.exists(row.tag):
             manifest = self.snapshots.load(row.tag)
-            bootable = self._unbootable(row.tag, manifest) is None
+            reason = self._unbootable(row.tag, manifest)
+            bootable = reason is None
+            if reason is not None and error is None:
+                error = f"not bootable: {reason}"
+            why = self.snapshots.persist_errors.get(row.tag)
+            if manifest.memory_authoritative != "disk" and why is not None:
+                warning = f"no disk copy written ({why}): this snapshot is lost on a host reboot"
         extra = dict(row.extra)
         return wire.SnapshotInfo(
             tag=row.tag,
@@ -401,7 +465,8 @@ class Runtime:
             mode=row.mode,  # type: ignore[arg-type]
             status=row.status,  # type: ignore[arg-type]
             bootable=bootable,
-            error=row.error,
+            error=error,
+            warning=warning,
             **{k: v for k, v in extra.items() if k in wire.SnapshotInfo.model_fields},
         )
 
@@ -420,6 +485,17 @@ class Runtime:
         if reason is not None:
             raise Conflict(f"snapshot {tag!r} is not bootable: {reason}")
         return manifest
+
+    async def _memory_ready(self, manifest: SnapshotManifest) -> None:
+        """Make sure the tmpfs memory file children map is there: after a host reboot it is
+        restored from its disk copy (sha256 checked) by the first fork that needs it; a delta
+        is checked against its sha256 once per process."""
+        if not self.snapshots.memory_cached(manifest):
+            lock = self._restore_locks.setdefault(manifest.memory.path, asyncio.Lock())
+            async with lock:
+                await asyncio.to_thread(self.snapshots.restore_memory, manifest)
+        if manifest.delta is not None:
+            await asyncio.to_thread(self.snapshots.check_delta, manifest)
 
     # --- sandboxes -------------------------------------------------------------------------
 
@@ -454,6 +530,7 @@ class Runtime:
             )
         manifest = self._ready_manifest(tag)
         policy = self.networks.policy_for(manifest, network, allow_internet_access)
+        await self._memory_ready(manifest)
         cgroups, warning = None, None
         if memory_limit_mib is not None:
             cgroups = cgroup_limits.available(self.settings.cgroups)
@@ -868,7 +945,8 @@ class Runtime:
             "timings_ms": {**timings, **stats.phases},
             "egress": self.networks.policy_of(source.id).to_wire(),
         })  # fmt: skip
-        manifest = self.snapshots.commit(staging, manifest)
+        # The disk copy comes after, in the background: never on a branch's round trip.
+        manifest = self.snapshots.commit(staging, manifest, durable=False)
         extra = dict(snapshot_row.extra)
         owned = manifest.delta if manifest.delta is not None else manifest.memory
         stored = _physical_bytes(Path(owned.path)) + manifest.devstate.bytes
@@ -884,9 +962,7 @@ class Runtime:
             current.branch_count += 1
             current.last_branch_memory_path = manifest.memory.path
             self.registry.put_sandbox(current)
-        task = asyncio.ensure_future(self._hash_artifacts(snapshot_row.tag))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._persist_soon(snapshot_row.tag, hash_first=True)
         return self._snapshot_info(snapshot_row)
 
     def _branch_failed(
@@ -903,7 +979,8 @@ class Runtime:
         return reason
 
     async def _hash_artifacts(self, tag: str) -> None:
-        """Fill in sha256 of a branch's files after the fact, off the caller's path."""
+        """Fill in sha256 of a branch's small files after the fact, off the caller's path (a
+        standalone memory file is hashed by the disk copy, which reads it anyway)."""
         with contextlib.suppress(ForkdError, OSError, ValueError):
             manifest = self.snapshots.load(tag)
             update: dict[str, object] = {
@@ -911,8 +988,6 @@ class Runtime:
             }
             if manifest.delta is not None:  # the shared root file is its template's to hash
                 update["delta"] = await artifact(Path(manifest.delta.path))
-            else:
-                update["memory"] = await artifact(Path(manifest.memory.path))
             self.snapshots.rewrite_manifest(manifest.model_copy(update=update))
 
     def _base_manifest(self, row: SandboxRow) -> SnapshotManifest:
@@ -935,10 +1010,16 @@ class Runtime:
                                  "writer_pid": os.getpid()})  # fmt: skip
         if self.snapshots.exists(to) or not self.registry.reserve_snapshot(row):
             raise Conflict(f"snapshot {to!r} already exists")
-        staging = self.snapshots.begin(to)
+        try:
+            await self._memory_ready(manifest)
+            staging = self.snapshots.begin(to)
+        except BaseException:
+            self.registry.delete_snapshot(to)
+            raise
         try:
             size = manifest.mem_mib * 1024 * 1024
-            await asyncio.to_thread(sparse_copy, Path(manifest.memory.path), staging.memory, size)
+            source = self.snapshots.memory_source(manifest)
+            await asyncio.to_thread(sparse_copy, source, staging.memory, size)
             if manifest.delta is not None:  # standalone: the root's pages with the delta's over
                 await asyncio.to_thread(overlay, Path(manifest.delta.path), staging.memory,
                                         max_pages=size // PAGE)  # fmt: skip
@@ -950,7 +1031,7 @@ class Runtime:
                 "memory": Artifact(path=str(staging.memory), bytes=size),
                 "delta": None, "root_tag": None,
             })  # fmt: skip
-            self.snapshots.commit(staging, new)
+            await asyncio.to_thread(self.snapshots.commit, staging, new)
         except BaseException:
             self.snapshots.abort(staging)
             self.registry.delete_snapshot(to)

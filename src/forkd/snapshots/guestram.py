@@ -9,6 +9,7 @@ are exactly the anonymous ones, found without stopping the guest for longer than
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from dataclasses import dataclass
@@ -121,7 +122,7 @@ def sparse_copy(src: Path, dest: Path, size: int) -> int:
                 end = min(os.lseek(fin, start, os.SEEK_HOLE), size)
                 pos = start
                 while pos < end:
-                    n = os.copy_file_range(fin, fout, end - pos, pos, pos)
+                    n = _copy_range(fin, fout, end - pos, pos)
                     if n <= 0:
                         raise VMError(f"copy of {src} stopped at offset {pos}")
                     pos += n
@@ -132,3 +133,15 @@ def sparse_copy(src: Path, dest: Path, size: int) -> int:
     finally:
         os.close(fin)
     return written
+
+
+def _copy_range(fin: int, fout: int, count: int, offset: int) -> int:
+    """Copy up to ``count`` bytes at ``offset`` in the kernel where it can; between file
+    systems (a disk copy into tmpfs) some kernels refuse that (EXDEV), so read and write."""
+    try:
+        return os.copy_file_range(fin, fout, count, offset, offset)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    data = os.pread(fin, min(count, COPY_CHUNK), offset)
+    return os.pwrite(fout, data, offset) if data else 0

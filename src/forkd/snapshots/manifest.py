@@ -28,10 +28,14 @@ class SnapshotManifest(BaseModel):
     tag: str
     created_at_unix: int
     kind: Literal["template", "branch"] = "template"
-    # where memory is authoritative: tmpfs (fast, lost on host reboot)
-    memory_authoritative: Literal["tmpfs"] = "tmpfs"
+    # where memory is authoritative. "tmpfs": only the tmpfs file (lost on a host reboot);
+    # "disk": ``memory_disk`` is a complete, fsynced copy of ``memory`` (and a delta branch's
+    # delta and device state are on disk), so the tmpfs file is a cache restored from it
+    memory_authoritative: Literal["tmpfs", "disk"] = "tmpfs"
     # the file children map copy-on-write (a delta branch's: its root template's memory file)
     memory: Artifact
+    # the on-disk copy of ``memory`` (sparse; ``sha256`` of the whole content, as ``memory``'s)
+    memory_disk: Artifact | None = None
     # a delta branch: only the guest pages that differ from ``memory`` (a sparse file whose data
     # extents are those pages), written into each child's RAM before it runs
     delta: Artifact | None = None

@@ -133,7 +133,8 @@ async def make_template(
             cpus=req.cpus,
             timings_ms=timings,
         )
-        return store.commit(staging, manifest)
+        # In a thread: the commit writes the template's durable disk copy (seconds).
+        return await asyncio.to_thread(store.commit, staging, manifest)
     except BaseException:
         if qemu is not None:
             await qemu.terminate()
