@@ -107,18 +107,21 @@ class FileEntry(BaseModel):
     mtime: float
 
 
-class ListFilesReply(Reply):
-    entries: list[FileEntry] = Field(default_factory=list, max_length=MAX_ENTRIES)
-
-
 class RemoveFileReply(Reply):
     removed: bool = False
 
 
-class StatEntry(FileEntry):
+class ListEntry(FileEntry):
     uid: int | None = Field(default=None, ge=0, lt=1 << 32)
     gid: int | None = Field(default=None, ge=0, lt=1 << 32)
+
+
+class StatEntry(ListEntry):
     symlink_target: str | None = Field(default=None, max_length=8192)
+
+
+class ListFilesReply(Reply):
+    entries: list[ListEntry] = Field(default_factory=list, max_length=MAX_ENTRIES)
 
 
 class EntryReply(Reply):
