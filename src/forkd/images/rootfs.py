@@ -4,6 +4,7 @@ packed into ext4 without mounting anything."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,39 @@ SLIM_PATHS = (
 
 
 PIP_CONF = "[global]\nbreak-system-packages = true\nroot-user-action = ignore\n"
+
+# The unprivileged account E2B's SDKs run commands and file operations as by default.
+GUEST_USER = "user"
+GUEST_UID = 1000
+GUEST_HOME = "/home/user"
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``path`` anew (a hard-linked staging tree: never write through existing links),
+    keeping its mode."""
+    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
+    path.unlink(missing_ok=True)
+    path.write_text(text)
+    path.chmod(mode)
+
+
+def add_guest_user(stage: Path) -> None:
+    """Add ``user`` (uid and gid 1000, home /home/user, bash, no password) to the tree."""
+    etc = stage / "etc"
+    entries = {
+        "passwd": f"{GUEST_USER}:x:{GUEST_UID}:{GUEST_UID}::{GUEST_HOME}:/bin/bash\n",
+        "group": f"{GUEST_USER}:x:{GUEST_UID}:\n",
+    }
+    for name, line in entries.items():
+        path = etc / name
+        old = path.read_text() if path.exists() else ""
+        kept = [ln for ln in old.splitlines(keepends=True) if not ln.startswith(GUEST_USER + ":")]
+        text = "".join(kept)
+        _replace_text(path, text + ("" if not text or text.endswith("\n") else "\n") + line)
+    home = stage / GUEST_HOME.lstrip("/")
+    home.mkdir(parents=True, exist_ok=True)
+    home.chmod(0o755)
+    os.chown(home, GUEST_UID, GUEST_UID)
 
 
 def tree_key(packages: tuple[str, ...]) -> str:
@@ -83,6 +117,7 @@ def build_root_image(tree: Path, dest: Path, *, agent: Path, workdir: Path) -> N
         pip_conf = stage / "etc" / "pip.conf"
         pip_conf.unlink(missing_ok=True)
         pip_conf.write_text(PIP_CONF)
+        add_guest_user(stage)
         size_mib = tree_size_bytes(stage) * 13 // 10 // (1024 * 1024) + 64
         run(
             [mkfs, "-q", "-F", "-L", "forkd-root", "-d", stage, dest, f"{size_mib}M"],
