@@ -170,6 +170,18 @@ def check_core(out: dict[str, Any]) -> None:
         "gone": True,
         "via_shell": "missing\n",
     }
+    # commands and files act as E2B's default user, or as root when asked
+    assert out["users"] == {
+        "default": "user\n/home/user\n/home/user\n",
+        "root": "root\n/root\n/root\n",
+        "owner": "1000:1000\n",
+        "info_owner": "user",
+        "root_dir": "CommandExitException",
+        "root_file": "InvalidArgumentException",
+        "root_reads": "s",
+        "unknown_command": "InvalidArgumentException",
+        "unknown_file": "InvalidArgumentException",
+    }
     # several files in one multipart upload; file-like (octet-stream) and gzip uploads; depth
     assert out["more_files"] == {
         "many": ["/tmp/many/a.txt", "/tmp/many/sub/b.txt"],

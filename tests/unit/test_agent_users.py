@@ -160,8 +160,8 @@ async def test_sticky_directories(client: AgentClient, tree: Path) -> None:
 def _kernel_allows(path: Path, want: int) -> bool:
     """Whether the kernel grants nobody ``want`` on ``path`` (a child with nobody's ids)."""
     code = (
-        "import os, sys; os.setgroups([]); os.setgid(%d); os.setuid(%d); "
-        "sys.exit(0 if os.access(sys.argv[1], %d) else 1)" % (NOBODY.pw_gid, NOBODY.pw_uid, want)
+        f"import os, sys; os.setgroups([]); os.setgid({NOBODY.pw_gid}); "
+        f"os.setuid({NOBODY.pw_uid}); sys.exit(0 if os.access(sys.argv[1], {want}) else 1)"
     )
     return subprocess.run([sys.executable, "-c", code, str(path)]).returncode == 0
 

@@ -122,6 +122,30 @@ def main(template: str) -> None:
 
     step("files", files)
 
+    def failure(fn: Callable[[], Any]) -> str:
+        try:
+            fn()
+        except Exception as e:
+            return type(e).__name__
+        return "no error"
+
+    def users() -> dict[str, Any]:
+        sbx.files.write("owned.txt", "mine")
+        sbx.files.write("/root/secret.txt", "s", user="root")
+        return {
+            "default": sbx.commands.run("id -un; echo $HOME; pwd").stdout,
+            "root": sbx.commands.run("id -un; echo $HOME; pwd", user="root").stdout,
+            "owner": sbx.commands.run("stat -c %u:%g /home/user/owned.txt").stdout,
+            "info_owner": sbx.files.get_info("owned.txt").owner,
+            "root_dir": failure(lambda: sbx.commands.run("ls /root")),
+            "root_file": failure(lambda: sbx.files.read("/root/secret.txt")),
+            "root_reads": sbx.files.read("/root/secret.txt", user="root"),
+            "unknown_command": failure(lambda: sbx.commands.run("true", user="nobody-here")),
+            "unknown_file": failure(lambda: sbx.files.write("x.txt", "x", user="nobody-here")),
+        }
+
+    step("users", users)
+
     def more_files() -> dict[str, Any]:
         import io
 

@@ -408,7 +408,7 @@ class Control:
                 envs=parent.envs,
                 allow_internet_access=parent.allow_internet_access,
             )
-            sb.home_ready = parent.home_ready
+            sb.users = parent.users
             sb.owned_tags.append(tag)
             results.append({"sandbox": self.sandbox_body(sb)})
         return _json(results, 201)

@@ -199,8 +199,11 @@ def entry_info(entry: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+GUEST_USERS = {0: "root", 1000: "user"}  # the accounts of forkd's guest image
+
+
 def _user(uid: object) -> str:
-    return "root" if uid in (0, None) else str(uid)
+    return GUEST_USERS.get(uid, str(uid)) if isinstance(uid, int) else "root"
 
 
 M = TypeVar("M", bound=BaseModel)

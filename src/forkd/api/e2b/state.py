@@ -31,6 +31,7 @@ class Watcher:
     root: str
     recursive: bool
     seen: dict[str, tuple[object, ...]]
+    user: str | None = None
 
 
 @dataclass
@@ -47,7 +48,7 @@ class E2BSandbox:
     metadata: dict[str, str] = field(default_factory=dict)
     envs: dict[str, str] = field(default_factory=dict)
     allow_internet_access: bool | None = None
-    home_ready: bool = False
+    users: dict[str, str] | None = None  # the guest's users (name -> home); None: not read yet
     vm_id: str = ""
     paused_tag: str | None = None
     owned_tags: list[str] = field(default_factory=list)  # templates made for its pause/fork
