@@ -183,6 +183,7 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
         await workspaces.start()
+        await e2b.start()
         if on_ready is not None:
             on_ready()
         try:
