@@ -418,6 +418,27 @@ def test_e2b_egress_maps_onto_forkd_policies(daemon: DaemonProcess, api: httpx.C
         assert r.status_code == 400 and "denyOut" in r.json()["message"]
 
 
+def test_forkd_exec_runs_as_root_or_the_named_user(api: httpx.Client) -> None:
+    """forkd's own exec stays root by default (as in v0.5); ``user`` names another account."""
+    r = api.post("/v1/sandboxes", json={"snapshot_tag": TEMPLATE_TAG})
+    assert r.status_code == 201, r.text
+    sid = r.json()[0]["id"]
+    try:
+        who = ["/bin/sh", "-c", "id -un; echo $HOME"]
+        r = api.post(f"/v1/sandboxes/{sid}/exec", json={"args": who})
+        assert r.status_code == 200 and r.json()["stdout"] == "root\n/root\n", r.text
+        r = api.post(f"/v1/sandboxes/{sid}/exec", json={"args": who, "user": "user"})
+        assert r.status_code == 200 and r.json()["stdout"] == "user\n/home/user\n", r.text
+        r = api.post(
+            f"/v1/sandboxes/{sid}/exec/stream", json={"args": ["id", "-u"], "user": "user"}
+        )
+        assert r.status_code == 200 and '"data":"1000\\n"' in r.text, r.text
+        r = api.post(f"/v1/sandboxes/{sid}/exec", json={"args": ["true"], "user": "nobody-here"})
+        assert r.status_code == 400 and "unknown user" in r.json()["error"], r.text
+    finally:
+        api.delete(f"/v1/sandboxes/{sid}")
+
+
 def _execute(sbx: str, headers: dict[str, str], code: str) -> list[dict[str, Any]]:
     r = httpx.post(f"{sbx}/execute", json={"code": code}, headers=headers, timeout=120)
     assert r.status_code == 200, r.text

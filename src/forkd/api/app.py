@@ -516,6 +516,7 @@ def create_app(
         call = runtime.exec(
             sandbox_id, req.args, timeout_s=t, env=req.env, cwd=req.cwd,
             stdin=req.stdin.encode("utf-8", "surrogatepass") if req.stdin is not None else None,
+            user=req.user,
         )  # fmt: skip
         return _json(await on_sandbox(sandbox_id, call, seconds, f"exec in {sandbox_id}"))
 

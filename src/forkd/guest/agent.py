@@ -257,6 +257,8 @@ def _arg_user(req: dict):
     name = _arg_str(req, "user")
     if name is None:
         return None
+    if not name or "\0" in name:
+        raise _bad("argument 'user' must be a user name")
     try:
         pw = pwd.getpwnam(name)
     except KeyError:
