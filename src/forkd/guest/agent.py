@@ -36,6 +36,7 @@ import stat
 import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 import traceback
@@ -562,8 +563,9 @@ def _emit(event: dict) -> None:
 
 
 class _Proc:
-    def __init__(self, popen, argv, env, cwd, tag, deadline) -> None:
+    def __init__(self, popen, argv, env, cwd, tag, deadline, master=None) -> None:
         self.popen = popen
+        self.master = master  # the pty's master side (None: pipes)
         self.pid = popen.pid
         self.argv = argv
         self.env = env
@@ -596,6 +598,56 @@ def _env_arg(req: dict, user=None):
     return env, given
 
 
+MAX_PTY_SIZE = 10000
+
+
+def _arg_pty_size(req: dict, name: str):
+    size = req.get(name)
+    if size is None:
+        return None
+    if not isinstance(size, dict):
+        raise _bad("argument %r must be an object {cols, rows}" % name)
+    cols = _arg_int(size, "cols", 80, minimum=1)
+    rows = _arg_int(size, "rows", 24, minimum=1)
+    if cols > MAX_PTY_SIZE or rows > MAX_PTY_SIZE:
+        raise _bad("a pty is at most %d columns and rows" % MAX_PTY_SIZE)
+    return cols, rows
+
+
+def _set_winsize(fd: int, size) -> None:
+    cols, rows = size
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _spawn_on_pty(argv, size, env, cwd, user):
+    """``argv`` on a new pty of ``size`` as its controlling terminal; (popen, master fd).
+
+    util-linux ``setsid -c`` makes the session and takes the terminal: no preexec_fn, which is
+    unsafe in a threaded process. Started outside a new session, setsid does not fork, so the
+    pid stays the command's (and its process group's)."""
+    master, slave = os.openpty()
+    try:
+        _set_winsize(slave, size)
+        setsid = shutil.which("setsid")
+        popen = subprocess.Popen(
+            [setsid, "-c", *argv] if setsid else list(argv),
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            cwd=cwd,
+            start_new_session=setsid is None,
+            close_fds=True,
+            **_popen_ids(user),
+        )
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)
+    return popen, master
+
+
 def op_proc_start(req: dict) -> dict:
     argv = req.get("argv")
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
@@ -605,28 +657,33 @@ def op_proc_start(req: dict) -> dict:
     cwd = _arg_str(req, "cwd")
     tag = _arg_str(req, "tag")
     use_stdin = _arg_bool(req, "stdin", False)
+    pty_size = _arg_pty_size(req, "pty")
     timeout = _arg_number(req, "timeout", 1.0) if req.get("timeout") is not None else None
     with _procs_lock:
         if len(_procs) >= MAX_PROCS:
             raise _bad("too many tracked processes running (at most %d)" % MAX_PROCS)
+    master = None
     try:
-        popen = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.PIPE if use_stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-            cwd=cwd,
-            start_new_session=True,
-            close_fds=True,
-            **_popen_ids(user),
-        )
+        if pty_size is not None:
+            popen, master = _spawn_on_pty(argv, pty_size, env, cwd, user)
+        else:
+            popen = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.PIPE if use_stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+                close_fds=True,
+                **_popen_ids(user),
+            )
     except FileNotFoundError as e:
         if cwd is not None and not os.path.isdir(cwd):
             raise RequestError("not_found", "working directory %s does not exist" % cwd) from e
         raise RequestError("not_found", "%s: %s" % (argv[0], e)) from e
     deadline = time.monotonic() + timeout if timeout is not None else None
-    proc = _Proc(popen, list(argv), given_env, cwd, tag, deadline)
+    proc = _Proc(popen, list(argv), given_env, cwd, tag, deadline, master)
     with _procs_lock:
         _procs[proc.pid] = proc
     thread = threading.Thread(target=_pump, args=(proc,), name="forkd-proc-%d" % proc.pid)
@@ -640,7 +697,10 @@ def _pump(proc: _Proc) -> None:
     """Forward the process's output as events until it exits, then send its exit event."""
     proc.started.wait()
     popen = proc.popen
-    names = {popen.stdout.fileno(): "stdout", popen.stderr.fileno(): "stderr"}
+    if proc.master is not None:
+        names = {proc.master: "pty"}
+    else:
+        names = {popen.stdout.fileno(): "stdout", popen.stderr.fileno(): "stderr"}
     poller = select.poll()
     for fd in names:
         poller.register(fd, select.POLLIN)
@@ -691,11 +751,14 @@ def _pump(proc: _Proc) -> None:
     finally:
         if pidfd is not None:
             os.close(pidfd)
-        popen.stdout.close()
-        popen.stderr.close()
-        with contextlib.suppress(Exception):
-            if popen.stdin is not None:
-                popen.stdin.close()
+        for pipe in (popen.stdout, popen.stderr, popen.stdin):
+            if pipe is not None:
+                with contextlib.suppress(Exception):
+                    pipe.close()
+        if proc.master is not None:
+            with proc.stdin_lock:
+                os.close(proc.master)
+                proc.master = None
         if popen.returncode is None:
             _killpg(proc.pid)
             popen.wait()
@@ -727,6 +790,14 @@ def _tracked(req: dict) -> _Proc:
 def op_proc_input(req: dict) -> dict:
     proc = _tracked(req)
     data = _arg_b64(req, "data_b64", required=True)
+    if proc.master is not None:
+        with proc.stdin_lock:
+            if proc.master is None:
+                raise _bad("the pty of process %d is closed" % proc.pid)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(proc.master, view) :]
+        return {"written": len(data)}
     if proc.popen.stdin is None:
         raise _bad("process %d was started without stdin" % proc.pid)
     with proc.stdin_lock:
@@ -744,6 +815,20 @@ def op_proc_close_stdin(req: dict) -> dict:
         with proc.stdin_lock, contextlib.suppress(OSError, ValueError):
             proc.popen.stdin.close()
     return {"closed": True}
+
+
+def op_proc_resize(req: dict) -> dict:
+    """Set the window size of a process's pty (the kernel sends its foreground group
+    SIGWINCH)."""
+    proc = _tracked(req)
+    size = _arg_pty_size(req, "size")
+    if size is None:
+        raise _bad("argument 'size' is required")
+    with proc.stdin_lock:
+        if proc.master is None:
+            raise _bad("process %d has no pty" % proc.pid)
+        _set_winsize(proc.master, size)
+    return {"resized": True}
 
 
 def op_proc_signal(req: dict) -> dict:
@@ -1346,6 +1431,7 @@ OPS = {
     "proc_input": op_proc_input,
     "proc_close_stdin": op_proc_close_stdin,
     "proc_signal": op_proc_signal,
+    "proc_resize": op_proc_resize,
     "proc_list": op_proc_list,
 }
 

@@ -85,7 +85,8 @@ class EvalResult:
 
 @dataclass(frozen=True)
 class ProcEvent:
-    """One event of a tracked process: output (``stdout``/``stderr``) or its ``exit``."""
+    """One event of a tracked process: output (``stdout``/``stderr``, or ``pty`` for one on a
+    terminal) or its ``exit``."""
 
     kind: str
     data: bytes = b""
@@ -138,7 +139,7 @@ def _proc_event(msg: dict[str, Any]) -> tuple[int, ProcEvent] | None:
     if kind == "proc_output":
         stream = msg.get("stream")
         data = msg.get("data_b64")
-        if stream not in ("stdout", "stderr") or not isinstance(data, str):
+        if stream not in ("stdout", "stderr", "pty") or not isinstance(data, str):
             return None
         try:
             raw = base64.b64decode(data, validate=True)
@@ -522,12 +523,15 @@ class AgentClient:
         timeout: float | None = None,
         tag: str | None = None,
         user: str | None = None,
+        pty: tuple[int, int] | None = None,
         call_timeout: float | None = 30.0,
     ) -> ProcStream:
         """Start ``argv`` as a tracked process; its output and exit arrive on the stream.
 
         ``timeout`` (None: none) has the guest kill the process group when it passes; ``user``
-        (None: the agent's, root) runs it as that guest user.
+        (None: the agent's, root) runs it as that guest user; ``pty`` (columns, rows) runs it
+        on a terminal of that size, its output arriving as ``pty`` events and its input
+        (:meth:`proc_input`) typed into the terminal.
         """
         if not argv or not all(isinstance(a, str) for a in argv):
             raise InvalidInput("argv must be a non-empty list of strings")
@@ -542,6 +546,8 @@ class AgentClient:
             args["tag"] = tag
         if user is not None:
             args["user"] = user
+        if pty is not None:
+            args["pty"] = {"cols": pty[0], "rows": pty[1]}
         holder: list[ProcStream] = []
 
         def subscribe(resp: dict[str, Any]) -> None:
@@ -578,6 +584,13 @@ class AgentClient:
 
     async def proc_close_stdin(self, pid: int, *, timeout: float | None = 10.0) -> None:
         await self.call("proc_close_stdin", {"pid": pid}, timeout=timeout)
+
+    async def proc_resize(
+        self, pid: int, cols: int, rows: int, *, timeout: float | None = 10.0
+    ) -> None:
+        """Resize the terminal of process ``pid`` (started with ``pty``)."""
+        args = {"pid": pid, "size": {"cols": cols, "rows": rows}}
+        await self.call("proc_resize", args, timeout=timeout)
 
     async def proc_signal(self, pid: int, signal: int, *, timeout: float | None = 10.0) -> None:
         await self.call("proc_signal", {"pid": pid, "signal": signal}, timeout=timeout)
