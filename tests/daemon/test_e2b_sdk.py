@@ -182,6 +182,8 @@ def check_core(out: dict[str, Any]) -> None:
         "unknown_command": "InvalidArgumentException",
         "unknown_file": "InvalidArgumentException",
     }
+    # a PTY: a terminal of the size asked for, as the default user, resized, killed
+    assert out["pty"] == {"tty": True, "size": True, "user": True, "resized": True, "killed": True}
     # several files in one multipart upload; file-like (octet-stream) and gzip uploads; depth
     assert out["more_files"] == {
         "many": ["/tmp/many/a.txt", "/tmp/many/sub/b.txt"],
@@ -350,8 +352,10 @@ def test_e2b_wire_errors(daemon: DaemonProcess) -> None:
         assert r.status_code == 404 and r.json()["code"] == "not_found"
         r = httpx.post(f"{sbx}/filesystem.Filesystem/Stat", content=b"[1]", headers=unary)
         assert r.status_code == 400 and r.json()["code"] == "invalid_argument"
-        r = httpx.post(f"{sbx}/process.Process/Update", json={}, headers=unary)
+        r = httpx.post(f"{sbx}/process.Process/StreamInput", json={}, headers=unary)
         assert r.status_code == 501 and r.json()["code"] == "unimplemented"
+        r = httpx.post(f"{sbx}/process.Process/Update", json={}, headers=unary)
+        assert r.status_code == 400 and r.json()["code"] == "invalid_argument"
         r = httpx.post(f"{sbx}/process.Process/SendSignal",
                        json={"process": {"pid": 999999}, "signal": "SIGNAL_SIGKILL"},
                        headers=unary)  # fmt: skip

@@ -181,3 +181,15 @@ def test_permission_bits_match_the_kernel(reachable: Path, mode: int, owner: str
     root = agent._User("root", 0, 0, [0], "/root")
     assert agent.may(root, st, 6)
     assert agent.may(root, st, 1) == bool(mode & 0o111)
+
+
+async def test_a_dangling_symlink_is_no_way_around_permissions(
+    client: AgentClient, tree: Path
+) -> None:
+    (tree / "open" / "link").symlink_to(tree / "private" / "new")
+    with pytest.raises(GuestOSError) as e:
+        await client.write_file(str(tree / "open" / "link"), b"x", user="nobody")
+    assert e.value.errno == errno.EACCES and not (tree / "private" / "new").exists()
+    (tree / "open" / "mine").symlink_to(tree / "open" / "target")
+    await client.write_file(str(tree / "open" / "mine"), b"x", user="nobody")
+    assert (tree / "open" / "target").stat().st_uid == NOBODY.pw_uid

@@ -1087,10 +1087,10 @@ def op_write_file(req: dict) -> dict:
             _make_dirs(user, parent)
     created = False
     if user is not None:
-        if os.path.lexists(path):
+        if os.path.exists(path):
             _need(user, path, 2)
-        else:
-            _need(user, os.path.dirname(os.path.abspath(path)), 3)
+        else:  # created where the path leads (through a dangling symlink too)
+            _need(user, os.path.dirname(os.path.realpath(path)), 3)
             created = True
     flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
     fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644 if mode is None else mode)

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from e2b import CommandExitException, Sandbox
+from e2b import CommandExitException, PtySize, Sandbox
 
 out: dict[str, Any] = {}
 
@@ -145,6 +145,33 @@ def main(template: str) -> None:
         }
 
     step("users", users)
+
+    def pty() -> dict[str, Any]:
+        h = sbx.pty.create(PtySize(rows=24, cols=80))
+        events = iter(h)
+        seen = bytearray()
+
+        def until(marker: bytes) -> bytes:
+            while marker not in seen:
+                _out, _err, data = next(events)
+                if data:
+                    seen.extend(data)
+            return bytes(seen)
+
+        sbx.pty.send_stdin(h.pid, b"tty; stty size; id -un; echo done-$((1+1))\n")
+        first = until(b"done-2")
+        sbx.pty.resize(h.pid, PtySize(rows=40, cols=100))
+        sbx.pty.send_stdin(h.pid, b"stty size; echo again-$((2+1))\n")
+        second = until(b"again-3")[len(first) :]
+        return {
+            "tty": b"/dev/pts/" in first,
+            "size": b"24 80" in first,
+            "user": b"\nuser\r\n" in first,
+            "resized": b"40 100" in second,
+            "killed": sbx.pty.kill(h.pid),
+        }
+
+    step("pty", pty)
 
     def more_files() -> dict[str, Any]:
         import io

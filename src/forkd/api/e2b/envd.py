@@ -2,7 +2,8 @@
 
 Requests name their sandbox in the ``E2b-Sandbox-Id`` header (the SDK's header routing) and
 carry its access token in ``X-Access-Token`` (or ``E2B-Traffic-Access-Token``). Served:
-``process.Process`` Start/Connect (server streams), List, SendInput, SendSignal, CloseStdin;
+``process.Process`` Start/Connect (server streams, with a PTY when asked), List, SendInput,
+SendSignal, CloseStdin, Update (PTY resize);
 ``filesystem.Filesystem`` Stat, ListDir, MakeDir, Move, Remove (Connect protocol, JSON codec,
 see :mod:`forkd.api.e2b.connect`); ``GET``/``POST /files``; ``GET /health``. Message shapes:
 :mod:`forkd.api.e2b.messages`. Commands and file operations run as the user the SDK names
@@ -174,8 +175,6 @@ class Envd:
         self, sb: E2BSandbox, msg: dict[str, Any], timeout_s: float | None, user: str | None
     ) -> Any:
         req = m.parse(m.StartRequest, msg)
-        if req.pty is not None:
-            raise ConnectError("unimplemented", "PTYs are not supported by forkd")
         agent = await self.agent(sb)
         who = await self.who(sb, agent, user)
         cwd = resolve(req.process.cwd, who.home) if req.process.cwd else who.home
@@ -187,6 +186,7 @@ class Envd:
             timeout=timeout_s,
             tag=req.tag,
             user=who.user,
+            pty=None if req.pty is None else (req.pty.size.cols, req.pty.size.rows),
         )
         return self._events(agent, stream)
 
@@ -245,15 +245,24 @@ class Envd:
         self, sb: E2BSandbox, msg: dict[str, Any], _user: str | None
     ) -> dict[str, Any]:
         req = m.parse(m.SendInputRequest, msg)
-        if req.input.pty is not None:
-            raise ConnectError("unimplemented", "PTYs are not supported by forkd")
         agent = await self.agent(sb)
         pid = await self._pid(agent, req.process)
-        try:
-            data = base64.b64decode(req.input.stdin or "", validate=True)
+        try:  # a PTY's input is typed into its terminal, stdin goes to the pipe
+            data = base64.b64decode(req.input.pty or req.input.stdin or "", validate=True)
         except ValueError:
-            raise ConnectError("invalid_argument", "input.stdin is not base64") from None
+            raise ConnectError("invalid_argument", "the input is not base64") from None
         await agent.proc_input(pid, data)
+        return {}
+
+    async def update(
+        self, sb: E2BSandbox, msg: dict[str, Any], _user: str | None
+    ) -> dict[str, Any]:
+        req = m.parse(m.UpdateRequest, msg)
+        if req.pty is None:
+            return {}
+        agent = await self.agent(sb)
+        pid = await self._pid(agent, req.process)
+        await agent.proc_resize(pid, req.pty.size.cols, req.pty.size.rows)
         return {}
 
     async def close_stdin(
@@ -497,6 +506,7 @@ UNARY: dict[str, Unary] = {
     "process.Process/SendInput": Envd.send_input,
     "process.Process/SendSignal": Envd.send_signal,
     "process.Process/CloseStdin": Envd.close_stdin,
+    "process.Process/Update": Envd.update,
     "filesystem.Filesystem/Stat": Envd.stat,
     "filesystem.Filesystem/ListDir": Envd.list_dir,
     "filesystem.Filesystem/MakeDir": Envd.make_dir,
