@@ -12,10 +12,12 @@ log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
 # --- host packages (only the package manager's default sources) ---------------------------------
 # nftables: the egress guard of sandboxes with internet or allow-list egress (docs/network.md)
-packages=(debootstrap e2fsprogs busybox-static ca-certificates nftables)
+# zstd, skopeo: the hub (forkd pack/push/pull); docker-registry: the hub tests' local registry
+packages=(debootstrap e2fsprogs busybox-static ca-certificates nftables zstd skopeo)
 command -v python3 >/dev/null || packages+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
 if [ "$action" = test ] && ! command -v npm >/dev/null; then packages+=(nodejs npm); fi
+if [ "$action" = test ]; then packages+=(docker-registry); fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

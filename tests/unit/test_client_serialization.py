@@ -6,6 +6,7 @@ import inspect
 import itertools
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -553,6 +554,9 @@ PARITY_CALLS: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
     ("delete_workspace", ("dev",), {}),
     ("suspend_workspace", ("dev",), {"diff": True}),
     ("resume_workspace", ("dev",), {}),
+    ("pull", ("127.0.0.1:5000/t/py:v1", "py2"), {"force": True, "insecure": True}),
+    ("pull", ("https://files.example/py.forkd",), {}),
+    ("push", ("py", "127.0.0.1:5000/t/py:v1"), {"insecure": True}),
 ]
 
 
@@ -801,3 +805,32 @@ async def test_async_sandbox_twin(daemon: FakeDaemon) -> None:
             for k in kids:
                 assert await k.kill() is True
         assert (daemon.last.method, daemon.last.url.path) == ("DELETE", f"/v1/sandboxes/{sb.id}")
+
+
+# --- hub ----------------------------------------------------------------------------------------
+
+
+def test_hub_requests(daemon: FakeDaemon, ctl: Controller, tmp_path: Path) -> None:
+    ctl.pull("reg.example/t/py:v1")
+    assert daemon.last.url.path == "/v1/snapshots/pull"
+    assert body(daemon.last) == {"ref": "reg.example/t/py:v1", "force": False, "insecure": False}
+    assert daemon.last.extensions["timeout"]["read"] == 3600.0
+    ctl.push("py", "reg.example/t/py:v1")
+    assert daemon.last.url.path == "/v1/snapshots/py/push"
+
+    daemon.route("GET", "/v1/snapshots/py/pack", httpx.Response(200, content=b"pack" * 1000))
+    assert ctl.pack("py", tmp_path / "py.forkd", compress=False) == 4000
+    assert daemon.last.url.params["compress"] == "false"
+    assert (tmp_path / "py.forkd").read_bytes() == b"pack" * 1000
+
+    daemon.route("GET", "/v1/snapshots/nope/pack", httpx.Response(404, json={"error": "gone"}))
+    with pytest.raises(ControllerError, match="gone"):
+        ctl.pack("nope", tmp_path / "nope.forkd")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["py.forkd"]  # no partial file left
+
+    daemon.route("POST", "/v1/snapshots/unpack", lambda req: httpx.Response(
+        200, json={"tag": req.url.params["tag"], "size": len(req.read())}))  # fmt: skip
+    answer = ctl.unpack(tmp_path / "py.forkd", "py2", force=True)
+    assert answer == {"tag": "py2", "size": 4000}
+    assert daemon.last.url.params["force"] == "true"
+    assert daemon.last.headers["content-type"] == "application/octet-stream"

@@ -33,6 +33,7 @@ from forkd.api.auth import OPEN_PATHS, BearerAuthMiddleware
 from forkd.api.e2b import PREFIX as E2B_PREFIX
 from forkd.api.e2b import mount_e2b
 from forkd.api.exec_stream import exec_stream_router
+from forkd.api.hub import UNPACK_PATH, hub_router
 from forkd.api.limits import BodyLimitMiddleware
 from forkd.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from forkd.api.metrics import Metrics
@@ -634,6 +635,10 @@ def create_app(
 
     app.include_router(workspace_router(workspaces, lim))
 
+    # --- hub: pack, pull, push, unpack (routes in forkd.api.hub) ------------------------------
+
+    app.include_router(hub_router(runtime, lim))
+
     # --- OpenAPI and middleware ---------------------------------------------------------------
 
     def openapi() -> dict[str, Any]:
@@ -654,7 +659,7 @@ def create_app(
     # E2B SDKs (docs/e2b.md): /e2b checks X-API-KEY and per-sandbox tokens itself.
     e2b = mount_e2b(app, runtime, token=token, limits=lim)
     app.include_router(exec_stream_router(runtime, lim))
-    app.add_middleware(BodyLimitMiddleware, limit=lim.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=lim.max_body_bytes, exempt=(UNPACK_PATH,))
     app.add_middleware(BearerAuthMiddleware, token=token, open_prefixes=(E2B_PREFIX + "/",))
     app.add_middleware(AuditMiddleware, log=audit)
     return app

@@ -20,13 +20,15 @@ class BodyLimitMiddleware:
     (chunked) is buffered up to the limit and replayed to the app; beyond it, 413.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, exempt: tuple[str, ...] = ()) -> None:
         self.app = app
         self.limit = limit
+        # routes that stream their body to disk under a cap of their own (pack uploads)
+        self.exempt = frozenset(exempt)
         self._reply = _too_large(limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("path") in self.exempt:
             await self.app(scope, receive, send)
             return
         length: bytes | None = None

@@ -9,7 +9,9 @@ import asyncio
 import dataclasses
 import functools
 import os
+import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import httpx
@@ -77,6 +79,14 @@ class Backend(Protocol):
     def suspend_workspace(self, name: str, diff: bool) -> dict[str, Any]: ...
     def resume_workspace(self, name: str) -> dict[str, Any]: ...
     def delete_workspace(self, name: str) -> None: ...
+    def pack(self, tag: str, dest: Path, compress: bool, progress: Callable[[str], None]
+             ) -> dict[str, Any]: ...  # fmt: skip
+    def unpack(self, path: Path, tag: str | None, force: bool, progress: Callable[[str], None]
+               ) -> dict[str, Any]: ...  # fmt: skip
+    def push(self, tag: str, ref: str, insecure: bool, progress: Callable[[str], None]
+             ) -> dict[str, Any]: ...  # fmt: skip
+    def pull(self, ref: str, tag: str | None, force: bool, insecure: bool,
+             progress: Callable[[str], None]) -> dict[str, Any]: ...  # fmt: skip
     def close(self) -> None: ...
 
 
@@ -207,6 +217,43 @@ class LocalBackend:
     def delete_workspace(self, name: str) -> None:
         self._run(self.workspaces.delete(name))
 
+    def pack(self, tag: str, dest: Path, compress: bool, progress: Callable[[str], None]
+             ) -> dict[str, Any]:  # fmt: skip
+        from forkd.hub.pack import write_pack
+
+        r = self._run(write_pack(self.runtime, tag, dest, compress=compress, progress=progress))
+        return {"path": str(r.path), "bytes": r.bytes, "logical_bytes": r.logical_bytes,
+                "stored_bytes": r.stored_bytes, "compressed": r.compressed,
+                "seconds": round(r.seconds, 3)}  # fmt: skip
+
+    def unpack(self, path: Path, tag: str | None, force: bool, progress: Callable[[str], None]
+               ) -> dict[str, Any]:  # fmt: skip
+        from forkd.hub.unpack import unpack
+
+        r = self._run(unpack(self.runtime, path, tag=tag, force=force, progress=progress))
+        return {"tag": r.tag, "image": r.image_name, "image_reused": r.image_reused,
+                "seconds": round(r.seconds, 3)}  # fmt: skip
+
+    def push(self, tag: str, ref: str, insecure: bool, progress: Callable[[str], None]
+             ) -> dict[str, Any]:  # fmt: skip
+        from forkd.hub.registry import push
+
+        r = self._run(push(self.runtime, tag, ref, insecure=insecure, progress=progress))
+        return {"ref": r.ref, "digest": r.digest, "bytes": r.pack.bytes,
+                "stored_bytes": r.pack.stored_bytes, "logical_bytes": r.pack.logical_bytes,
+                "seconds": round(r.seconds, 3)}  # fmt: skip
+
+    def pull(self, ref: str, tag: str | None, force: bool, insecure: bool,
+             progress: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+        from forkd.hub.registry import pull
+
+        r = self._run(pull(self.runtime, ref, tag=tag, force=force, insecure=insecure,
+                           progress=progress))  # fmt: skip
+        u = r.unpacked
+        return {"tag": u.tag, "image": u.image_name, "image_reused": u.image_reused,
+                "seconds": round(u.seconds, 3), "downloaded_bytes": r.downloaded_bytes,
+                "download_seconds": round(r.download_seconds, 3)}  # fmt: skip
+
 
 class RemoteBackend:
     """Talks to a forkd daemon through the Python SDK's Controller."""
@@ -305,6 +352,28 @@ class RemoteBackend:
 
     def delete_workspace(self, name: str) -> None:
         self.c.delete_workspace(name)
+
+    def pack(self, tag: str, dest: Path, compress: bool, progress: Callable[[str], None]
+             ) -> dict[str, Any]:  # fmt: skip
+        progress("daemon is packing; downloading the pack")
+        t0 = time.monotonic()
+        size = self.c.pack(tag, dest, compress=compress)
+        return {"path": str(dest), "bytes": size, "seconds": round(time.monotonic() - t0, 3)}
+
+    def unpack(self, path: Path, tag: str | None, force: bool, progress: Callable[[str], None]
+               ) -> dict[str, Any]:  # fmt: skip
+        progress("uploading the pack to the daemon")
+        return dict(self.c.unpack(path, tag, force=force))
+
+    def push(self, tag: str, ref: str, insecure: bool, progress: Callable[[str], None]
+             ) -> dict[str, Any]:  # fmt: skip
+        progress("daemon is packing and pushing")
+        return dict(self.c.push(tag, ref, insecure=insecure))
+
+    def pull(self, ref: str, tag: str | None, force: bool, insecure: bool,
+             progress: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+        progress("daemon is pulling and verifying")
+        return dict(self.c.pull(ref, tag, force=force, insecure=insecure))
 
 
 def _network(network: dict[str, Any] | None) -> Any:

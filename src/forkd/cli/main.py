@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from forkd import __version__
-from forkd.cli import netcmds, render
+from forkd.cli import hubcmds, netcmds, render
 from forkd.cli.backend import Backend, SpawnFlags, choose_backend
 from forkd.config import DEFAULT_IMAGE, DEFAULT_MEM_MIB, Settings
 from forkd.errors import ForkdError, InvalidInput
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         f.add_argument("--json", action="store_true")
         netcmds.add_network_args(f, what="the children")
     netcmds.add_parsers(sub)
+    hubcmds.add_parsers(sub)
 
     ls = sub.add_parser("ls", help="list sandboxes")
     ls.add_argument("--json", action="store_true")
@@ -660,6 +661,26 @@ def cmd_snapshot_diff(args: argparse.Namespace) -> int:
         return netcmds.cmd_snapshot_diff(args, backend)
 
 
+def cmd_pack(args: argparse.Namespace) -> int:
+    with _backend(args) as backend:
+        return hubcmds.cmd_pack(args, backend, _step_printer())
+
+
+def cmd_unpack(args: argparse.Namespace) -> int:
+    with _backend(args) as backend:
+        return hubcmds.cmd_unpack(args, backend, _step_printer())
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    with _backend(args) as backend:
+        return hubcmds.cmd_push(args, backend, _step_printer())
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    with _backend(args) as backend:
+        return hubcmds.cmd_pull(args, backend, _step_printer())
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from forkd.demo import run_demo
 
@@ -721,6 +742,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": cmd_demo, "port": cmd_port, "snapshot-diff": cmd_snapshot_diff,
     "workspace": cmd_workspace,
     "quickstart": cmd_quickstart, "where": cmd_where, "cleanup": cmd_cleanup,
+    "pack": cmd_pack, "unpack": cmd_unpack, "push": cmd_push, "pull": cmd_pull,
 }  # fmt: skip
 SEPARATED = {"exec", "eval"}  # the commands that take what follows "--" verbatim
 

@@ -32,6 +32,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, cast
 from urllib.parse import quote
@@ -194,6 +195,29 @@ _TRUE = "true"
 _SNAPSHOT_TIMEOUT = 600.0
 _BRANCH_TIMEOUT = 120.0
 _EXEC_MARGIN = 30.0
+_HUB_TIMEOUT = 3600.0
+_CHUNK = 1 << 20
+
+
+def _pack_request(tag: str, compress: bool) -> _Request[None]:
+    params = None if compress else {"compress": "false"}
+    return _Request("GET", f"/v1/snapshots/{_seg(tag)}/pack", _parse_none, params=params,
+                    min_timeout=_HUB_TIMEOUT)  # fmt: skip
+
+
+def _unpack_request(tag: str | None, force: bool) -> _Request[JSONDict]:
+    params: dict[str, str] = {}
+    if tag is not None:
+        params["tag"] = tag
+    if force:
+        params["force"] = _TRUE
+    return _Request("POST", "/v1/snapshots/unpack", _parse_dict, params=params or None,
+                    headers={"Content-Type": "application/octet-stream"},
+                    min_timeout=_HUB_TIMEOUT)  # fmt: skip
+
+
+def _partial(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.partial")
 
 
 class _Endpoints:
@@ -298,6 +322,38 @@ class _Endpoints:
             json={"to": to},
             min_timeout=_SNAPSHOT_TIMEOUT,
         )
+
+    # --- hub -------------------------------------------------------------------------------
+
+    @staticmethod
+    def pull(
+        ref: str,
+        tag: str | None = None,
+        *,
+        force: bool = False,
+        insecure: bool = False,
+    ) -> _Request[JSONDict]:
+        """``POST /v1/snapshots/pull``: the daemon fetches a pack from an OCI registry
+        (``registry/repo[:tag]``) or an ``http(s)://`` URL, verifies every part, and unpacks it
+        as ``tag`` (default: the packed tag; ``force`` replaces an existing one). ``insecure``:
+        plain HTTP or unverified TLS. Returns ``{tag, image, image_reused, seconds,
+        downloaded_bytes, download_seconds, snapshot}``."""
+        body: JSONDict = {"ref": ref, "force": force, "insecure": insecure}
+        if tag is not None:
+            body["tag"] = tag
+        return _Request(
+            "POST", "/v1/snapshots/pull", _parse_dict, json=body, min_timeout=_HUB_TIMEOUT
+        )
+
+    @staticmethod
+    def push(tag: str, ref: str, *, insecure: bool = False) -> _Request[JSONDict]:
+        """``POST /v1/snapshots/{tag}/push``: the daemon packs template ``tag`` and pushes it to
+        ``ref`` as an OCI artifact (its own registry credentials). Returns ``{ref, digest,
+        bytes, stored_bytes, logical_bytes, seconds}``."""
+        return _Request(
+            "POST", f"/v1/snapshots/{_seg(tag)}/push", _parse_dict,
+            json={"ref": ref, "insecure": insecure}, min_timeout=_HUB_TIMEOUT,
+        )  # fmt: skip
 
     # --- sandboxes -------------------------------------------------------------------------
 
@@ -700,6 +756,11 @@ def _exec_request(
     )
 
 
+def _file_chunks(f: Any) -> Iterator[bytes]:
+    while chunk := f.read(_CHUNK):
+        yield chunk
+
+
 class Controller(_Base):
     """Synchronous client of the forkd daemon's REST API.
 
@@ -790,6 +851,45 @@ class Controller(_Base):
                         yield cast(JSONDict, json.loads(line))
         except httpx.TransportError as exc:
             raise self._transport_error(req, exc) from exc
+
+    pull = _sync(_Endpoints.pull)
+    push = _sync(_Endpoints.push)
+
+    def pack(self, tag: str, dest: str | os.PathLike[str], *, compress: bool = True) -> int:
+        """``GET /v1/snapshots/{tag}/pack``: download template ``tag`` as one pack file (with
+        its image; a delta branch flattened) to ``dest``; returns its size in bytes. The file
+        appears only when complete."""
+        req = _pack_request(tag, compress)
+        final = Path(dest)
+        tmp = _partial(final)
+        try:
+            with self._http.stream(req.method, req.path, **self._request_kwargs(req)) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    self._finish(req, resp)
+                with open(tmp, "wb") as out:
+                    for chunk in resp.iter_bytes(_CHUNK):
+                        out.write(chunk)
+            os.replace(tmp, final)
+        except httpx.TransportError as exc:
+            raise self._transport_error(req, exc) from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+        return final.stat().st_size
+
+    def unpack(
+        self, path: str | os.PathLike[str], tag: str | None = None, *, force: bool = False
+    ) -> JSONDict:
+        """``POST /v1/snapshots/unpack``: upload a pack file; the daemon verifies and unpacks it
+        (as ``tag``, default the packed one). Same answer as :meth:`pull`."""
+        req = _unpack_request(tag, force)
+        with open(path, "rb") as body:
+            kwargs = {**self._request_kwargs(req), "content": _file_chunks(body)}
+            try:
+                resp = self._http.request(req.method, req.path, **kwargs)
+            except httpx.TransportError as exc:
+                raise self._transport_error(req, exc) from exc
+        return self._finish(req, resp)
 
     def wait_for_snapshot(
         self, tag: str, timeout: float = 300.0, poll_interval: float = 0.2
@@ -905,6 +1005,47 @@ class AsyncController(_Base):
     delete_workspace = _async(_Endpoints.delete_workspace)
     suspend_workspace = _async(_Endpoints.suspend_workspace)
     resume_workspace = _async(_Endpoints.resume_workspace)
+
+    pull = _async(_Endpoints.pull)
+    push = _async(_Endpoints.push)
+
+    async def pack(self, tag: str, dest: str | os.PathLike[str], *, compress: bool = True) -> int:
+        """``GET /v1/snapshots/{tag}/pack``; see :meth:`Controller.pack`."""
+        req = _pack_request(tag, compress)
+        final = Path(dest)
+        tmp = _partial(final)
+        try:
+            async with self._http.stream(req.method, req.path, **self._request_kwargs(req)) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    self._finish(req, resp)
+                with open(tmp, "wb") as out:
+                    async for chunk in resp.aiter_bytes(_CHUNK):
+                        await asyncio.to_thread(out.write, chunk)
+            os.replace(tmp, final)
+        except httpx.TransportError as exc:
+            raise self._transport_error(req, exc) from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+        return final.stat().st_size
+
+    async def unpack(
+        self, path: str | os.PathLike[str], tag: str | None = None, *, force: bool = False
+    ) -> JSONDict:
+        """``POST /v1/snapshots/unpack``; see :meth:`Controller.unpack`."""
+        req = _unpack_request(tag, force)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            with open(path, "rb") as f:
+                while chunk := await asyncio.to_thread(f.read, _CHUNK):
+                    yield chunk
+
+        kwargs = {**self._request_kwargs(req), "content": chunks()}
+        try:
+            resp = await self._http.request(req.method, req.path, **kwargs)
+        except httpx.TransportError as exc:
+            raise self._transport_error(req, exc) from exc
+        return self._finish(req, resp)
 
     async def wait_for_snapshot(
         self, tag: str, timeout: float = 300.0, poll_interval: float = 0.2

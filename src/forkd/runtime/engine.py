@@ -701,7 +701,7 @@ class Runtime:
         resolved = validate_branch_request(mode, diff, wait)
         validate_sandbox_id(sandbox_id)
         if tag is None:
-            tag = f"branch-{sandbox_id}-{int(time.time())}-{secrets.token_hex(2)}"
+            tag = f"branch-{sandbox_id}-{int(time.time())}-{secrets.token_hex(6)}"
         validate_tag(tag)
         if parent_tag is not None:
             self._snapshot_row(parent_tag)
