@@ -193,3 +193,18 @@ async def test_a_dangling_symlink_is_no_way_around_permissions(
     (tree / "open" / "mine").symlink_to(tree / "open" / "target")
     await client.write_file(str(tree / "open" / "mine"), b"x", user="nobody")
     assert (tree / "open" / "target").stat().st_uid == NOBODY.pw_uid
+
+
+async def test_working_directory_and_terminal_as_the_user(client: AgentClient, tree: Path) -> None:
+    r = await client.exec(["pwd"], cwd=str(tree / "private"), user="nobody")
+    assert r.exit_code == 126 and "Permission denied" in r.stderr
+    with pytest.raises(GuestOSError) as e:
+        await client.proc_start(["pwd"], cwd=str(tree / "private"), user="nobody")
+    assert e.value.errno == errno.EACCES
+    r = await client.exec(["nosuch-program"], user="nobody")
+    assert r.exit_code == 127
+    stream = await client.proc_start(["/bin/sh", "-c", "id -u; tty"], pty=(80, 24), user="nobody")
+    seen = b""
+    while (ev := await stream.next()).kind != "exit":
+        seen += ev.data
+    assert seen.startswith(f"{NOBODY.pw_uid}\r\n/dev/pts/".encode()) and ev.exit_code == 0
