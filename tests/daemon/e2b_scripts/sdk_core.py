@@ -35,7 +35,7 @@ def step(name: str, fn: Callable[[], Any]) -> Any:
 
 def main(template: str) -> None:
     t0 = time.monotonic()
-    sbx = Sandbox.create(template, envs={"FOO": "bar"}, metadata={"suite": "e2b"}, timeout=120)
+    sbx = Sandbox.create(template, envs={"FOO": "bar"}, metadata={"suite": "e2b"}, timeout=600)
     out["create_s"] = time.monotonic() - t0
     out["sandbox_id"] = sbx.sandbox_id
 
@@ -232,7 +232,7 @@ def main(template: str) -> None:
 
     def info() -> dict[str, Any]:
         i = sbx.get_info()
-        sbx.set_timeout(600)
+        sbx.set_timeout(1200)
         later = sbx.get_info()
         listed = [s.sandbox_id for s in Sandbox.list().next_items()]
         return {
