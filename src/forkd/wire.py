@@ -170,6 +170,11 @@ class ExecRequest(BaseModel):
     env: dict[str, str] | None = None
     cwd: str | None = None
     stdin: str | None = None
+    user: str | None = Field(
+        default=None,
+        description="run as this guest user (default root); an unknown one answers 400",
+        max_length=64,
+    )
 
 
 class ExecResponse(BaseModel):

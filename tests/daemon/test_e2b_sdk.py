@@ -170,6 +170,20 @@ def check_core(out: dict[str, Any]) -> None:
         "gone": True,
         "via_shell": "missing\n",
     }
+    # commands and files act as E2B's default user, or as root when asked
+    assert out["users"] == {
+        "default": "user\n/home/user\n/home/user\n",
+        "root": "root\n/root\n/root\n",
+        "owner": "1000:1000\n",
+        "info_owner": "user",
+        "root_dir": "CommandExitException",
+        "root_file": "InvalidArgumentException",
+        "root_reads": "s",
+        "unknown_command": "InvalidArgumentException",
+        "unknown_file": "InvalidArgumentException",
+    }
+    # a PTY: a terminal of the size asked for, as the default user, resized, killed
+    assert out["pty"] == {"tty": True, "size": True, "user": True, "resized": True, "killed": True}
     # several files in one multipart upload; file-like (octet-stream) and gzip uploads; depth
     assert out["more_files"] == {
         "many": ["/tmp/many/a.txt", "/tmp/many/sub/b.txt"],
@@ -338,8 +352,10 @@ def test_e2b_wire_errors(daemon: DaemonProcess) -> None:
         assert r.status_code == 404 and r.json()["code"] == "not_found"
         r = httpx.post(f"{sbx}/filesystem.Filesystem/Stat", content=b"[1]", headers=unary)
         assert r.status_code == 400 and r.json()["code"] == "invalid_argument"
-        r = httpx.post(f"{sbx}/process.Process/Update", json={}, headers=unary)
+        r = httpx.post(f"{sbx}/process.Process/StreamInput", json={}, headers=unary)
         assert r.status_code == 501 and r.json()["code"] == "unimplemented"
+        r = httpx.post(f"{sbx}/process.Process/Update", json={}, headers=unary)
+        assert r.status_code == 400 and r.json()["code"] == "invalid_argument"
         r = httpx.post(f"{sbx}/process.Process/SendSignal",
                        json={"process": {"pid": 999999}, "signal": "SIGNAL_SIGKILL"},
                        headers=unary)  # fmt: skip
@@ -406,25 +422,82 @@ def test_e2b_egress_maps_onto_forkd_policies(daemon: DaemonProcess, api: httpx.C
         assert r.status_code == 400 and "denyOut" in r.json()["message"]
 
 
+def test_forkd_exec_runs_as_root_or_the_named_user(api: httpx.Client) -> None:
+    """forkd's own exec stays root by default (as in v0.5); ``user`` names another account."""
+    r = api.post("/v1/sandboxes", json={"snapshot_tag": TEMPLATE_TAG})
+    assert r.status_code == 201, r.text
+    sid = r.json()[0]["id"]
+    try:
+        who = ["/bin/sh", "-c", "id -un; echo $HOME"]
+        r = api.post(f"/v1/sandboxes/{sid}/exec", json={"args": who})
+        assert r.status_code == 200 and r.json()["stdout"] == "root\n/root\n", r.text
+        r = api.post(f"/v1/sandboxes/{sid}/exec", json={"args": who, "user": "user"})
+        assert r.status_code == 200 and r.json()["stdout"] == "user\n/home/user\n", r.text
+        r = api.post(
+            f"/v1/sandboxes/{sid}/exec/stream", json={"args": ["id", "-u"], "user": "user"}
+        )
+        assert r.status_code == 200 and '"data":"1000\\n"' in r.text, r.text
+        r = api.post(f"/v1/sandboxes/{sid}/exec", json={"args": ["true"], "user": "nobody-here"})
+        assert r.status_code == 400 and "unknown user" in r.json()["error"], r.text
+    finally:
+        api.delete(f"/v1/sandboxes/{sid}")
+
+
+def _execute(sbx: str, headers: dict[str, str], code: str) -> list[dict[str, Any]]:
+    r = httpx.post(f"{sbx}/execute", json={"code": code}, headers=headers, timeout=120)
+    assert r.status_code == 200, r.text
+    return [json.loads(line) for line in r.text.splitlines()]
+
+
 def test_e2b_sandbox_survives_a_daemon_restart(daemon: DaemonProcess) -> None:
-    """E2B state lives in the daemon's memory: after a restart a running sandbox is reachable
-    again through connect, with a fresh access token (the old one is refused)."""
+    """E2B state is kept in the daemon's home (e2b.db): after a restart a running sandbox is
+    served with its token, metadata and deadline, and a paused one resumes with its memory and
+    files."""
     with e2b_sandbox(daemon) as (c, sb):
-        sid, old_token = sb["sandboxID"], sb["envdAccessToken"]
-        daemon.restart()
-        c.headers["X-API-KEY"] = daemon.token or ""
-        r = c.post(f"/v2/sandboxes/{sid}/connect", json={})
-        assert r.status_code == 200, r.text
-        token = r.json()["envdAccessToken"]
-        assert token != old_token
-        sbx = f"{daemon.url}/e2b/sandbox"
-        old = {"E2b-Sandbox-Id": sid, "X-Access-Token": old_token}
-        assert httpx.get(f"{sbx}/health", headers=old).status_code == 401
-        new = {"E2b-Sandbox-Id": sid, "X-Access-Token": token}
-        assert httpx.get(f"{sbx}/health", headers=new).status_code == 204
-        r = httpx.post(f"{sbx}/filesystem.Filesystem/Stat", json={"path": "/tmp"},
-                       headers={**new, "Content-Type": "application/json"})  # fmt: skip
-        assert r.status_code == 200 and r.json()["entry"]["type"] == "FILE_TYPE_DIRECTORY"
+        sid, token = sb["sandboxID"], sb["envdAccessToken"]
+        body = {"templateID": TEMPLATE_TAG, "timeout": 900, "metadata": {"role": "paused"}}
+        r = c.post("/v2/sandboxes", json=body)
+        assert r.status_code == 201, r.text
+        pid, ptoken = r.json()["sandboxID"], r.json()["envdAccessToken"]
+        try:
+            sbx = f"{daemon.url}/e2b/sandbox"
+            p_headers = {"E2b-Sandbox-Id": pid, "X-Access-Token": ptoken}
+            files = {"file": ("kept.txt", b"kept on disk")}
+            assert httpx.post(f"{sbx}/files", files=files, headers=p_headers).status_code == 200
+            _execute(sbx, p_headers, "kept_in_memory = 41")
+            assert c.post(f"/sandboxes/{pid}/pause", json={}).status_code == 204
+            before = c.get(f"/sandboxes/{pid}").json()
+            running_before = c.get(f"/sandboxes/{sid}").json()
+
+            daemon.restart()
+            c.headers["X-API-KEY"] = daemon.token or ""
+
+            # the running one: same token, metadata and deadline
+            assert c.get(f"/sandboxes/{sid}").json()["endAt"] == running_before["endAt"]
+            r = c.post(f"/v2/sandboxes/{sid}/connect", json={})
+            assert r.status_code == 200 and r.json()["envdAccessToken"] == token, r.text
+            good = {"E2b-Sandbox-Id": sid, "X-Access-Token": token}
+            assert httpx.get(f"{sbx}/health", headers=good).status_code == 204
+            r = httpx.post(f"{sbx}/filesystem.Filesystem/Stat", json={"path": "/tmp"},
+                           headers={**good, "Content-Type": "application/json"})  # fmt: skip
+            assert r.status_code == 200 and r.json()["entry"]["type"] == "FILE_TYPE_DIRECTORY"
+
+            # the paused one: listed as paused with its metadata, then resumed by connect
+            detail = c.get(f"/sandboxes/{pid}").json()
+            assert detail["state"] == "paused" and detail["metadata"] == {"role": "paused"}
+            assert detail["endAt"] == before["endAt"]
+            listed = c.get("/v2/sandboxes", params={"state": "paused"}).json()
+            assert pid in {x["sandboxID"] for x in listed}
+            r = c.post(f"/v2/sandboxes/{pid}/connect", json={})
+            assert r.status_code == 201 and r.json()["envdAccessToken"] == ptoken, r.text
+            r = httpx.get(f"{sbx}/files", params={"path": "kept.txt"}, headers=p_headers)
+            assert r.status_code == 200 and r.content == b"kept on disk"
+            results = _execute(sbx, p_headers, "kept_in_memory + 1")
+            assert {"type": "result", "text": "42", "is_main_result": True}.items() <= next(
+                x for x in results if x["type"] == "result"
+            ).items()
+        finally:
+            c.delete(f"/sandboxes/{pid}")
 
 
 def test_e2b_async_sdks(new_sdk: Path, daemon: DaemonProcess) -> None:

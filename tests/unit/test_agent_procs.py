@@ -145,3 +145,36 @@ async def test_eval_streams_output_before_answering(client: AgentClient) -> None
     assert [(s, t) for _, s, t in seen] == [("stdout", "a\n"), ("stderr", "e\n"), ("stdout", "b\n")]
     assert done - seen[0][0] > 0.8
     assert (r["stdout"], r["stderr"]) == ("a\nb\n", "e\n")
+
+
+async def _pty_until(stream: ProcStream, marker: bytes, limit_s: float = 10.0) -> bytes:
+    seen = b""
+    async with asyncio.timeout(limit_s):
+        while marker not in seen:
+            ev = await stream.next()
+            assert ev.kind == "pty", (ev, seen)
+            seen += ev.data
+    return seen
+
+
+async def test_a_process_on_a_pty(client: AgentClient) -> None:
+    stream = await client.proc_start(["/bin/sh"], pty=(80, 24), env={"PS1": "$ "})
+    await client.proc_input(stream.pid, b"tty; stty size; echo done-$((1+1))\n")
+    seen = await _pty_until(stream, b"done-2")
+    assert b"/dev/pts/" in seen and b"24 80" in seen  # a terminal of the size asked for
+    await client.proc_resize(stream.pid, 100, 40)
+    await client.proc_input(stream.pid, b"stty size; echo again-$((2+1))\n")
+    assert b"40 100" in await _pty_until(stream, b"again-3")
+    await client.proc_input(stream.pid, b"exit 5\n")
+    async with asyncio.timeout(10):
+        while (ev := await stream.next()).kind != "exit":
+            assert ev.kind == "pty"
+    assert ev.exit_code == 5
+    with pytest.raises(NotFound):
+        await client.proc_resize(stream.pid, 10, 10)
+    plain = await client.proc_start(["sleep", "30"])
+    with pytest.raises(InvalidInput, match="no pty"):
+        await client.proc_resize(plain.pid, 10, 10)
+    await client.proc_signal(plain.pid, signal.SIGKILL)
+    with pytest.raises(InvalidInput, match="cols"):
+        await client.proc_start(["true"], pty=(0, 24))

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 
 import pytest
+from starlette.requests import Request
 
 from forkd.api.e2b import connect as c
 from forkd.api.e2b import messages as m
 from forkd.api.e2b.control import E2BError, NewSandbox, egress_of
-from forkd.api.e2b.envd import resolve
+from forkd.api.e2b.envd import parse_passwd, request_user, resolve
+from forkd.errors import GuestOSError
 
 
 def test_envelopes_round_trip() -> None:
@@ -91,6 +94,36 @@ def test_paths_resolve_against_home() -> None:
     assert resolve("/tmp/x") == "/tmp/x"
     with pytest.raises(c.ConnectError):
         resolve("a\0b")
+    assert resolve("x", "/root") == "/root/x" and resolve("~", "/root") == "/root"
+    assert resolve("x", "/") == "/x"
+
+
+def _request(query: str = "", **headers: str) -> Request:
+    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    return Request({"type": "http", "query_string": query.encode(), "headers": raw})
+
+
+def test_the_user_a_call_names() -> None:
+    basic = "Basic " + base64.b64encode(b"root:").decode()
+    assert request_user(_request(Authorization=basic)) == "root"
+    assert request_user(_request("path=x&username=user")) == "user"
+    assert request_user(_request()) is None
+    assert request_user(_request(Authorization="Bearer abc")) is None
+    with pytest.raises(E2BError) as e:
+        request_user(_request(Authorization="Basic !!!"))
+    assert e.value.status == 400
+
+
+def test_passwd_users_and_their_homes() -> None:
+    text = "root:x:0:0:root:/root:/bin/bash\n# c\nuser:x:1000:1000::/home/user:/bin/bash\nbad\n"
+    assert parse_passwd(text) == {"root": "/root", "user": "/home/user"}
+
+
+def test_permission_errors_are_permission_denied() -> None:
+    err = c.ConnectError.from_forkd(GuestOSError("[Errno 13] Permission denied", 13))
+    assert (err.code, err.http_status) == ("permission_denied", 403)
+    assert m.entry_info({"name": "f", "uid": 1000, "gid": 1000})["owner"] == "user"
+    assert m.entry_info({"name": "f", "uid": 1234})["owner"] == "1234"
 
 
 def new(**body: object) -> NewSandbox:

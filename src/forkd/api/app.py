@@ -185,6 +185,7 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
         await workspaces.start()
+        await e2b.start()
         if on_ready is not None:
             on_ready()
         try:
@@ -517,6 +518,7 @@ def create_app(
         call = runtime.exec(
             sandbox_id, req.args, timeout_s=t, env=req.env, cwd=req.cwd,
             stdin=req.stdin.encode("utf-8", "surrogatepass") if req.stdin is not None else None,
+            user=req.user,
         )  # fmt: skip
         return _json(await on_sandbox(sandbox_id, call, seconds, f"exec in {sandbox_id}"))
 

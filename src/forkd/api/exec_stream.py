@@ -113,6 +113,7 @@ def exec_stream_router(runtime: Runtime, limits: Limits) -> APIRouter:
             cwd=req.cwd,
             stdin=req.stdin is not None,
             timeout=req.timeout_secs,
+            user=req.user,
             call_timeout=limits.agent_call_timeout_s,
         )
         if req.stdin is not None:

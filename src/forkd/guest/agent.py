@@ -26,6 +26,7 @@ import io
 import json
 import linecache
 import os
+import pwd
 import random
 import select
 import shutil
@@ -35,6 +36,7 @@ import stat
 import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 import traceback
@@ -230,6 +232,169 @@ def _killpg(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+# --------------------------------------------------------------------------- acting as a user
+#
+# exec, proc_start and the file ops take an optional ``user`` (a name from /etc/passwd): the
+# command runs with that user's uid, gid and groups (HOME, USER, LOGNAME set); a file op checks
+# that user's permissions the way the kernel would (owner/group/other bits, search permission on
+# every directory on the way, the sticky bit) and chowns what it creates to the user. The agent
+# itself stays root: switching its own ids would switch every thread's (glibc broadcasts them).
+
+
+class _User:
+    def __init__(self, name: str, uid: int, gid: int, groups, home: str) -> None:
+        self.name = name
+        self.uid = uid
+        self.gid = gid
+        self.groups = frozenset(groups) | {gid}
+        self.home = home
+
+    @property
+    def is_self(self) -> bool:
+        return self.uid == os.geteuid()
+
+
+def _arg_user(req: dict):
+    name = _arg_str(req, "user")
+    if name is None:
+        return None
+    if not name or "\0" in name:
+        raise _bad("argument 'user' must be a user name")
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        raise _bad("unknown user %r" % name) from None
+    try:
+        groups = os.getgrouplist(name, pw.pw_gid)
+    except OSError:
+        groups = [pw.pw_gid]
+    return _User(name, pw.pw_uid, pw.pw_gid, groups, pw.pw_dir)
+
+
+_setpriv = []  # util-linux setpriv's path (or None), looked up once
+
+
+def _as_user(user, argv, cwd=None):
+    """(argv, subprocess.Popen keyword arguments) that run ``argv`` as ``user`` (None: as we
+    are), after checking that the user may enter ``cwd``.
+
+    util-linux ``setpriv`` switches the ids as it execs the command: asked to switch them
+    itself, CPython forks instead of vforking, and copying the agent's page tables (numpy and
+    all) costs hundreds of milliseconds in a fresh child under emulation."""
+    if user is None or (user.is_self and user.gid == os.getegid()):
+        return list(argv), {}
+    if cwd is not None:
+        _need(user, cwd, 1)
+    if not _setpriv:
+        _setpriv.append(shutil.which("setpriv"))
+    if _setpriv[0] is None:
+        ids = {"user": user.uid, "group": user.gid, "extra_groups": sorted(user.groups)}
+        return list(argv), ids
+    wrapped = [_setpriv[0], "--reuid=%d" % user.uid, "--regid=%d" % user.gid]
+    wrapped.append("--groups=" + ",".join(str(g) for g in sorted(user.groups)))
+    return wrapped + ["--"] + list(argv), {}
+
+
+def may(user, st, want: int) -> bool:
+    """Whether ``user`` has the ``want`` bits (4 read, 2 write, 1 execute/search) on a file with
+    stat ``st``: root has all but execute of a file nobody may execute."""
+    mode = st.st_mode
+    if user.uid == 0:
+        return not (want & 1) or stat.S_ISDIR(mode) or bool(mode & 0o111)
+    if st.st_uid == user.uid:
+        bits = (mode >> 6) & 7
+    elif st.st_gid in user.groups:
+        bits = (mode >> 3) & 7
+    else:
+        bits = mode & 7
+    return bits & want == want
+
+
+def _denied(path: str, code: int = errno.EACCES) -> OSError:
+    return PermissionError(code, os.strerror(code), path)
+
+
+def _search(user, directory: str) -> None:
+    """Search permission on ``directory`` (resolved) and every directory above it; a missing
+    component ends the walk (the operation itself then fails with ENOENT)."""
+    if user is None:
+        return
+    path = "/"
+    for part in [""] + [p for p in os.path.realpath(directory).split("/") if p]:
+        path = os.path.join(path, part) if part else "/"
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode) and not may(user, st, 1):
+            raise _denied(path)
+
+
+def _need(user, path: str, want: int) -> None:
+    """``want`` on ``path`` itself (followed), after search permission on the way to it."""
+    if user is None:
+        return
+    real = os.path.realpath(path)
+    _search(user, os.path.dirname(real))
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        return
+    if not may(user, st, want):
+        raise _denied(path)
+
+
+def _may_unlink(user, path: str) -> None:
+    """What removing or renaming the entry ``path`` needs: write and search on its directory,
+    and with the sticky bit set, owning the entry or the directory."""
+    if user is None:
+        return
+    parent = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    _need(user, parent, 3)
+    pst = os.stat(parent)
+    if pst.st_mode & stat.S_ISVTX and user.uid not in (0, pst.st_uid):
+        with contextlib.suppress(FileNotFoundError):
+            if os.lstat(path).st_uid != user.uid:
+                raise _denied(path, errno.EPERM)
+
+
+def _make_dirs(user, directory: str) -> None:
+    """``os.makedirs(directory, exist_ok=True)`` as ``user``: the first existing ancestor must
+    be writable by the user, and what is created belongs to the user."""
+    if user is None:
+        os.makedirs(directory, exist_ok=True)
+        return
+    real = os.path.realpath(directory)
+    missing = []
+    while not os.path.isdir(real) and real != "/":
+        if os.path.lexists(real):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), real)
+        missing.append(real)
+        real = os.path.dirname(real)
+    if not missing:
+        _need(user, real, 1)
+        return
+    _need(user, real, 3)
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path)
+            _chown(user, path)
+
+
+def _chown(user, path: str) -> None:
+    if user is not None and not user.is_self:
+        os.lchown(path, user.uid, user.gid)
+
+
+def _user_env(env, user):
+    """``env`` (None: the agent's own) with the user's HOME, USER and LOGNAME."""
+    if user is None:
+        return env
+    env = dict(os.environ) if env is None else env
+    env.update(HOME=user.home, USER=user.name, LOGNAME=user.name)
+    return env
+
+
 def op_exec(req: dict) -> dict:
     argv = req.get("argv")
     cmd = req.get("cmd")
@@ -243,21 +408,8 @@ def op_exec(req: dict) -> dict:
         argv = ["/bin/sh", "-c", cmd]
     else:
         raise _bad("exec needs 'argv' or 'cmd'")
-    env_arg = req.get("env")
-    env = None
-    if env_arg is not None:
-        if not isinstance(env_arg, dict):
-            raise _bad("argument 'env' must be an object")
-        env = dict(os.environ)
-        for key, value in env_arg.items():
-            if not isinstance(key, str) or not key or "=" in key:
-                raise _bad("bad environment variable name %r" % (key,))
-            if value is None:
-                env.pop(key, None)
-            elif isinstance(value, str):
-                env[key] = value
-            else:
-                raise _bad("environment variable %r must be a string" % key)
+    user = _arg_user(req)
+    env, _ = _env_arg(req, user)
     cwd = _arg_str(req, "cwd")
     stdin_data = _arg_b64(req, "stdin_b64")
     timeout = _arg_number(req, "timeout", DEFAULT_EXEC_TIMEOUT)
@@ -266,8 +418,9 @@ def op_exec(req: dict) -> dict:
     start = time.monotonic()
     deadline = start + timeout
     try:
+        run_argv, ids = _as_user(user, argv, cwd)
         proc = subprocess.Popen(
-            argv,
+            run_argv,
             stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -275,6 +428,7 @@ def op_exec(req: dict) -> dict:
             cwd=cwd,
             start_new_session=True,
             close_fds=True,
+            **ids,
         )
     except OSError as e:
         code = 127 if isinstance(e, FileNotFoundError) else 126
@@ -427,8 +581,9 @@ def _emit(event: dict) -> None:
 
 
 class _Proc:
-    def __init__(self, popen, argv, env, cwd, tag, deadline) -> None:
+    def __init__(self, popen, argv, env, cwd, tag, deadline, master=None) -> None:
         self.popen = popen
+        self.master = master  # the pty's master side (None: pipes)
         self.pid = popen.pid
         self.argv = argv
         self.env = env
@@ -439,13 +594,14 @@ class _Proc:
         self.started = threading.Event()
 
 
-def _env_arg(req: dict):
+def _env_arg(req: dict, user=None):
+    """The child's environment (None: the agent's own) and the variables the request gave."""
     env_arg = req.get("env")
     if env_arg is None:
-        return None, {}
+        return _user_env(None, user), {}
     if not isinstance(env_arg, dict):
         raise _bad("argument 'env' must be an object")
-    env = dict(os.environ)
+    env = _user_env(dict(os.environ), user)
     given = {}
     for key, value in env_arg.items():
         if not isinstance(key, str) or not key or "=" in key or "\0" in key:
@@ -460,35 +616,94 @@ def _env_arg(req: dict):
     return env, given
 
 
+MAX_PTY_SIZE = 10000
+
+
+def _arg_pty_size(req: dict, name: str):
+    size = req.get(name)
+    if size is None:
+        return None
+    if not isinstance(size, dict):
+        raise _bad("argument %r must be an object {cols, rows}" % name)
+    cols = _arg_int(size, "cols", 80, minimum=1)
+    rows = _arg_int(size, "rows", 24, minimum=1)
+    if cols > MAX_PTY_SIZE or rows > MAX_PTY_SIZE:
+        raise _bad("a pty is at most %d columns and rows" % MAX_PTY_SIZE)
+    return cols, rows
+
+
+def _set_winsize(fd: int, size) -> None:
+    cols, rows = size
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _spawn_on_pty(argv, size, env, cwd, user):
+    """``argv`` on a new pty of ``size`` as its controlling terminal; (popen, master fd).
+
+    util-linux ``setsid -c`` makes the session and takes the terminal: no preexec_fn, which is
+    unsafe in a threaded process. Started outside a new session, setsid does not fork, so the
+    pid stays the command's (and its process group's)."""
+    master, slave = os.openpty()
+    try:
+        _set_winsize(slave, size)
+        setsid = shutil.which("setsid")
+        run_argv, ids = _as_user(user, argv, cwd)  # the terminal is taken before ids change
+        popen = subprocess.Popen(
+            [setsid, "-c", *run_argv] if setsid else run_argv,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            cwd=cwd,
+            start_new_session=setsid is None,
+            close_fds=True,
+            **ids,
+        )
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)
+    return popen, master
+
+
 def op_proc_start(req: dict) -> dict:
     argv = req.get("argv")
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
         raise _bad("argument 'argv' must be a non-empty list of strings")
-    env, given_env = _env_arg(req)
+    user = _arg_user(req)
+    env, given_env = _env_arg(req, user)
     cwd = _arg_str(req, "cwd")
     tag = _arg_str(req, "tag")
     use_stdin = _arg_bool(req, "stdin", False)
+    pty_size = _arg_pty_size(req, "pty")
     timeout = _arg_number(req, "timeout", 1.0) if req.get("timeout") is not None else None
     with _procs_lock:
         if len(_procs) >= MAX_PROCS:
             raise _bad("too many tracked processes running (at most %d)" % MAX_PROCS)
+    master = None
     try:
-        popen = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.PIPE if use_stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-            cwd=cwd,
-            start_new_session=True,
-            close_fds=True,
-        )
+        if pty_size is not None:
+            popen, master = _spawn_on_pty(argv, pty_size, env, cwd, user)
+        else:
+            run_argv, ids = _as_user(user, argv, cwd)
+            popen = subprocess.Popen(
+                run_argv,
+                stdin=subprocess.PIPE if use_stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+                close_fds=True,
+                **ids,
+            )
     except FileNotFoundError as e:
         if cwd is not None and not os.path.isdir(cwd):
             raise RequestError("not_found", "working directory %s does not exist" % cwd) from e
         raise RequestError("not_found", "%s: %s" % (argv[0], e)) from e
     deadline = time.monotonic() + timeout if timeout is not None else None
-    proc = _Proc(popen, list(argv), given_env, cwd, tag, deadline)
+    proc = _Proc(popen, list(argv), given_env, cwd, tag, deadline, master)
     with _procs_lock:
         _procs[proc.pid] = proc
     thread = threading.Thread(target=_pump, args=(proc,), name="forkd-proc-%d" % proc.pid)
@@ -502,7 +717,10 @@ def _pump(proc: _Proc) -> None:
     """Forward the process's output as events until it exits, then send its exit event."""
     proc.started.wait()
     popen = proc.popen
-    names = {popen.stdout.fileno(): "stdout", popen.stderr.fileno(): "stderr"}
+    if proc.master is not None:
+        names = {proc.master: "pty"}
+    else:
+        names = {popen.stdout.fileno(): "stdout", popen.stderr.fileno(): "stderr"}
     poller = select.poll()
     for fd in names:
         poller.register(fd, select.POLLIN)
@@ -553,11 +771,14 @@ def _pump(proc: _Proc) -> None:
     finally:
         if pidfd is not None:
             os.close(pidfd)
-        popen.stdout.close()
-        popen.stderr.close()
-        with contextlib.suppress(Exception):
-            if popen.stdin is not None:
-                popen.stdin.close()
+        for pipe in (popen.stdout, popen.stderr, popen.stdin):
+            if pipe is not None:
+                with contextlib.suppress(Exception):
+                    pipe.close()
+        if proc.master is not None:
+            with proc.stdin_lock:
+                os.close(proc.master)
+                proc.master = None
         if popen.returncode is None:
             _killpg(proc.pid)
             popen.wait()
@@ -589,6 +810,14 @@ def _tracked(req: dict) -> _Proc:
 def op_proc_input(req: dict) -> dict:
     proc = _tracked(req)
     data = _arg_b64(req, "data_b64", required=True)
+    if proc.master is not None:
+        with proc.stdin_lock:
+            if proc.master is None:
+                raise _bad("the pty of process %d is closed" % proc.pid)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(proc.master, view) :]
+        return {"written": len(data)}
     if proc.popen.stdin is None:
         raise _bad("process %d was started without stdin" % proc.pid)
     with proc.stdin_lock:
@@ -606,6 +835,20 @@ def op_proc_close_stdin(req: dict) -> dict:
         with proc.stdin_lock, contextlib.suppress(OSError, ValueError):
             proc.popen.stdin.close()
     return {"closed": True}
+
+
+def op_proc_resize(req: dict) -> dict:
+    """Set the window size of a process's pty (the kernel sends its foreground group
+    SIGWINCH)."""
+    proc = _tracked(req)
+    size = _arg_pty_size(req, "size")
+    if size is None:
+        raise _bad("argument 'size' is required")
+    with proc.stdin_lock:
+        if proc.master is None:
+            raise _bad("process %d has no pty" % proc.pid)
+        _set_winsize(proc.master, size)
+    return {"resized": True}
 
 
 def op_proc_signal(req: dict) -> dict:
@@ -857,13 +1100,23 @@ def op_write_file(req: dict) -> dict:
     mode = _arg_int(req, "mode", None)
     if mode is not None and mode > 0o7777:
         raise _bad("argument 'mode' must be a permission mode <= 0o7777")
+    user = _arg_user(req)
     if _arg_bool(req, "mkdirs", True):
         parent = os.path.dirname(path)
         if parent:
-            os.makedirs(parent, exist_ok=True)
+            _make_dirs(user, parent)
+    created = False
+    if user is not None:
+        if os.path.exists(path):
+            _need(user, path, 2)
+        else:  # created where the path leads (through a dangling symlink too)
+            _need(user, os.path.dirname(os.path.realpath(path)), 3)
+            created = True
     flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
     fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644 if mode is None else mode)
     try:
+        if created and not user.is_self:
+            os.fchown(fd, user.uid, user.gid)
         view = memoryview(data)
         while view:
             n = os.write(fd, view)
@@ -882,6 +1135,7 @@ def op_read_file(req: dict) -> dict:
     limit = _arg_int(req, "limit", DEFAULT_READ_LIMIT)
     # base64 of the data must fit one reply line: a longer read is cut and flagged truncated.
     limit = min(limit, (_reply_cap - REPLY_SLACK) // 4 * 3)
+    _need(_arg_user(req), path, 4)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         st = os.fstat(fd)
@@ -932,6 +1186,7 @@ def _file_type(mode: int) -> str:
 
 def op_list_files(req: dict) -> dict:
     path = _arg_path(req)
+    _need(_arg_user(req), path, 5)
     entries = []
     for name in sorted(os.listdir(path)):
         full = os.path.join(path, name)
@@ -947,6 +1202,8 @@ def op_list_files(req: dict) -> dict:
                 "size": st.st_size,
                 "mode": stat.S_IMODE(st.st_mode),
                 "mtime": st.st_mtime,
+                "uid": st.st_uid,
+                "gid": st.st_gid,
             }
         )
     return {"entries": entries}
@@ -971,15 +1228,21 @@ def _entry(full: str, st) -> dict:
 
 def op_stat(req: dict) -> dict:
     path = _arg_path(req)
+    _search(_arg_user(req), os.path.dirname(os.path.abspath(path)))
     return {"entry": _entry(path, os.lstat(path))}
 
 
 def op_mkdir(req: dict) -> dict:
     """Create directory ``path`` with its parents; ``created`` false if it already was one."""
     path = _arg_path(req)
+    user = _arg_user(req)
+    _search(user, os.path.dirname(os.path.abspath(path)))
     if os.path.isdir(path):
         return {"created": False, "entry": _entry(path, os.lstat(path))}
-    os.makedirs(path)
+    if user is None:
+        os.makedirs(path)
+    else:
+        _make_dirs(user, path)
     return {"created": True, "entry": _entry(path, os.lstat(path))}
 
 
@@ -989,9 +1252,12 @@ def op_move(req: dict) -> dict:
     for p in (source, destination):
         if not p.startswith("/") or "\0" in p:
             raise _bad("paths must be absolute")
+    user = _arg_user(req)
+    _may_unlink(user, source)
     parent = os.path.dirname(destination)
     if parent:
-        os.makedirs(parent, exist_ok=True)
+        _make_dirs(user, parent)
+    _may_unlink(user, destination)
     os.rename(source, destination)
     return {"entry": _entry(destination, os.lstat(destination))}
 
@@ -999,8 +1265,13 @@ def op_move(req: dict) -> dict:
 def op_remove_file(req: dict) -> dict:
     path = _arg_path(req)
     recursive = _arg_bool(req, "recursive", False)
+    user = _arg_user(req)
+    _may_unlink(user, path)
     st = os.lstat(path)
     if stat.S_ISDIR(st.st_mode):
+        if user is not None and recursive:
+            for top, _dirs, _files in os.walk(path):
+                _need(user, top, 7)
         if recursive:
             shutil.rmtree(path)
         else:
@@ -1180,6 +1451,7 @@ OPS = {
     "proc_input": op_proc_input,
     "proc_close_stdin": op_proc_close_stdin,
     "proc_signal": op_proc_signal,
+    "proc_resize": op_proc_resize,
     "proc_list": op_proc_list,
 }
 

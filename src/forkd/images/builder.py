@@ -19,7 +19,7 @@ from forkd.images.pipinstall import PipRequest
 from forkd.images.store import Image, ImageManifest, ImageStore, now_unix
 from forkd.validate import validate_image_name
 
-BUILDER_VERSION = "2"
+BUILDER_VERSION = "3"  # 3: the `user` account (images/rootfs.py)
 # pip and the CA store so a sandbox with egress can install packages (network.md).
 DEFAULT_PACKAGES: dict[str, tuple[str, ...]] = {
     "python": ("ca-certificates", "python3-numpy", "python3-pip")

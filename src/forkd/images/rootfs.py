@@ -4,6 +4,7 @@ packed into ext4 without mounting anything."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shlex
 import shutil
 from collections.abc import Callable, Mapping
@@ -23,6 +24,31 @@ SLIM_PATHS = (
 
 
 PIP_CONF = "[global]\nbreak-system-packages = true\nroot-user-action = ignore\n"
+
+# The unprivileged account E2B's SDKs run commands and file operations as by default.
+GUEST_USER = "user"
+GUEST_UID = 1000
+GUEST_HOME = "/home/user"
+
+
+def add_guest_user(stage: Path) -> None:
+    """Add ``user`` (uid and gid 1000, home /home/user, bash, no password) to the tree. Paths
+    resolve inside the tree (an image's /etc/passwd may be a symlink to anywhere)."""
+    entries = {
+        "passwd": f"{GUEST_USER}:x:{GUEST_UID}:{GUEST_UID}::{GUEST_HOME}:/bin/bash\n",
+        "group": f"{GUEST_USER}:x:{GUEST_UID}:\n",
+    }
+    for name, line in entries.items():
+        path = treepath.resolve(stage, f"etc/{name}")
+        old = path.read_text() if path.is_file() else ""
+        mode = path.stat().st_mode & 0o777 if path.is_file() else 0o644
+        kept = [ln for ln in old.splitlines(keepends=True) if not ln.startswith(GUEST_USER + ":")]
+        text = "".join(kept)
+        text += ("" if not text or text.endswith("\n") else "\n") + line
+        treepath.write_file(stage, f"etc/{name}", text.encode(), mode=mode)
+    home = treepath.make_dir(stage, GUEST_HOME.lstrip("/"))
+    home.chmod(0o755)
+    os.chown(home, GUEST_UID, GUEST_UID)
 
 
 def tree_key(packages: tuple[str, ...]) -> str:
@@ -121,6 +147,7 @@ def build_root_image(
                 treepath.write_file(stage, f"opt/forkd/{name}", content.encode())
         # The root is a throw-away overlay per sandbox: pip may install into the system Python.
         treepath.write_file(stage, "etc/pip.conf", PIP_CONF.encode())
+        add_guest_user(stage)
         size_mib = tree_size_bytes(stage) * 13 // 10 // (1024 * 1024) + 64
         run(
             [mkfs, "-q", "-F", "-L", "forkd-root", "-d", stage, dest, f"{size_mib}M"],

@@ -1054,6 +1054,7 @@ class Runtime:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         stdin: bytes | None = None,
+        user: str | None = None,
     ) -> wire.ExecResponse:
         if not args or not all(isinstance(a, str) for a in args):
             raise InvalidInput("args must be a non-empty list of strings")
@@ -1068,7 +1069,7 @@ class Runtime:
         agent = await self.agent(sandbox_id)
         r = await agent.exec(
             args, env=env, cwd=cwd, stdin=stdin, timeout=timeout,
-            max_output=self.settings.exec_output_cap_bytes,
+            max_output=self.settings.exec_output_cap_bytes, user=user,
         )  # fmt: skip
         return wire.ExecResponse(**dataclasses.asdict(r))
 

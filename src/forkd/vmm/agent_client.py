@@ -85,7 +85,8 @@ class EvalResult:
 
 @dataclass(frozen=True)
 class ProcEvent:
-    """One event of a tracked process: output (``stdout``/``stderr``) or its ``exit``."""
+    """One event of a tracked process: output (``stdout``/``stderr``, or ``pty`` for one on a
+    terminal) or its ``exit``."""
 
     kind: str
     data: bytes = b""
@@ -138,7 +139,7 @@ def _proc_event(msg: dict[str, Any]) -> tuple[int, ProcEvent] | None:
     if kind == "proc_output":
         stream = msg.get("stream")
         data = msg.get("data_b64")
-        if stream not in ("stdout", "stderr") or not isinstance(data, str):
+        if stream not in ("stdout", "stderr", "pty") or not isinstance(data, str):
             return None
         try:
             raw = base64.b64decode(data, validate=True)
@@ -218,6 +219,11 @@ def _raise_for(op: str, resp: Mapping[str, Any]) -> None:
         code = resp.get("errno")
         raise GuestOSError(message, code if isinstance(code, int) else None)
     raise AgentError(f"agent {op}: {message}")
+
+
+def _as(user: str | None, **args: Any) -> dict[str, Any]:
+    """Request arguments, with ``user`` when one is named."""
+    return args if user is None else {**args, "user": user}
 
 
 def _missing(op: str, name: str) -> AgentProtocolError:
@@ -516,11 +522,16 @@ class AgentClient:
         stdin: bool = False,
         timeout: float | None = None,
         tag: str | None = None,
+        user: str | None = None,
+        pty: tuple[int, int] | None = None,
         call_timeout: float | None = 30.0,
     ) -> ProcStream:
         """Start ``argv`` as a tracked process; its output and exit arrive on the stream.
 
-        ``timeout`` (None: none) has the guest kill the process group when it passes.
+        ``timeout`` (None: none) has the guest kill the process group when it passes; ``user``
+        (None: the agent's, root) runs it as that guest user; ``pty`` (columns, rows) runs it
+        on a terminal of that size, its output arriving as ``pty`` events and its input
+        (:meth:`proc_input`) typed into the terminal.
         """
         if not argv or not all(isinstance(a, str) for a in argv):
             raise InvalidInput("argv must be a non-empty list of strings")
@@ -533,6 +544,10 @@ class AgentClient:
             args["timeout"] = timeout
         if tag is not None:
             args["tag"] = tag
+        if user is not None:
+            args["user"] = user
+        if pty is not None:
+            args["pty"] = {"cols": pty[0], "rows": pty[1]}
         holder: list[ProcStream] = []
 
         def subscribe(resp: dict[str, Any]) -> None:
@@ -570,6 +585,13 @@ class AgentClient:
     async def proc_close_stdin(self, pid: int, *, timeout: float | None = 10.0) -> None:
         await self.call("proc_close_stdin", {"pid": pid}, timeout=timeout)
 
+    async def proc_resize(
+        self, pid: int, cols: int, rows: int, *, timeout: float | None = 10.0
+    ) -> None:
+        """Resize the terminal of process ``pid`` (started with ``pty``)."""
+        args = {"pid": pid, "size": {"cols": cols, "rows": rows}}
+        await self.call("proc_resize", args, timeout=timeout)
+
     async def proc_signal(self, pid: int, signal: int, *, timeout: float | None = 10.0) -> None:
         await self.call("proc_signal", {"pid": pid, "signal": signal}, timeout=timeout)
 
@@ -592,8 +614,10 @@ class AgentClient:
         stdin: bytes | None = None,
         timeout: float = 30.0,
         max_output: int = 1 << 20,
+        user: str | None = None,
     ) -> ExecResult:
-        """Run ``argv`` (or ``cmd`` through ``/bin/sh -c``) in the guest."""
+        """Run ``argv`` (or ``cmd`` through ``/bin/sh -c``) in the guest (as ``user``: None is
+        the agent's own, root)."""
         if (argv is None) == (cmd is None):
             raise InvalidInput("exec needs exactly one of argv or cmd")
         args: dict[str, Any] = {"timeout": timeout, "max_output": max_output}
@@ -607,6 +631,8 @@ class AgentClient:
             args["cwd"] = cwd
         if stdin is not None:
             args["stdin_b64"] = base64.b64encode(stdin).decode("ascii")
+        if user is not None:
+            args["user"] = user
         resp = await self.call("exec", args, timeout=timeout + EXEC_TIMEOUT_MARGIN_S)
         if resp["exit_code"] is None:
             raise _missing("exec", "exit_code")
@@ -681,6 +707,7 @@ class AgentClient:
         mode: int | None = None,
         mkdirs: bool = True,
         timeout: float | None = 60.0,
+        user: str | None = None,
     ) -> int:
         """Write ``data`` to ``path`` in the guest; returns the file's size afterwards.
 
@@ -700,6 +727,8 @@ class AgentClient:
             }
             if mode is not None and first:
                 args["mode"] = mode
+            if user is not None:
+                args["user"] = user
             resp = await self.call("write_file", args, timeout=timeout)
             size = resp["size"]
             if size is None:
@@ -715,6 +744,7 @@ class AgentClient:
         offset: int = 0,
         limit: int | None = None,
         timeout: float | None = 60.0,
+        user: str | None = None,
     ) -> bytes:
         """Read ``path`` from the guest (at most ``limit`` bytes from ``offset``; default
         :data:`READ_FILE_LIMIT`), in messages of :data:`FILE_CHUNK_BYTES`; ``timeout`` bounds
@@ -724,7 +754,9 @@ class AgentClient:
         got = 0
         while True:
             want = min(FILE_CHUNK_BYTES, total - got)
-            args = {"path": path, "offset": offset + got, "limit": want}
+            args: dict[str, Any] = {"path": path, "offset": offset + got, "limit": want}
+            if user is not None:
+                args["user"] = user
             resp = await self.call("read_file", args, timeout=timeout)
             encoded = resp["data_b64"]
             if encoded is None:
@@ -742,36 +774,56 @@ class AgentClient:
             if not resp["truncated"] or not chunk or got >= total:
                 return b"".join(parts)
 
-    async def list_files(self, path: str, *, timeout: float | None = 30.0) -> list[dict[str, Any]]:
-        """Entries of directory ``path``: name, path, type, size, mode, mtime."""
-        resp = await self.call("list_files", {"path": path}, timeout=timeout)
+    async def list_files(
+        self, path: str, *, timeout: float | None = 30.0, user: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Entries of directory ``path``: name, path, type, size, mode, mtime, uid, gid.
+
+        The file ops' ``user`` (None: root) is whose permissions the guest checks; what they
+        create belongs to that user."""
+        resp = await self.call("list_files", _as(user, path=path), timeout=timeout)
         entries: list[dict[str, Any]] = resp["entries"]
         return entries
 
-    async def stat(self, path: str, *, timeout: float | None = 30.0) -> dict[str, Any]:
+    async def stat(
+        self, path: str, *, timeout: float | None = 30.0, user: str | None = None
+    ) -> dict[str, Any]:
         """``lstat`` of ``path``: name, path, type, size, mode, mtime, uid, gid (symlink_target)."""
-        resp = await self.call("stat", {"path": path}, timeout=timeout)
+        resp = await self.call("stat", _as(user, path=path), timeout=timeout)
         entry = resp.get("entry")
         return entry if isinstance(entry, dict) else {}
 
-    async def mkdir(self, path: str, *, timeout: float | None = 30.0) -> bool:
+    async def mkdir(
+        self, path: str, *, timeout: float | None = 30.0, user: str | None = None
+    ) -> bool:
         """Create ``path`` and its parents; False if it was a directory already."""
-        resp = await self.call("mkdir", {"path": path}, timeout=timeout)
+        resp = await self.call("mkdir", _as(user, path=path), timeout=timeout)
         return resp.get("created") is True
 
     async def move(
-        self, source: str, destination: str, *, timeout: float | None = 60.0
+        self,
+        source: str,
+        destination: str,
+        *,
+        timeout: float | None = 60.0,
+        user: str | None = None,
     ) -> dict[str, Any]:
         """Rename ``source`` to ``destination`` (parents created); the new entry."""
-        args = {"source": source, "destination": destination}
+        args = _as(user, source=source, destination=destination)
         resp = await self.call("move", args, timeout=timeout)
         entry = resp.get("entry")
         return entry if isinstance(entry, dict) else {}
 
     async def remove_file(
-        self, path: str, *, recursive: bool = False, timeout: float | None = 60.0
+        self,
+        path: str,
+        *,
+        recursive: bool = False,
+        timeout: float | None = 60.0,
+        user: str | None = None,
     ) -> None:
-        await self.call("remove_file", {"path": path, "recursive": recursive}, timeout=timeout)
+        args = _as(user, path=path, recursive=recursive)
+        await self.call("remove_file", args, timeout=timeout)
 
     async def reseed(self, entropy: bytes, *, timeout: float | None = 10.0) -> dict[str, Any]:
         """Hand the guest fresh entropy (>= 32 bytes): kernel CRNG, ``random``, ``numpy``."""

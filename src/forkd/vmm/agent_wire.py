@@ -107,18 +107,21 @@ class FileEntry(BaseModel):
     mtime: float
 
 
-class ListFilesReply(Reply):
-    entries: list[FileEntry] = Field(default_factory=list, max_length=MAX_ENTRIES)
-
-
 class RemoveFileReply(Reply):
     removed: bool = False
 
 
-class StatEntry(FileEntry):
+class ListEntry(FileEntry):
     uid: int | None = Field(default=None, ge=0, lt=1 << 32)
     gid: int | None = Field(default=None, ge=0, lt=1 << 32)
+
+
+class StatEntry(ListEntry):
     symlink_target: str | None = Field(default=None, max_length=8192)
+
+
+class ListFilesReply(Reply):
+    entries: list[ListEntry] = Field(default_factory=list, max_length=MAX_ENTRIES)
 
 
 class EntryReply(Reply):
@@ -156,11 +159,12 @@ class ProcListReply(Reply):
 
 
 class ProcDoneReply(Reply):
-    """proc_input, proc_close_stdin, proc_signal, eval_context_drop."""
+    """proc_input, proc_close_stdin, proc_signal, proc_resize, eval_context_drop."""
 
     written: int | None = Field(default=None, ge=0, lt=1 << 63)
     closed: bool = False
     signalled: bool = False
+    resized: bool = False
     removed: bool = False
 
 
@@ -173,6 +177,7 @@ MODELS: dict[str, type[Reply]] = {
     "proc_input": ProcDoneReply,
     "proc_close_stdin": ProcDoneReply,
     "proc_signal": ProcDoneReply,
+    "proc_resize": ProcDoneReply,
     "eval_context_drop": ProcDoneReply,
     "exec": ExecReply,
     "eval": EvalReply,

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from e2b import CommandExitException, Sandbox
+from e2b import CommandExitException, PtySize, Sandbox
 
 out: dict[str, Any] = {}
 
@@ -35,7 +35,7 @@ def step(name: str, fn: Callable[[], Any]) -> Any:
 
 def main(template: str) -> None:
     t0 = time.monotonic()
-    sbx = Sandbox.create(template, envs={"FOO": "bar"}, metadata={"suite": "e2b"}, timeout=120)
+    sbx = Sandbox.create(template, envs={"FOO": "bar"}, metadata={"suite": "e2b"}, timeout=600)
     out["create_s"] = time.monotonic() - t0
     out["sandbox_id"] = sbx.sandbox_id
 
@@ -122,6 +122,57 @@ def main(template: str) -> None:
 
     step("files", files)
 
+    def failure(fn: Callable[[], Any]) -> str:
+        try:
+            fn()
+        except Exception as e:
+            return type(e).__name__
+        return "no error"
+
+    def users() -> dict[str, Any]:
+        sbx.files.write("owned.txt", "mine")
+        sbx.files.write("/root/secret.txt", "s", user="root")
+        return {
+            "default": sbx.commands.run("id -un; echo $HOME; pwd").stdout,
+            "root": sbx.commands.run("id -un; echo $HOME; pwd", user="root").stdout,
+            "owner": sbx.commands.run("stat -c %u:%g /home/user/owned.txt").stdout,
+            "info_owner": sbx.files.get_info("owned.txt").owner,
+            "root_dir": failure(lambda: sbx.commands.run("ls /root")),
+            "root_file": failure(lambda: sbx.files.read("/root/secret.txt")),
+            "root_reads": sbx.files.read("/root/secret.txt", user="root"),
+            "unknown_command": failure(lambda: sbx.commands.run("true", user="nobody-here")),
+            "unknown_file": failure(lambda: sbx.files.write("x.txt", "x", user="nobody-here")),
+        }
+
+    step("users", users)
+
+    def pty() -> dict[str, Any]:
+        h = sbx.pty.create(PtySize(rows=24, cols=80))
+        events = iter(h)
+        seen = bytearray()
+
+        def until(marker: bytes) -> bytes:
+            while marker not in seen:
+                _out, _err, data = next(events)
+                if data:
+                    seen.extend(data)
+            return bytes(seen)
+
+        sbx.pty.send_stdin(h.pid, b"tty; stty size; id -un; echo done-$((1+1))\n")
+        first = until(b"done-2")
+        sbx.pty.resize(h.pid, PtySize(rows=40, cols=100))
+        sbx.pty.send_stdin(h.pid, b"stty size; echo again-$((2+1))\n")
+        second = until(b"again-3")[len(first) :]
+        return {
+            "tty": b"/dev/pts/" in first,
+            "size": b"24 80" in first,
+            "user": b"\nuser\r\n" in first,
+            "resized": b"40 100" in second,
+            "killed": sbx.pty.kill(h.pid),
+        }
+
+    step("pty", pty)
+
     def more_files() -> dict[str, Any]:
         import io
 
@@ -181,7 +232,7 @@ def main(template: str) -> None:
 
     def info() -> dict[str, Any]:
         i = sbx.get_info()
-        sbx.set_timeout(600)
+        sbx.set_timeout(1200)
         later = sbx.get_info()
         listed = [s.sandbox_id for s in Sandbox.list().next_items()]
         return {

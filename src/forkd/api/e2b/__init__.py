@@ -16,6 +16,7 @@ from forkd.api.e2b.control import Control, control_router, unsupported_router
 from forkd.api.e2b.envd import Envd, envd_router
 from forkd.api.e2b.interpreter import Interpreter, interpreter_router
 from forkd.api.e2b.state import E2BState
+from forkd.api.e2b.store import E2BStore
 from forkd.config import Limits
 from forkd.runtime.engine import Runtime
 
@@ -24,15 +25,17 @@ SANDBOX_PREFIX = "/e2b/sandbox"
 
 
 DEFAULT_TEMPLATE_ENV = "FORKD_E2B_DEFAULT_TEMPLATE"
+STATE_FILE = "e2b.db"  # under FORKD_HOME (forkd.api.e2b.store)
 
 
 def mount_e2b(app: FastAPI, runtime: Runtime, *, token: str | None, limits: Limits) -> E2BState:
-    """Add the E2B routes to ``app``; the state (its reaper runs while sandboxes have one).
+    """Add the E2B routes to ``app``; the state (start it once the runtime has started: it
+    takes up the stored sandboxes, and its reaper runs while sandboxes have one).
 
     ``$FORKD_E2B_DEFAULT_TEMPLATE`` names the snapshot that ``Sandbox.create()`` without a
     template (the SDKs ask for ``base`` / ``code-interpreter-v1``) forks.
     """
-    state = E2BState(runtime)
+    state = E2BState(runtime, E2BStore(runtime.settings.home / STATE_FILE))
     control = Control(state, token, limits, os.environ.get(DEFAULT_TEMPLATE_ENV))
     envd = Envd(state, limits)
     app.include_router(interpreter_router(Interpreter(envd)), prefix=SANDBOX_PREFIX)

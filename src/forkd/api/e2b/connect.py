@@ -8,6 +8,7 @@ last one flagged end-of-stream with ``{}`` or ``{"error": {...}}``. Errors are
 
 from __future__ import annotations
 
+import errno
 import json
 import struct
 from typing import Any
@@ -17,6 +18,7 @@ from starlette.responses import Response
 from forkd.errors import (
     ForkdError,
     GatewayTimeout,
+    GuestOSError,
     InvalidInput,
     NotFound,
     SandboxDead,
@@ -78,6 +80,8 @@ class ConnectError(Exception):
             return cls("deadline_exceeded", message)
         if isinstance(exc, Unavailable):
             return cls("unavailable", message)
+        if isinstance(exc, GuestOSError) and exc.errno in (errno.EACCES, errno.EPERM):
+            return cls("permission_denied", message)
         if exc.http_status == 409:
             return cls("already_exists", message)
         if exc.http_status == 501:

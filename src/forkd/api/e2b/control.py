@@ -281,6 +281,7 @@ class Control:
                 timeout_s = DEFAULT_TIMEOUT_S
         if timeout_s is not None:
             sb.set_timeout(timeout_s)
+        self.state.save(sb)
         return _json(self.sandbox_body(sb), status)
 
     async def resume(self, request: Request, sandbox_id: str) -> Response:
@@ -291,6 +292,7 @@ class Control:
             raise E2BError(409, f"sandbox {sandbox_id!r} is already running")
         await self._resume(sb)
         sb.set_timeout(_timeout(body.timeout, DEFAULT_TIMEOUT_S) or DEFAULT_TIMEOUT_S)
+        self.state.save(sb)
         return _json(self.sandbox_body(sb), 201)
 
     async def pause(self, request: Request, sandbox_id: str) -> Response:
@@ -305,9 +307,11 @@ class Control:
                 await self.runtime.branch(sb.vm_id, tag=tag)
         except TimeoutError:
             raise GatewayTimeout("pausing did not finish in time") from None
+        sb.owned_tags.append(tag)
+        self.state.save(sb)  # the template is kept with it should the kill below fail
         await self.runtime.kill(sb.vm_id)
         sb.paused_tag = tag
-        sb.owned_tags.append(tag)
+        self.state.save(sb)
         return Response(status_code=204)
 
     async def _resume(self, sb: E2BSandbox) -> None:
@@ -319,6 +323,7 @@ class Control:
             raise GatewayTimeout("resuming did not finish in time") from None
         sb.vm_id = spawned[0].sandbox.id
         sb.paused_tag = None
+        self.state.save(sb)
 
     async def info(self, sandbox_id: str) -> Response:
         return _json(self.detail_body(self._get(sandbox_id, paused_ok=True)))
@@ -361,7 +366,9 @@ class Control:
         timeout_s = _timeout(body.timeout, None)
         if timeout_s is None:
             raise E2BError(400, "timeout is required")
-        self._get(sandbox_id).set_timeout(timeout_s)
+        sb = self._get(sandbox_id)
+        sb.set_timeout(timeout_s)
+        self.state.save(sb)
         return Response(status_code=204)
 
     async def refresh(self, request: Request, sandbox_id: str) -> Response:
@@ -375,6 +382,7 @@ class Control:
         assert extend is not None
         if sb.end_at is not None:
             sb.end_at = max(sb.end_at, time.time() + extend)
+            self.state.save(sb)
         return Response(status_code=204)
 
     async def fork(self, request: Request, sandbox_id: str) -> Response:
@@ -408,8 +416,9 @@ class Control:
                 envs=parent.envs,
                 allow_internet_access=parent.allow_internet_access,
             )
-            sb.home_ready = parent.home_ready
+            sb.users = parent.users
             sb.owned_tags.append(tag)
+            self.state.save(sb)
             results.append({"sandbox": self.sandbox_body(sb)})
         return _json(results, 201)
 

@@ -2,11 +2,15 @@
 
 Requests name their sandbox in the ``E2b-Sandbox-Id`` header (the SDK's header routing) and
 carry its access token in ``X-Access-Token`` (or ``E2B-Traffic-Access-Token``). Served:
-``process.Process`` Start/Connect (server streams), List, SendInput, SendSignal, CloseStdin;
+``process.Process`` Start/Connect (server streams, with a PTY when asked), List, SendInput,
+SendSignal, CloseStdin, Update (PTY resize);
 ``filesystem.Filesystem`` Stat, ListDir, MakeDir, Move, Remove (Connect protocol, JSON codec,
 see :mod:`forkd.api.e2b.connect`); ``GET``/``POST /files``; ``GET /health``. Message shapes:
-:mod:`forkd.api.e2b.messages`. Commands run as root with ``HOME=/home/user`` (E2B's user
-home, where relative paths resolve); the ``user`` an SDK names is not switched to.
+:mod:`forkd.api.e2b.messages`. Commands and file operations run as the user the SDK names
+(``Authorization: Basic base64("<user>:")``, ``?username=`` on ``/files``), by default ``user``
+(uid 1000, home ``/home/user``, where relative paths resolve), as E2B's envd does. A guest
+without that account (an image made before forkd had it) runs them as root with
+``HOME=/home/user``, as forkd did before.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import os.path
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -52,15 +57,53 @@ MAX_LIST_ENTRIES = 10_000
 MAX_FILE_BYTES = 64 << 20
 
 
-def resolve(path: str) -> str:
+DEFAULT_USER = "user"  # whom envd acts as when a call names no user
+
+
+def resolve(path: str, home: str = HOME) -> str:
     """An E2B path: relative ones (and ``~``) resolve against the user's home."""
     if not isinstance(path, str) or not path or "\0" in path:
         raise ConnectError("invalid_argument", f"invalid path {path!r}")
     if path == "~" or path.startswith("~/"):
-        path = HOME + path[1:]
+        path = home + path[1:]
     if not path.startswith("/"):
-        path = HOME + "/" + path
+        path = home.rstrip("/") + "/" + path
     return os.path.normpath(path)
+
+
+def request_user(request: Request) -> str | None:
+    """The user a call names: ``?username=`` (``/files``) or ``Authorization: Basic
+    base64("<user>:")`` (RPCs); None when it names none."""
+    name = request.query_params.get("username")
+    if name:
+        return name
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic" or not value.strip():
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise E2BError(400, "invalid Authorization header (Basic base64 of 'user:')") from None
+    return decoded.partition(":")[0] or None
+
+
+def parse_passwd(text: str) -> dict[str, str]:
+    """User name -> home directory, from an /etc/passwd."""
+    users: dict[str, str] = {}
+    for line in text.splitlines():
+        fields = line.split(":")
+        if len(fields) >= 7 and fields[0] and not fields[0].startswith(("#", "+", "-")):
+            users[fields[0]] = fields[5] or "/"
+    return users
+
+
+@dataclass(frozen=True)
+class Who:
+    """Whom a call acts as: ``user`` for the agent (None: root, on a guest without the
+    default account) and the home relative paths resolve against."""
+
+    user: str | None
+    home: str
 
 
 class Envd:
@@ -88,34 +131,68 @@ class Envd:
 
     async def agent(self, sb: E2BSandbox) -> AgentClient:
         agent = await self.runtime.agent(sb.vm_id)
-        if not sb.home_ready:
-            with contextlib.suppress(InvalidInput):  # an older guest agent: no mkdir op
-                await agent.mkdir(HOME)
-            sb.home_ready = True
+        if sb.users is None:
+            await self._read_users(sb, agent)
+            if DEFAULT_USER not in (sb.users or {}):
+                with contextlib.suppress(InvalidInput):  # an older guest agent: no mkdir op
+                    await agent.mkdir(HOME)
         return agent
+
+    async def _read_users(self, sb: E2BSandbox, agent: AgentClient) -> dict[str, str]:
+        try:
+            sb.users = parse_passwd(
+                (await agent.read_file("/etc/passwd")).decode("utf-8", "replace")
+            )
+        except (NotFound, GuestOSError):
+            sb.users = {}
+        return sb.users
+
+    async def who(self, sb: E2BSandbox, agent: AgentClient, name: str | None) -> Who:
+        """Whom a call naming ``name`` (None: the default user) acts as; an unknown user is
+        ``invalid_argument``, as in envd."""
+        users = sb.users if sb.users is not None else await self._read_users(sb, agent)
+        if name is None:
+            if DEFAULT_USER in users:
+                return Who(DEFAULT_USER, users[DEFAULT_USER])
+            return Who(None, HOME)
+        if name not in users:
+            users = await self._read_users(sb, agent)  # added since the last look?
+            if name not in users:
+                raise ConnectError(
+                    "invalid_argument", f"user {name!r} does not exist in the sandbox"
+                )
+        return Who(name, users[name])
 
     # --- process.Process -------------------------------------------------------------------
 
-    def _env(self, sb: E2BSandbox, envs: dict[str, str]) -> dict[str, str]:
-        return {"HOME": HOME, **sb.envs, **envs}
+    def _env(self, sb: E2BSandbox, who: Who, envs: dict[str, str]) -> dict[str, str]:
+        # With a user the agent sets HOME, USER and LOGNAME; as root on an older guest, HOME
+        # is E2B's user home as before.
+        base = {"HOME": HOME} if who.user is None else {}
+        return {**base, **sb.envs, **envs}
 
-    async def start(self, sb: E2BSandbox, msg: dict[str, Any], timeout_s: float | None) -> Any:
+    async def start(
+        self, sb: E2BSandbox, msg: dict[str, Any], timeout_s: float | None, user: str | None
+    ) -> Any:
         req = m.parse(m.StartRequest, msg)
-        if req.pty is not None:
-            raise ConnectError("unimplemented", "PTYs are not supported by forkd")
         agent = await self.agent(sb)
-        cwd = resolve(req.process.cwd) if req.process.cwd else HOME
+        who = await self.who(sb, agent, user)
+        cwd = resolve(req.process.cwd, who.home) if req.process.cwd else who.home
         stream = await agent.proc_start(
             [req.process.cmd, *req.process.args],
-            env=self._env(sb, req.process.envs),
+            env=self._env(sb, who, req.process.envs),
             cwd=cwd,
             stdin=bool(req.stdin),
             timeout=timeout_s,
             tag=req.tag,
+            user=who.user,
+            pty=None if req.pty is None else (req.pty.size.cols, req.pty.size.rows),
         )
         return self._events(agent, stream)
 
-    async def connect(self, sb: E2BSandbox, msg: dict[str, Any], _t: float | None) -> Any:
+    async def connect(
+        self, sb: E2BSandbox, msg: dict[str, Any], _t: float | None, _user: str | None
+    ) -> Any:
         req = m.parse(m.SelectRequest, msg)
         agent = await self.agent(sb)
         pid = await self._pid(agent, req.process)
@@ -158,30 +235,47 @@ class Envd:
             raise ConnectError("not_found", f"process with tag {sel.tag!r} not found")
         raise ConnectError("invalid_argument", "process selector needs a pid or a tag")
 
-    async def list_processes(self, sb: E2BSandbox, msg: dict[str, Any]) -> dict[str, Any]:
+    async def list_processes(
+        self, sb: E2BSandbox, msg: dict[str, Any], _user: str | None
+    ) -> dict[str, Any]:
         agent = await self.agent(sb)
         return {"processes": [m.process_info(p) for p in await agent.proc_list()]}
 
-    async def send_input(self, sb: E2BSandbox, msg: dict[str, Any]) -> dict[str, Any]:
+    async def send_input(
+        self, sb: E2BSandbox, msg: dict[str, Any], _user: str | None
+    ) -> dict[str, Any]:
         req = m.parse(m.SendInputRequest, msg)
-        if req.input.pty is not None:
-            raise ConnectError("unimplemented", "PTYs are not supported by forkd")
         agent = await self.agent(sb)
         pid = await self._pid(agent, req.process)
-        try:
-            data = base64.b64decode(req.input.stdin or "", validate=True)
+        try:  # a PTY's input is typed into its terminal, stdin goes to the pipe
+            data = base64.b64decode(req.input.pty or req.input.stdin or "", validate=True)
         except ValueError:
-            raise ConnectError("invalid_argument", "input.stdin is not base64") from None
+            raise ConnectError("invalid_argument", "the input is not base64") from None
         await agent.proc_input(pid, data)
         return {}
 
-    async def close_stdin(self, sb: E2BSandbox, msg: dict[str, Any]) -> dict[str, Any]:
+    async def update(
+        self, sb: E2BSandbox, msg: dict[str, Any], _user: str | None
+    ) -> dict[str, Any]:
+        req = m.parse(m.UpdateRequest, msg)
+        if req.pty is None:
+            return {}
+        agent = await self.agent(sb)
+        pid = await self._pid(agent, req.process)
+        await agent.proc_resize(pid, req.pty.size.cols, req.pty.size.rows)
+        return {}
+
+    async def close_stdin(
+        self, sb: E2BSandbox, msg: dict[str, Any], _user: str | None
+    ) -> dict[str, Any]:
         req = m.parse(m.SelectRequest, msg)
         agent = await self.agent(sb)
         await agent.proc_close_stdin(await self._pid(agent, req.process))
         return {}
 
-    async def send_signal(self, sb: E2BSandbox, msg: dict[str, Any]) -> dict[str, Any]:
+    async def send_signal(
+        self, sb: E2BSandbox, msg: dict[str, Any], _user: str | None
+    ) -> dict[str, Any]:
         req = m.parse(m.SendSignalRequest, msg)
         sig = m.SIGNALS.get(req.signal)
         if sig is None:
@@ -192,17 +286,22 @@ class Envd:
 
     # --- filesystem.Filesystem -------------------------------------------------------------
 
-    async def stat(self, sb: E2BSandbox, msg: dict[str, Any]) -> dict[str, Any]:
+    async def stat(self, sb: E2BSandbox, msg: dict[str, Any], user: str | None) -> dict[str, Any]:
         req = m.parse(m.PathRequest, msg)
         agent = await self.agent(sb)
-        return {"entry": m.entry_info(await agent.stat(resolve(req.path)))}
+        who = await self.who(sb, agent, user)
+        entry = await agent.stat(resolve(req.path, who.home), user=who.user)
+        return {"entry": m.entry_info(entry)}
 
-    async def list_dir(self, sb: E2BSandbox, msg: dict[str, Any]) -> dict[str, Any]:
+    async def list_dir(
+        self, sb: E2BSandbox, msg: dict[str, Any], user: str | None
+    ) -> dict[str, Any]:
         req = m.parse(m.ListDirRequest, msg)
         depth = max(1, req.depth)
         agent = await self.agent(sb)
-        root = resolve(req.path)
-        st = await agent.stat(root)
+        who = await self.who(sb, agent, user)
+        root = resolve(req.path, who.home)
+        st = await agent.stat(root, user=who.user)
         if st.get("type") != "dir":
             raise ConnectError("invalid_argument", f"path {root} is not a directory")
         entries: list[dict[str, Any]] = []
@@ -210,7 +309,7 @@ class Envd:
         for _ in range(depth):
             below: list[str] = []
             for directory in level:
-                for entry in await agent.list_files(directory):
+                for entry in await agent.list_files(directory, user=who.user):
                     if len(entries) >= MAX_LIST_ENTRIES:
                         raise ConnectError(
                             "resource_exhausted", f"more than {MAX_LIST_ENTRIES} entries"
@@ -223,7 +322,9 @@ class Envd:
 
     # --- watching (by polling: the net change between two looks) ------------------------------
 
-    async def _snapshot(self, agent: AgentClient, root: str, recursive: bool) -> Snapshot:
+    async def _snapshot(
+        self, agent: AgentClient, root: str, recursive: bool, user: str | None = None
+    ) -> Snapshot:
         """What is under ``root``: relative name -> (type, size, mtime, mode)."""
         out: Snapshot = {}
         level = [root]
@@ -231,7 +332,7 @@ class Envd:
             below: list[str] = []
             for directory in level:
                 try:
-                    entries = await agent.list_files(directory)
+                    entries = await agent.list_files(directory, user=user)
                 except (NotFound, GuestOSError):
                     continue  # removed meanwhile
                 for e in entries:
@@ -251,25 +352,29 @@ class Envd:
             level = below
         return out
 
-    async def _watch_start(self, sb: E2BSandbox, msg: dict[str, Any]) -> Watcher:
+    async def _watch_start(self, sb: E2BSandbox, msg: dict[str, Any], user: str | None) -> Watcher:
         req = m.parse(m.WatchRequest, msg)
         agent = await self.agent(sb)
-        root = resolve(req.path)
-        if (await agent.stat(root)).get("type") != "dir":
+        who = await self.who(sb, agent, user)
+        root = resolve(req.path, who.home)
+        if (await agent.stat(root, user=who.user)).get("type") != "dir":
             raise ConnectError("invalid_argument", f"path {root} is not a directory")
-        return Watcher(root, req.recursive, await self._snapshot(agent, root, req.recursive))
+        seen = await self._snapshot(agent, root, req.recursive, who.user)
+        return Watcher(root, req.recursive, seen, who.user)
 
     async def _watch_poll(self, sb: E2BSandbox, w: Watcher) -> list[dict[str, Any]]:
-        now = await self._snapshot(await self.agent(sb), w.root, w.recursive)
+        now = await self._snapshot(await self.agent(sb), w.root, w.recursive, w.user)
         events = m.watch_events(w.seen, now)
         w.seen = now
         return events
 
-    async def create_watcher(self, sb: E2BSandbox, msg: dict[str, Any]) -> dict[str, Any]:
+    async def create_watcher(
+        self, sb: E2BSandbox, msg: dict[str, Any], user: str | None
+    ) -> dict[str, Any]:
         if len(sb.watchers) >= MAX_WATCHERS:
             raise ConnectError("resource_exhausted", f"at most {MAX_WATCHERS} watchers")
         watcher_id = secrets.token_hex(8)
-        sb.watchers[watcher_id] = await self._watch_start(sb, msg)
+        sb.watchers[watcher_id] = await self._watch_start(sb, msg, user)
         return {"watcherId": watcher_id}
 
     def _watcher(self, sb: E2BSandbox, msg: dict[str, Any]) -> tuple[str, Watcher]:
@@ -279,17 +384,23 @@ class Envd:
             raise ConnectError("not_found", f"watcher {watcher_id!r} not found")
         return watcher_id, w
 
-    async def get_watcher_events(self, sb: E2BSandbox, msg: dict[str, Any]) -> dict[str, Any]:
+    async def get_watcher_events(
+        self, sb: E2BSandbox, msg: dict[str, Any], _user: str | None
+    ) -> dict[str, Any]:
         _, w = self._watcher(sb, msg)
         return {"events": await self._watch_poll(sb, w)}
 
-    async def remove_watcher(self, sb: E2BSandbox, msg: dict[str, Any]) -> dict[str, Any]:
+    async def remove_watcher(
+        self, sb: E2BSandbox, msg: dict[str, Any], _user: str | None
+    ) -> dict[str, Any]:
         watcher_id, _ = self._watcher(sb, msg)
         del sb.watchers[watcher_id]
         return {}
 
-    async def watch_dir(self, sb: E2BSandbox, msg: dict[str, Any], _t: float | None) -> Any:
-        w = await self._watch_start(sb, msg)
+    async def watch_dir(
+        self, sb: E2BSandbox, msg: dict[str, Any], _t: float | None, user: str | None
+    ) -> Any:
+        w = await self._watch_start(sb, msg, user)
 
         async def events() -> AsyncIterator[bytes]:
             yield envelope({"start": {}})
@@ -309,32 +420,39 @@ class Envd:
 
         return events()
 
-    async def make_dir(self, sb: E2BSandbox, msg: dict[str, Any]) -> dict[str, Any]:
+    async def make_dir(
+        self, sb: E2BSandbox, msg: dict[str, Any], user: str | None
+    ) -> dict[str, Any]:
         req = m.parse(m.PathRequest, msg)
         agent = await self.agent(sb)
-        path = resolve(req.path)
-        if not await agent.mkdir(path):
+        who = await self.who(sb, agent, user)
+        path = resolve(req.path, who.home)
+        if not await agent.mkdir(path, user=who.user):
             raise ConnectError("already_exists", f"directory {path} already exists")
-        return {"entry": m.entry_info(await agent.stat(path))}
+        return {"entry": m.entry_info(await agent.stat(path, user=who.user))}
 
-    async def move(self, sb: E2BSandbox, msg: dict[str, Any]) -> dict[str, Any]:
+    async def move(self, sb: E2BSandbox, msg: dict[str, Any], user: str | None) -> dict[str, Any]:
         req = m.parse(m.MoveRequest, msg)
         agent = await self.agent(sb)
-        entry = await agent.move(resolve(req.source), resolve(req.destination))
+        who = await self.who(sb, agent, user)
+        source, destination = resolve(req.source, who.home), resolve(req.destination, who.home)
+        entry = await agent.move(source, destination, user=who.user)
         return {"entry": m.entry_info(entry)}
 
-    async def remove(self, sb: E2BSandbox, msg: dict[str, Any]) -> dict[str, Any]:
+    async def remove(self, sb: E2BSandbox, msg: dict[str, Any], user: str | None) -> dict[str, Any]:
         req = m.parse(m.PathRequest, msg)
         agent = await self.agent(sb)
-        await agent.remove_file(resolve(req.path), recursive=True)
+        who = await self.who(sb, agent, user)
+        await agent.remove_file(resolve(req.path, who.home), recursive=True, user=who.user)
         return {}
 
     # --- /files ----------------------------------------------------------------------------
 
     async def read_file(self, sb: E2BSandbox, request: Request) -> Response:
-        path = resolve(request.query_params.get("path") or "")
         agent = await self.agent(sb)
-        data = await agent.read_file(path, limit=MAX_FILE_BYTES)
+        who = await self.who(sb, agent, request_user(request))
+        path = resolve(request.query_params.get("path") or "", who.home)
+        data = await agent.read_file(path, limit=MAX_FILE_BYTES, user=who.user)
         return Response(data, 200, media_type="application/octet-stream")
 
     async def write_files(self, sb: E2BSandbox, request: Request) -> Response:
@@ -366,10 +484,11 @@ class Envd:
         if not uploads:
             raise E2BError(400, "no file in the upload (multipart field 'file')")
         agent = await self.agent(sb)
+        who = await self.who(sb, agent, request_user(request))
         written = []
         for name, data in uploads:
-            path = resolve(name)
-            await agent.write_file(path, data)
+            path = resolve(name, who.home)
+            await agent.write_file(path, data, user=who.user)
             written.append({"name": os.path.basename(path), "type": "file", "path": path})
         return Response(_dumps(written), 200, media_type="application/json")
 
@@ -378,14 +497,16 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj).encode()
 
 
-Unary = Callable[[Envd, E2BSandbox, dict[str, Any]], Awaitable[dict[str, Any]]]
-Streaming = Callable[[Envd, E2BSandbox, dict[str, Any], float | None], Awaitable[Any]]
+# (envd, sandbox, message, the user the call names) and for streams the timeout before the user
+Unary = Callable[[Envd, E2BSandbox, dict[str, Any], str | None], Awaitable[dict[str, Any]]]
+Streaming = Callable[[Envd, E2BSandbox, dict[str, Any], float | None, str | None], Awaitable[Any]]
 
 UNARY: dict[str, Unary] = {
     "process.Process/List": Envd.list_processes,
     "process.Process/SendInput": Envd.send_input,
     "process.Process/SendSignal": Envd.send_signal,
     "process.Process/CloseStdin": Envd.close_stdin,
+    "process.Process/Update": Envd.update,
     "filesystem.Filesystem/Stat": Envd.stat,
     "filesystem.Filesystem/ListDir": Envd.list_dir,
     "filesystem.Filesystem/MakeDir": Envd.make_dir,
@@ -465,7 +586,7 @@ def envd_router(envd: Envd) -> APIRouter:
             if handler is None:
                 raise ConnectError("unimplemented", f"{name} is not supported by forkd")
             msg = parse_unary(await request.body())
-            return unary_response(await handler(envd, sb, msg))
+            return unary_response(await handler(envd, sb, msg, request_user(request)))
         except (ConnectError, E2BError, ForkdError) as e:
             return unary_error(_connect_error(e))
 
@@ -475,7 +596,7 @@ def envd_router(envd: Envd) -> APIRouter:
             if handler is None:
                 raise ConnectError("unimplemented", f"{name} is not supported by forkd")
             msg = parse_stream_request(await request.body())
-            events = await handler(envd, sb, msg, _timeout_s(request))
+            events = await handler(envd, sb, msg, _timeout_s(request), request_user(request))
         except (ConnectError, E2BError, ForkdError) as e:
             err = _connect_error(e)
 

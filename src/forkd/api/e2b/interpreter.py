@@ -201,6 +201,7 @@ class Interpreter:
         context_id = secrets.token_hex(8)
         cwd = req.cwd or "/home/user"
         sb.contexts[context_id] = {"language": language, "cwd": cwd}
+        self.envd.state.save(sb)
         return Response(
             json.dumps({"id": context_id, "language": language, "cwd": cwd}),
             200,
@@ -219,6 +220,7 @@ class Interpreter:
             await agent.eval_context_drop(name)
             if not keep:
                 del sb.contexts[context_id]
+                self.envd.state.save(sb)
         return Response(status_code=204)
 
 

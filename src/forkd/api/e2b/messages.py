@@ -34,9 +34,18 @@ class ProcessConfig(_Msg):
     cwd: str | None = None
 
 
+class PtySize(_Msg):
+    cols: int = Field(default=80, ge=1, le=10000)
+    rows: int = Field(default=24, ge=1, le=10000)
+
+
+class Pty(_Msg):
+    size: PtySize = Field(default_factory=PtySize)
+
+
 class StartRequest(_Msg):
     process: ProcessConfig
-    pty: dict[str, Any] | None = None
+    pty: Pty | None = None
     tag: str | None = None
     stdin: bool | None = None
 
@@ -60,6 +69,13 @@ class ProcessInput(_Msg):
 class SendInputRequest(_Msg):
     process: ProcessSelector
     input: ProcessInput = Field(default_factory=ProcessInput)
+
+
+class UpdateRequest(_Msg):
+    """``{process: ProcessSelector, pty: {size}}``: resize a process's terminal."""
+
+    process: ProcessSelector
+    pty: Pty | None = None
 
 
 class SendSignalRequest(_Msg):
@@ -199,8 +215,11 @@ def entry_info(entry: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+GUEST_USERS = {0: "root", 1000: "user"}  # the accounts of forkd's guest image
+
+
 def _user(uid: object) -> str:
-    return "root" if uid in (0, None) else str(uid)
+    return GUEST_USERS.get(uid, str(uid)) if isinstance(uid, int) else "root"
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -1,7 +1,9 @@
 """What forkd keeps per E2B sandbox: its access token, deadline, metadata and env vars.
 
-In memory, per daemon: a sandbox made through forkd's own API (or before a daemon restart)
-gets a fresh entry, with no deadline, the first time an E2B client connects to it.
+Kept in memory and, with a store, in ``e2b.db`` (:mod:`forkd.api.e2b.store`), so a restarted
+daemon serves running and paused E2B sandboxes as before (same tokens, deadlines, metadata). A
+sandbox made through forkd's own API gets an entry, with no deadline, the first time an E2B
+client connects to it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from forkd.api.e2b.store import E2BStore, StoredSandbox
 from forkd.errors import ForkdError, NotFound
 from forkd.runtime.engine import Runtime
 
@@ -31,6 +34,7 @@ class Watcher:
     root: str
     recursive: bool
     seen: dict[str, tuple[object, ...]]
+    user: str | None = None
 
 
 @dataclass
@@ -47,7 +51,7 @@ class E2BSandbox:
     metadata: dict[str, str] = field(default_factory=dict)
     envs: dict[str, str] = field(default_factory=dict)
     allow_internet_access: bool | None = None
-    home_ready: bool = False
+    users: dict[str, str] | None = None  # the guest's users (name -> home); None: not read yet
     vm_id: str = ""
     paused_tag: str | None = None
     owned_tags: list[str] = field(default_factory=list)  # templates made for its pause/fork
@@ -65,6 +69,15 @@ class E2BSandbox:
     def set_timeout(self, seconds: int) -> None:
         self.end_at = time.time() + seconds
 
+    def stored(self) -> StoredSandbox:
+        return StoredSandbox.model_validate(
+            {name: getattr(self, name) for name in StoredSandbox.model_fields}
+        )
+
+    @classmethod
+    def from_stored(cls, row: StoredSandbox) -> E2BSandbox:
+        return cls(**row.model_dump())
+
 
 def iso(unix: float) -> str:
     return dt.datetime.fromtimestamp(unix, dt.UTC).isoformat().replace("+00:00", "Z")
@@ -73,10 +86,51 @@ def iso(unix: float) -> str:
 class E2BState:
     """The E2B view of the runtime's sandboxes, and the reaper that enforces their timeouts."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, store: E2BStore | None = None) -> None:
         self.runtime = runtime
+        self.store = store
         self.sandboxes: dict[str, E2BSandbox] = {}
         self._reaper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Take up the stored sandboxes: paused ones whose template is still there and running
+        ones whose VM still runs (the runtime has re-adopted it); forget the rest."""
+        if self.store is None:
+            return
+        gone: list[str] = []
+        for row in self.store.load():
+            sb = E2BSandbox.from_stored(row)
+            why = self._unusable(sb)
+            if why is not None:
+                log.info("e2b: forgetting sandbox %s: %s", sb.sandbox_id, why)
+                self.store.delete(sb.sandbox_id)
+                gone += sb.owned_tags
+                continue
+            self.sandboxes[sb.sandbox_id] = sb
+        await self.drop_tags(gone)
+        if self.sandboxes:
+            self._ensure_reaper()
+
+    def _unusable(self, sb: E2BSandbox) -> str | None:
+        try:
+            if sb.paused_tag is not None:
+                self.runtime.get_snapshot(sb.paused_tag)
+                return None
+            state = self.runtime.get_sandbox(sb.vm_id).state
+        except ForkdError as e:
+            return str(e) or type(e).__name__
+        return None if state == "running" else f"its VM {sb.vm_id} is {state}"
+
+    def save(self, sb: E2BSandbox) -> None:
+        """Store ``sb`` as it is now (call after every change a restart must keep)."""
+        if self.store is not None and self.sandboxes.get(sb.sandbox_id) is sb:
+            self.store.put(sb.stored())
+
+    def _drop(self, sandbox_id: str) -> E2BSandbox | None:
+        sb = self.sandboxes.pop(sandbox_id, None)
+        if sb is not None and self.store is not None:
+            self.store.delete(sandbox_id)
+        return sb
 
     def add(
         self,
@@ -100,6 +154,7 @@ class E2BState:
             allow_internet_access=allow_internet_access,
         )
         self.sandboxes[sandbox_id] = sb
+        self.save(sb)
         self._ensure_reaper()
         return sb
 
@@ -115,16 +170,17 @@ class E2BState:
         try:
             info = self.runtime.get_sandbox(vm_id)
         except ForkdError:
-            self.sandboxes.pop(sandbox_id, None)
+            self._drop(sandbox_id)
             raise NotFound(f"sandbox {sandbox_id!r} was not found") from None
         if info.state != "running":
-            self.sandboxes.pop(sandbox_id, None)
+            self._drop(sandbox_id)
             raise NotFound(f"sandbox {sandbox_id!r} was not found (it is {info.state})")
         if sb is None:
             if self.by_vm(vm_id) is not None:  # a resumed sandbox's VM, under its E2B id
                 raise NotFound(f"sandbox {sandbox_id!r} was not found")
             sb = self.add(sandbox_id, info.snapshot_tag, timeout_s=None)
             sb.started_at = float(info.created_at_unix)
+            self.save(sb)
         return sb
 
     def by_vm(self, vm_id: str) -> E2BSandbox | None:
@@ -137,7 +193,7 @@ class E2BState:
         return self.sandboxes.get(sandbox_id)
 
     async def kill(self, sandbox_id: str) -> None:
-        sb = self.sandboxes.pop(sandbox_id, None)
+        sb = self._drop(sandbox_id)
         if sb is None:
             await self.runtime.kill(sandbox_id)
             return
@@ -192,3 +248,5 @@ class E2BState:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reaper
+        if self.store is not None:
+            self.store.close()
