@@ -30,7 +30,7 @@ CASES: list[tuple[str, str, wire.NetworkRequest | None]] = [
     ("NIC, egress none (default)", "nic", None),
     ("NIC, egress internet (guard installed)", "nic", wire.NetworkRequest(egress="internet")),
     ("NIC, allowlist host:PORT + a domain (guard + proxy)", "nic",
-     wire.NetworkRequest(egress="allowlist", allow=["host:9", "pypi.org"])),
+     wire.NetworkRequest(egress="allowlist", allow=["host:9", "index.example.org"])),
 ]  # fmt: skip
 
 

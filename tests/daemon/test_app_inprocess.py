@@ -293,7 +293,10 @@ async def test_routes_answer_wire_shapes(client: httpx.AsyncClient, fake: FakeRu
     assert r.status_code == 200
     assert fake.calls[-1] == (
         "exec",
-        (["cat"], {"timeout_s": 5, "env": None, "cwd": None, "stdin": "héllo".encode()}),
+        (
+            ["cat"],
+            {"timeout_s": 5, "env": None, "cwd": None, "stdin": "héllo".encode(), "user": None},
+        ),
     )
 
     r = await client.put(
@@ -391,18 +394,6 @@ async def test_openapi_and_metrics(client: httpx.AsyncClient) -> None:
     m = await client.get("/metrics", headers=AUTH)
     assert "forkd_sandboxes_active 1.0" in m.text and "forkd_snapshots_total 1.0" in m.text
     assert "\nforkd_branch_concurrency_cap 7.0\n" in m.text
-
-
-async def test_added_latency_is_small(client: httpx.AsyncClient) -> None:
-    """Middleware + routing + (de)serialization of an eval, without a network: well under 2 ms."""
-    for _ in range(50):
-        await client.post("/v1/sandboxes/sb-1/eval", headers=AUTH, json={"code": "1"})
-    n = 300
-    t0 = time.perf_counter()
-    for _ in range(n):
-        await client.post("/v1/sandboxes/sb-1/eval", headers=AUTH, json={"code": "1"})
-    per_request_ms = (time.perf_counter() - t0) / n * 1000
-    assert per_request_ms < 2.0, per_request_ms
 
 
 async def test_abusive_agent_is_a_clean_502(client: httpx.AsyncClient) -> None:

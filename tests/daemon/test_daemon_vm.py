@@ -229,11 +229,14 @@ def test_error_rows(api: httpx.Client, sandboxes: list[str], snapshots: list[str
     for method, path, kwargs, status, fragment in rows:
         expect(api.request(method, path, **kwargs), status, fragment)
 
-    # A snapshot that is not bootable (its memory file is gone) is refused with 409.
+    # A snapshot that is not bootable (its memory is gone: tmpfs file and disk copy) is refused
+    # with 409.
     snapshots.append("broken")
     expect(api.post("/v1/snapshots/py/compact", json={"to": "broken"}), 200)
-    memory = expect(api.get("/v1/snapshots/broken/info"), 200)["memory_path"]
-    os.unlink(memory)
+    broken = expect(api.get("/v1/snapshots/broken/info"), 200)
+    assert broken["memory_disk_path"], "compact writes a durable copy"
+    os.unlink(broken["memory_path"])
+    os.unlink(broken["memory_disk_path"])
     info = next(s for s in expect(api.get("/v1/snapshots"), 200) if s["tag"] == "broken")
     assert info["bootable"] is False
     expect(api.post("/v1/sandboxes", json={"snapshot_tag": "broken"}), 409, "not bootable")

@@ -17,11 +17,13 @@ from forkd.vmm.spec import MachineSpec, RunPaths, has_nic, instance_args
 
 
 def test_parse_each_kind_of_entry() -> None:
-    p = parse_policy("allowlist", ["PyPI.org", "*.example.com", "203.0.113.7/24", "host:8080"])
-    assert p.domains == ("pypi.org", "*.example.com")
+    p = parse_policy(
+        "allowlist", ["Index.Example.org", "*.example.com", "203.0.113.7/24", "host:8080"]
+    )
+    assert p.domains == ("index.example.org", "*.example.com")
     assert [str(c) for c in p.cidrs] == ["203.0.113.0/24"]
     assert p.host_ports == (8080,)
-    assert p.allow == ("pypi.org", "*.example.com", "203.0.113.0/24", "host:8080")
+    assert p.allow == ("index.example.org", "*.example.com", "203.0.113.0/24", "host:8080")
     assert p.domain_allowed("files.example.com") and p.domain_allowed("example.com")
     assert not p.domain_allowed("example.org") and not p.domain_allowed("badexample.com")
     assert policy_from_wire(p.to_wire()) == p

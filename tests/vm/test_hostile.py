@@ -6,6 +6,7 @@ fast meanwhile."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,17 @@ async def test_state_is_private(runtime: Runtime, template: str) -> None:
     for d in (settings.home, settings.run_dir, settings.snapshots_dir, settings.memory_dir):
         assert d.stat().st_mode & 0o777 == 0o700, d
     assert Path(sb.run_dir).stat().st_mode & 0o777 == 0o700
-    for f in (Path(manifest.memory.path), runtime.snapshots.devstate_path(template)):
-        assert f.stat().st_mode & 0o777 == 0o600, f
+    devstate = runtime.snapshots.devstate_path(template)
+    assert devstate.stat().st_mode & 0o777 == 0o600, devstate
+    # A forked template's memory: 0600, or (jailed) root-owned 0640 with a group of its own that
+    # only the children mapping it have.
+    memory = Path(manifest.memory.path).stat()
+    assert memory.st_uid == os.getuid()
+    jail = runtime.jail
+    if jail is None:
+        assert memory.st_mode & 0o777 == 0o600
+    else:
+        assert memory.st_mode & 0o777 in (0o600, 0o640)
+        assert memory.st_mode & 0o777 == 0o600 or jail.is_template_gid(memory.st_gid)
     assert settings.db_path.stat().st_mode & 0o777 == 0o600
     await runtime.kill(sb.id)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pip._internal.models.index import PyPI
 
 from forkd import wire
 from forkd.errors import Conflict, InvalidInput
@@ -151,7 +152,7 @@ async def test_names_do_not_resolve_without_egress(runtime: Runtime, template: s
     try:
         code = (
             "import socket, time\nt = time.monotonic()\ntry:\n"
-            "    socket.getaddrinfo('pypi.org', 443); r = 'resolved'\n"
+            f"    socket.getaddrinfo({PyPI.netloc!r}, 443); r = 'resolved'\n"
             "except OSError as e:\n    r = 'failed'\nr + ' %.1f' % (time.monotonic() - t)"
         )
         answer = await runtime.eval(sandbox_id, code)
@@ -227,7 +228,7 @@ def _host_reaches_index() -> str | None:
     try:
         out = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "-d",
-             "/tmp/forkd-index-probe", "--index-url", "https://pypi.org/simple", INDEX_PACKAGE],
+             "/tmp/forkd-index-probe", "--index-url", PyPI.simple_url, INDEX_PACKAGE],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
     except (OSError, subprocess.SubprocessError) as exc:

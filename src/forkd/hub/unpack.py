@@ -240,6 +240,9 @@ class _Job:
         if out.sha256.hexdigest() != part.sha256:
             raise InvalidInput(f"refusing the pack: part {part.name!r} fails its sha256 check "
                                "(corrupted or altered)")  # fmt: skip
+        if part.name in ("kernel", "initrd", "rootfs"):
+            # As a built image's files: a jailed QEMU runs as its own uid and opens them by name.
+            self._target(part).chmod(0o644)
 
     # --- committing (on the event loop: registry and stores) ----------------------------------
 
