@@ -11,7 +11,6 @@ must never be called from the thread pool.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -23,7 +22,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel, TypeAdapter
+from pydantic import TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -39,12 +38,12 @@ from forkd.api.limits import BodyLimitMiddleware
 from forkd.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from forkd.api.metrics import Metrics
 from forkd.api.models import ForkTimingMs, Health, SpawnedSandbox, VersionInfo
+from forkd.api.routing import bounded, error_responses, json_response
 from forkd.api.workspaces import workspace_router
 from forkd.config import DEFAULT_IMAGE, DEFAULT_MEM_MIB, Limits
 from forkd.errors import (
     AgentError,
     ForkdError,
-    GatewayTimeout,
     InvalidInput,
     NotFound,
     SandboxDead,
@@ -84,15 +83,8 @@ _BASE = (401, 500)
 _SANDBOX_OP = (*_BASE, 400, 404, 409, 410, 413, 504)
 
 
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {
-        code: {"model": wire.ErrorBody, "description": _DESCRIPTIONS[code]}
-        for code in sorted(set(codes))
-    }
-
-
-def _json(model: BaseModel, status: int = 200) -> Response:
-    return Response(model.__pydantic_serializer__.to_json(model), status, media_type=JSON)
+def _errors(*codes: int) -> dict[int | str, Any]:
+    return error_responses(_DESCRIPTIONS, *codes)
 
 
 def _json_list(adapter: TypeAdapter[Any], items: Any, status: int = 200) -> Response:
@@ -216,16 +208,6 @@ def create_app(
 
     # --- bounds and error mapping -------------------------------------------------------------
 
-    async def bounded(call: Awaitable[T], seconds: float, what: str) -> T:
-        timeout = asyncio.timeout(seconds)
-        try:
-            async with timeout:
-                return await call
-        except TimeoutError:
-            if timeout.expired():
-                raise GatewayTimeout(f"{what} did not finish within {seconds:g} s") from None
-            raise
-
     async def on_sandbox(sandbox_id: str, call: Awaitable[T], seconds: float, what: str) -> T:
         """An agent or QMP call; a failure because the VM just died is reported as 410 with why."""
         try:
@@ -283,7 +265,9 @@ def create_app(
 
     @app.get("/version", response_model=VersionInfo, responses=_errors(*_BASE), tags=["daemon"])
     async def version() -> Response:
-        return _json(VersionInfo(version=__version__, api=API_VERSION, accel=runtime.accel.name))
+        return json_response(
+            VersionInfo(version=__version__, api=API_VERSION, accel=runtime.accel.name)
+        )
 
     @app.get(
         "/metrics",
@@ -336,7 +320,7 @@ def create_app(
         info = await bounded(call, lim.snapshot_timeout_s, f"creating snapshot {req.tag!r}")
         if warnings:
             info = info.model_copy(update={"warning": compat.join(info.warning, *warnings)})
-        return _json(info, 201)
+        return json_response(info, 201)
 
     @app.delete(
         "/v1/snapshots/{tag}",
@@ -364,7 +348,7 @@ def create_app(
     )
     async def snapshot_info(tag: str) -> Response:
         """Lineage (chain depth, ancestors, dependents) and sizes of one snapshot."""
-        return _json(runtime.snapshot_detail(tag))
+        return json_response(runtime.snapshot_detail(tag))
 
     @app.post(
         "/v1/snapshots/{tag}/compact",
@@ -375,7 +359,7 @@ def create_app(
     async def compact_snapshot(tag: str, req: wire.CompactRequest) -> Response:
         """Write a standalone copy of ``tag`` as ``to``."""
         call = runtime.compact_snapshot(tag, req.to)
-        return _json(await bounded(call, lim.snapshot_timeout_s, f"compacting {tag!r}"))
+        return json_response(await bounded(call, lim.snapshot_timeout_s, f"compacting {tag!r}"))
 
     # --- sandboxes ----------------------------------------------------------------------------
 
@@ -435,7 +419,7 @@ def create_app(
         tags=["sandboxes"],
     )
     async def get_sandbox(sandbox_id: str) -> Response:
-        return _json(runtime.get_sandbox(sandbox_id))
+        return json_response(runtime.get_sandbox(sandbox_id))
 
     @app.delete(
         "/v1/sandboxes/{sandbox_id}",
@@ -461,7 +445,7 @@ def create_app(
         sandbox). A service bound to the guest's loopback only gets 409 saying how to bind."""
         call = runtime.expose_port(sandbox_id, req.port)
         info = await on_sandbox(sandbox_id, call, lim.agent_call_timeout_s, f"port {req.port}")
-        return _json(info, 201)
+        return json_response(info, 201)
 
     @app.get(
         "/v1/sandboxes/{sandbox_id}/ports",
@@ -520,7 +504,7 @@ def create_app(
             stdin=req.stdin.encode("utf-8", "surrogatepass") if req.stdin is not None else None,
             user=req.user,
         )  # fmt: skip
-        return _json(await on_sandbox(sandbox_id, call, seconds, f"exec in {sandbox_id}"))
+        return json_response(await on_sandbox(sandbox_id, call, seconds, f"exec in {sandbox_id}"))
 
     @app.post(
         "/v1/sandboxes/{sandbox_id}/eval",
@@ -532,7 +516,7 @@ def create_app(
         """Evaluate Python in the sandbox's warm interpreter; exceptions come back in ``error``."""
         call = runtime.eval(sandbox_id, req.code)
         result = await on_sandbox(sandbox_id, call, lim.eval_timeout_s, f"eval in {sandbox_id}")
-        return _json(result)
+        return json_response(result)
 
     @app.post(
         "/v1/sandboxes/{sandbox_id}/branch",
@@ -560,7 +544,7 @@ def create_app(
         )  # fmt: skip
         info = await on_sandbox(sandbox_id, call, lim.branch_timeout_s, f"branch of {sandbox_id}")
         metrics.branch_seconds.observe(time.monotonic() - t0)
-        return _json(info, 202 if info.status == "writing" else 201)
+        return json_response(info, 202 if info.status == "writing" else 201)
 
     # --- files --------------------------------------------------------------------------------
 
@@ -630,7 +614,7 @@ def create_app(
         data = await request.body()
         call = runtime.write_file(sandbox_id, path, data)
         size = await on_sandbox(sandbox_id, call, lim.agent_call_timeout_s, f"writing {path!r}")
-        return _json(wire.FileWriteResponse(path=path, size=size))
+        return json_response(wire.FileWriteResponse(path=path, size=size))
 
     # --- workspaces (routes in forkd.api.workspaces) -----------------------------------------
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-from collections.abc import Awaitable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -16,8 +15,9 @@ from starlette.background import BackgroundTask
 from starlette.responses import FileResponse, Response
 
 from forkd import wire
+from forkd.api.routing import bounded, error_responses, json_response
 from forkd.config import Limits
-from forkd.errors import GatewayTimeout, InvalidInput, PayloadTooLarge
+from forkd.errors import InvalidInput, PayloadTooLarge
 from forkd.hub.format import PACK_SUFFIX
 from forkd.hub.pack import write_pack
 from forkd.hub.registry import MAX_PACK_BYTES, PullResult, pull, push
@@ -79,27 +79,12 @@ class PushAnswer(BaseModel):
     seconds: float
 
 
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {c: {"model": wire.ErrorBody, "description": _DESCRIPTIONS[c]} for c in sorted(codes)}
-
-
-def _json(model: BaseModel, status: int = 200) -> Response:
-    return Response(model.__pydantic_serializer__.to_json(model), status, media_type=JSON)
-
-
-async def _bounded(call: Awaitable[T], seconds: float, what: str) -> T:
-    timeout = asyncio.timeout(seconds)
-    try:
-        async with timeout:
-            return await call
-    except TimeoutError:
-        if timeout.expired():
-            raise GatewayTimeout(f"{what} did not finish within {seconds:g} s") from None
-        raise
+def _errors(*codes: int) -> dict[int | str, Any]:
+    return error_responses(_DESCRIPTIONS, *codes)
 
 
 def _answer(runtime: Runtime, u: UnpackResult, pulled: PullResult | None = None) -> Response:
-    return _json(UnpackAnswer(
+    return json_response(UnpackAnswer(
         tag=u.tag, image=u.image_name, image_reused=u.image_reused, seconds=round(u.seconds, 3),
         downloaded_bytes=pulled.downloaded_bytes if pulled else None,
         download_seconds=round(pulled.download_seconds, 3) if pulled else None,
@@ -133,7 +118,7 @@ def hub_router(runtime: Runtime, lim: Limits) -> APIRouter:
         try:
             dest = work / f"{tag}{PACK_SUFFIX}"
             call = write_pack(runtime, tag, dest, compress=compress)
-            result = await _bounded(call, seconds, f"packing {tag!r}")
+            result = await bounded(call, seconds, f"packing {tag!r}")
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
@@ -152,7 +137,7 @@ def hub_router(runtime: Runtime, lim: Limits) -> APIRouter:
         if req.tag is not None:
             validate_tag(req.tag)
         call = pull(runtime, req.ref, tag=req.tag, force=req.force, insecure=req.insecure)
-        pulled = await _bounded(call, seconds, f"pulling {req.ref!r}")
+        pulled = await bounded(call, seconds, f"pulling {req.ref!r}")
         return _answer(runtime, pulled.unpacked, pulled)
 
     @r.post(
@@ -163,10 +148,10 @@ def hub_router(runtime: Runtime, lim: Limits) -> APIRouter:
     async def push_snapshot(tag: str, req: PushRequest) -> Response:
         """Pack the template and push it to an OCI registry as an artifact."""
         validate_tag(tag)
-        pushed = await _bounded(push(runtime, tag, req.ref, insecure=req.insecure), seconds,
+        pushed = await bounded(push(runtime, tag, req.ref, insecure=req.insecure), seconds,
                                 f"pushing {tag!r}")  # fmt: skip
         p = pushed.pack
-        return _json(PushAnswer(
+        return json_response(PushAnswer(
             ref=pushed.ref, digest=pushed.digest, bytes=p.bytes, stored_bytes=p.stored_bytes,
             logical_bytes=p.logical_bytes, seconds=round(pushed.seconds, 3),
         ))  # fmt: skip
@@ -200,7 +185,7 @@ def hub_router(runtime: Runtime, lim: Limits) -> APIRouter:
             if size == 0:
                 raise InvalidInput("the request body must be a pack file")
             call = unpack(runtime, path, tag=tag, force=force)
-            result = await _bounded(call, seconds, "unpacking the upload")
+            result = await bounded(call, seconds, "unpacking the upload")
         finally:
             with contextlib.suppress(OSError):
                 shutil.rmtree(work)

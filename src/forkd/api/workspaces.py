@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Body
@@ -12,8 +10,8 @@ from pydantic import TypeAdapter
 from starlette.responses import Response
 
 from forkd import wire
+from forkd.api.routing import bounded, error_responses, json_response
 from forkd.config import Limits
-from forkd.errors import GatewayTimeout
 from forkd.runtime.workspaces import Workspaces
 
 T = TypeVar("T")
@@ -32,23 +30,8 @@ _DESCRIPTIONS = {
 }
 
 
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {c: {"model": wire.ErrorBody, "description": _DESCRIPTIONS[c]} for c in sorted(codes)}
-
-
-def _json(model: wire.WorkspaceInfo, status: int = 200) -> Response:
-    return Response(model.__pydantic_serializer__.to_json(model), status, media_type=JSON)
-
-
-async def _bounded(call: Awaitable[T], seconds: float, what: str) -> T:
-    timeout = asyncio.timeout(seconds)
-    try:
-        async with timeout:
-            return await call
-    except TimeoutError:
-        if timeout.expired():
-            raise GatewayTimeout(f"{what} did not finish within {seconds:g} s") from None
-        raise
+def _errors(*codes: int) -> dict[int | str, Any]:
+    return error_responses(_DESCRIPTIONS, *codes)
 
 
 def workspace_router(workspaces: Workspaces, lim: Limits) -> APIRouter:
@@ -77,8 +60,8 @@ def workspace_router(workspaces: Workspaces, lim: Limits) -> APIRouter:
             req.name, req.snapshot_tag, per_child_netns=req.per_child_netns,
             memory_limit_mib=req.memory_limit_mib,
         )  # fmt: skip
-        return _json(
-            await _bounded(call, lim.spawn_timeout_s, f"creating workspace {req.name!r}"), 201
+        return json_response(
+            await bounded(call, lim.spawn_timeout_s, f"creating workspace {req.name!r}"), 201
         )
 
     @r.get(
@@ -88,7 +71,7 @@ def workspace_router(workspaces: Workspaces, lim: Limits) -> APIRouter:
         operation_id="workspaces_get",
     )
     async def get_workspace(name: str) -> Response:
-        return _json(workspaces.get(name))
+        return json_response(workspaces.get(name))
 
     @r.delete(
         "/v1/workspaces/{name}",
@@ -100,7 +83,7 @@ def workspace_router(workspaces: Workspaces, lim: Limits) -> APIRouter:
     async def delete_workspace(name: str) -> Response:
         """Kill the live sandbox and delete the workspace's suspend snapshots (not its source)."""
         seconds = lim.kill_timeout_s + lim.snapshot_timeout_s
-        await _bounded(workspaces.delete(name), seconds, f"deleting workspace {name!r}")
+        await bounded(workspaces.delete(name), seconds, f"deleting workspace {name!r}")
         return Response(status_code=204)
 
     @r.post(
@@ -117,7 +100,7 @@ def workspace_router(workspaces: Workspaces, lim: Limits) -> APIRouter:
         req = req or wire.SuspendWorkspaceRequest()
         seconds = lim.branch_timeout_s + lim.kill_timeout_s
         call = workspaces.suspend(name, diff=req.diff)
-        return _json(await _bounded(call, seconds, f"suspending workspace {name!r}"))
+        return json_response(await bounded(call, seconds, f"suspending workspace {name!r}"))
 
     @r.post(
         "/v1/workspaces/{name}/resume",
@@ -128,6 +111,8 @@ def workspace_router(workspaces: Workspaces, lim: Limits) -> APIRouter:
     async def resume_workspace(name: str) -> Response:
         """Fork a sandbox from the latest suspend snapshot, with the workspace's limits."""
         call = workspaces.resume(name)
-        return _json(await _bounded(call, lim.spawn_timeout_s, f"resuming workspace {name!r}"))
+        return json_response(
+            await bounded(call, lim.spawn_timeout_s, f"resuming workspace {name!r}")
+        )
 
     return r
