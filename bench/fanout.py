@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     RESULTS,
+    cpu_seconds,
     median,
     mem_available_bytes,
     pss_bytes,
@@ -44,6 +45,7 @@ NATIVE = "import numpy; print(numpy.zeros(5).tolist())"
 TEMPLATE = "fanout"
 LOOP_TIMEOUT_S = 900.0
 MiB = 1024 * 1024
+IDLE_WINDOW_S = 10.0
 MEMORY_N = 100  # the N whose idle children's memory is measured (or the largest below it)
 
 
@@ -93,6 +95,10 @@ async def run_forkd(
         memory.setdefault("pss_mib", []).append(sum(map(pss_bytes, pids)) / n / MiB)
         drop = (available - mem_available_bytes()) / n / MiB
         memory.setdefault("available_drop_mib", []).append(drop)
+        before = sum(map(cpu_seconds, pids))
+        await asyncio.sleep(IDLE_WINDOW_S)
+        idle = (sum(map(cpu_seconds, pids)) - before) / n / IDLE_WINDOW_S * 1000
+        memory.setdefault("idle_cpu_ms_per_s", []).append(idle)
     await asyncio.gather(*(api.delete(f"/v1/sandboxes/{i}") for i in ids))
     return elapsed
 
@@ -145,7 +151,8 @@ async def main(args: argparse.Namespace) -> None:
     if memory:
         lines.append(
             f"idle children at N = {memory_n}: PSS {median(memory['pss_mib']):.1f} MiB per child, "
-            f"host MemAvailable drop {median(memory['available_drop_mib']):.1f} MiB per child"
+            f"host MemAvailable drop {median(memory['available_drop_mib']):.1f} MiB per child, "
+            f"host CPU {median(memory['idle_cpu_ms_per_s']):.1f} ms per second per idle child"
         )
     lines += ["", "`python bench/fanout.py`"]
     RESULTS.mkdir(exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,23 @@ async def test_machine_type_missing_from_this_qemu_is_refused_with_the_reason(
             await runtime.spawn(info.tag, 1)
     finally:
         await runtime.delete_snapshot(info.tag)
+
+
+async def test_idle_child_has_no_periodic_hpet(runtime: Runtime, template: str) -> None:
+    """Without an HPET the guest's timekeeping is the TSC and its LAPIC timer, and an idle
+    child's QEMU sleeps instead of emulating a comparator the guest left running at HZ."""
+    child = (await runtime.spawn(template, 1))[0].sandbox
+    try:
+        base = "/sys/devices/system/clocksource/clocksource0/"
+        seen = await runtime.eval(
+            child.id,
+            f"(open({base + 'available_clocksource'!r}).read().split(), "
+            f"open({base + 'current_clocksource'!r}).read().strip())",
+        )
+        available, current = ast.literal_eval(seen.result)
+        assert "hpet" not in available
+        assert current == "tsc"
+        assert child.pid is not None
+        assert "hpet=off" in _qemu_cmdline(child.pid)
+    finally:
+        await runtime.kill(child.id)
