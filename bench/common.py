@@ -81,7 +81,6 @@ def free_port() -> int:
 @contextmanager
 def running_daemon(settings: Settings) -> Iterator[str]:
     """A real ``forkd daemon`` process on a free loopback port; yields its base URL."""
-    import os
     import subprocess
     import sys
     import time

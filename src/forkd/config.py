@@ -96,6 +96,9 @@ class Settings:
     accel: str = "auto"
     max_sandboxes: int = 256
     branch_concurrency: int = 4
+    # a live branch of a sandbox holding at most this much of its own memory is taken during a
+    # pause, as diff is (0: always stream RAM with QEMU's background snapshot)
+    live_inline_mib: int = 64
     default_exec_timeout_s: float = 30.0
     max_exec_timeout_s: float = 3600.0
     exec_output_cap_bytes: int = 4 * 1024 * 1024
@@ -145,6 +148,12 @@ class Settings:
             except ValueError:
                 msg = f"FORKD_BRANCH_CONCURRENCY must be an integer, got {cap!r}"
                 raise InvalidInput(msg) from None
+        if inline := os.environ.get("FORKD_LIVE_INLINE_MIB"):
+            try:
+                values["live_inline_mib"] = int(inline)
+            except ValueError:
+                msg = f"FORKD_LIVE_INLINE_MIB must be an integer, got {inline!r}"
+                raise InvalidInput(msg) from None
         values["limits"] = Limits.from_env()
         values.update({k: v for k, v in overrides.items() if v is not None})
         branch_cap = values.get("branch_concurrency", 1)
@@ -153,6 +162,9 @@ class Settings:
         return cls(**values)  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
+        if self.live_inline_mib < 0:
+            msg = f"FORKD_LIVE_INLINE_MIB must be 0 or more, got {self.live_inline_mib}"
+            raise InvalidInput(msg)
         if self.jail not in ("off", "auto", "required"):
             raise InvalidInput(f"FORKD_JAIL must be off, auto or required, got {self.jail!r}")
         if not 1 << 16 <= self.jail_id_base <= (1 << 31) - (1 << 24):

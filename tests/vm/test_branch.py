@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -12,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -76,13 +77,29 @@ async def check_children(runtime: Runtime, tag: str, before: int) -> list[str]:
     return children
 
 
-@pytest.mark.parametrize(("mode", "wait"), [("full", True), ("diff", True), ("live", True),
-                                            ("live", False)])  # fmt: skip
+@contextlib.contextmanager
+def live_streamed(runtime: Runtime, streamed: bool) -> Iterator[None]:
+    """With ``streamed``, live branches take QEMU's background-snapshot path whatever the size
+    of the source's own memory (a just-forked source is otherwise taken during its pause)."""
+    saved = runtime.settings
+    if streamed:
+        runtime.settings = dataclasses.replace(saved, live_inline_mib=0)
+    try:
+        yield
+    finally:
+        runtime.settings = saved
+
+
+@pytest.mark.parametrize(("mode", "wait", "streamed"), [
+    ("full", True, False), ("diff", True, False), ("live", True, False), ("live", False, False),
+    ("live", True, True), ("live", False, True),
+])  # fmt: skip
 async def test_branch_captures_the_pause_instant(
-    runtime: Runtime, source: str, mode: str, wait: bool
+    runtime: Runtime, source: str, mode: str, wait: bool, streamed: bool
 ) -> None:
     before = await counter(runtime, source)
-    info = await runtime.branch(source, mode=mode, wait=wait)
+    with live_streamed(runtime, streamed):
+        info = await runtime.branch(source, mode=mode, wait=wait)
     # Marks made after the branch returned must not be in its children.
     await runtime.eval(source, "AFTER_BRANCH = True")
     await runtime.write_file(source, "/root/after-branch", b"later")
@@ -92,9 +109,9 @@ async def test_branch_captures_the_pause_instant(
     if wait:
         assert info.pause_ms is not None and info.pause_ms > 0
     else:
-        # Answered at the snapshot instant (the source stopped): the pause is known later.
-        with pytest.raises(Conflict, match="not ready"):
-            await runtime.spawn(info.tag, 1)
+        if streamed:  # answered at the snapshot instant: RAM is still streaming
+            with pytest.raises(Conflict, match="not ready"):
+                await runtime.spawn(info.tag, 1)
         assert await wait_status(runtime, info.tag) == "ready"
     final = runtime.get_snapshot(info.tag)
     assert final.bootable and final.total_ms and final.bytes_written
@@ -174,7 +191,8 @@ def _pids_matching(text: str) -> list[int]:
 async def test_killed_materializer_fails_the_branch_not_the_source(
     runtime: Runtime, source: str
 ) -> None:
-    info = await runtime.branch(source, tag="doomed", mode="live", wait=False)
+    with live_streamed(runtime, True):
+        info = await runtime.branch(source, tag="doomed", mode="live", wait=False)
     deadline = time.monotonic() + 120
     while not (pids := _pids_matching("materialize-doomed")):
         assert time.monotonic() < deadline, "materializer never started"
@@ -234,3 +252,31 @@ async def test_branch_into_full_tmpfs_fails_cleanly(
         if small.registry.get_snapshot("tinyshm") is not None:
             await small.delete_snapshot("tinyshm")
         await small.close()
+
+
+async def test_live_pauses_for_a_small_source_and_streams_a_large_one(
+    runtime: Runtime, template: str
+) -> None:
+    """The size of what the source holds of its own picks the path; both give the same state."""
+    sid = (await runtime.spawn(template, 1))[0].sandbox.id
+    try:
+        small = await runtime.branch(sid, tag="live-small", mode="live")
+        assert small.bytes_written is not None and small.bytes_written < 64 << 20
+        # 96 MiB of the source's own, non-zero pages: past the 64 MiB default, so streamed
+        await runtime.eval(sid, "import hashlib; BIG = bytes(range(256)) * (96 << 12)")
+        digest = (await runtime.eval(sid, "hashlib.sha256(BIG).hexdigest()")).result
+        large = await runtime.branch(sid, tag="live-large", mode="live")
+        assert large.bytes_written is not None and large.bytes_written > 96 << 20
+        probes = {
+            "live-small": ("'BIG' in globals()", "False"),
+            "live-large": ("hashlib.sha256(BIG).hexdigest()", digest),
+        }
+        for tag, (probe, expected) in probes.items():
+            child = (await runtime.spawn(tag, 1))[0].sandbox.id
+            assert (await runtime.eval(child, probe)).result == expected
+            await runtime.kill(child)
+    finally:
+        await runtime.kill(sid)
+        for tag in ("live-small", "live-large"):
+            with contextlib.suppress(ForkdError):
+                await runtime.delete_snapshot(tag)

@@ -834,8 +834,10 @@ class Runtime:
                 live = await start_live(
                     qemu, base, staging, self.settings.run_dir,
                     armed=sandbox_id in self._live_armed, jail=self.jail,
+                    inline_max_bytes=self.settings.live_inline_mib << 20,
                 )  # fmt: skip
-                self._live_armed.add(sandbox_id)
+                if live.armed:
+                    self._live_armed.add(sandbox_id)
                 if not wait:
                     finishing = True
                     task = asyncio.ensure_future(

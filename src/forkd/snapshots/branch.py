@@ -28,8 +28,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from forkd.errors import VMError
-from forkd.snapshots.delta import delta_from_file, write_delta
-from forkd.snapshots.guestram import PAGE, copy_runs, find_ram_mapping, sparse_copy, written_runs
+from forkd.snapshots.delta import delta_from_file, write_delta, write_delta_data
+from forkd.snapshots.guestram import (
+    PAGE,
+    copy_runs,
+    find_ram_mapping,
+    read_runs,
+    sparse_copy,
+    written_runs,
+)
 from forkd.snapshots.manifest import SnapshotManifest
 from forkd.snapshots.store import Staging
 from forkd.vmm.jail import Jail, reclaim
@@ -40,6 +47,10 @@ Mode = Literal["full", "diff", "live"]
 LIVE_TIMEOUT_S = 600.0
 PAUSE_TIMEOUT_S = 60.0
 MATERIALIZE_TIMEOUT_S = 600.0
+# A diff's pages up to this size are read into memory during the pause and written after it.
+INLINE_DELTA_MAX_BYTES = 64 * 1024 * 1024
+# A live branch of a source holding at most this much of its own memory is taken while paused.
+LIVE_INLINE_MAX_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -99,6 +110,8 @@ async def pause_and_copy(
 
     ``full`` writes a standalone memory file (the base file plus the guest's own pages) while the
     guest is stopped; ``diff`` writes only the guest's own pages, as a delta over the base file.
+    The device-state file is handed to QEMU before the stop, and a diff's pages are read while
+    QEMU saves its devices, so the pause holds little more than the two.
     """
     stats = BranchStats()
     t0 = time.monotonic()
@@ -106,32 +119,61 @@ async def pause_and_copy(
     ram = find_ram_mapping(qemu.pid, base.memory.path, size)
     # map_files reaches the mapped base file even if its template was deleted meanwhile.
     base_file = ram.map_file if os.access(ram.map_file, os.R_OK) else Path(base.memory.path)
-
-    async def copy_base() -> None:
-        stats.bytes_written += await asyncio.to_thread(sparse_copy, base_file, staging.memory, size)
-
     stats.delta = mode == "diff"
-    stats.phases["prepare_ms"] = (time.monotonic() - t0) * 1000
-    async with qemu.events("STOP", "RESUME") as events:
-        await qemu.stop()
-        try:
-            await qemu.save_device_state(staging.devstate)
-            if mode == "full":
-                await copy_base()
-            t1 = time.monotonic()
-            runs = written_runs(ram)
-            stats.diff_ms = (time.monotonic() - t1) * 1000
-            stats.diff_physical_bytes = sum(n for _, n in runs) * PAGE
-            stats.diff_logical_bytes = size
-            if stats.delta:
-                stats.bytes_written += await asyncio.to_thread(
-                    write_delta, ram, runs, staging.memory
-                )
-            else:
-                stats.bytes_written += await asyncio.to_thread(copy_runs, ram, runs, staging.memory)
-        finally:
-            await qemu.cont()
-        stats.pause_ms = await _pause_window(events, 30.0)
+    stats.diff_logical_bytes = size
+
+    def capture() -> tuple[list[tuple[int, int]], bytearray | None]:
+        """The guest's own pages: into memory when small (written after the guest resumes),
+        else straight into the staged file while it is stopped."""
+        t1 = time.monotonic()
+        runs = written_runs(ram)
+        stats.diff_ms = (time.monotonic() - t1) * 1000
+        stats.diff_physical_bytes = sum(n for _, n in runs) * PAGE
+        if stats.delta and stats.diff_physical_bytes <= INLINE_DELTA_MAX_BYTES:
+            return runs, read_runs(ram, runs)
+        if stats.delta:
+            stats.bytes_written += write_delta(ram, runs, staging.memory)
+        else:
+            stats.bytes_written += copy_runs(ram, runs, staging.memory)
+        return runs, None
+
+    def mark(name: str, since: float) -> float:
+        now = time.monotonic()
+        stats.phases[name] = (now - since) * 1000
+        return now
+
+    async with qemu.device_state_target(staging.devstate) as target:
+        t = mark("prepare_ms", t0)
+        async with qemu.events("STOP", "RESUME") as events:
+            await qemu.stop()
+            try:
+                t = mark("stop_ms", t)
+                if mode == "full":
+                    await qemu.save_device_state_to(target)
+                    stats.bytes_written += await asyncio.to_thread(
+                        sparse_copy, base_file, staging.memory, size
+                    )
+                    captured = await asyncio.to_thread(capture)
+                else:
+                    saved, read = await asyncio.gather(
+                        qemu.save_device_state_to(target),
+                        asyncio.to_thread(capture),
+                        return_exceptions=True,
+                    )
+                    for outcome in (saved, read):
+                        if isinstance(outcome, BaseException):
+                            raise outcome
+                    assert not isinstance(read, BaseException)
+                    captured = read
+                t = mark("stopped_work_ms", t)
+            finally:
+                await qemu.cont()
+            stats.pause_ms = await _pause_window(events, 30.0)
+    runs, pages = captured
+    if pages is not None:
+        stats.bytes_written += await asyncio.to_thread(
+            write_delta_data, runs, pages, staging.memory
+        )
     stats.bytes_written += staging.devstate.stat().st_size
     stats.total_ms = (time.monotonic() - t0) * 1000
     return stats
@@ -144,6 +186,8 @@ class LiveBranch:
 
     stats: BranchStats
     finish: Callable[[], Awaitable[BranchStats]]
+    # the source now has QEMU's background-snapshot capability on (it stays on)
+    armed: bool = True
 
 
 async def start_live(
@@ -153,14 +197,29 @@ async def start_live(
     run_root: Path,
     *,
     armed: bool = False,
+    inline_max_bytes: int = LIVE_INLINE_MAX_BYTES,
     on_materializer: Callable[[int], None] = lambda _pid: None,
     jail: Jail | None = None,
 ) -> LiveBranch:
     """Start a background snapshot; return as soon as the source is stopped at the snapshot
     instant (it resumes milliseconds later, on its own). ``armed``: the caller knows this QEMU
-    already has the background-snapshot capability on."""
-    stats = BranchStats()
+    already has the background-snapshot capability on.
+
+    A source holding at most ``inline_max_bytes`` of its own pages is branched as ``diff`` is
+    instead: reading a few MiB during the pause costs about what arming write protection over
+    all guest RAM does, and it spares streaming that RAM and materializing it (seconds)."""
     t0 = time.monotonic()
+    ram = find_ram_mapping(qemu.pid, base.memory.path, base.mem_mib * 1024 * 1024)
+    own = sum(n for _, n in await asyncio.to_thread(written_runs, ram)) * PAGE
+    if own <= inline_max_bytes:
+        stats = await pause_and_copy(qemu, base, staging, mode="diff")
+        stats.total_ms = (time.monotonic() - t0) * 1000
+
+        async def done() -> BranchStats:
+            return stats
+
+        return LiveBranch(stats, done, armed=armed)
+    stats = BranchStats()
     stream = staging.dir / "live.stream"
     # Enabled once and left on: QEMU re-tests userfaultfd over all guest RAM each time it is
     # set (~15 ms), and sources never run any other outgoing migration. x-ignore-shared stays

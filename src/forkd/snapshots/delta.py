@@ -64,6 +64,27 @@ def write_delta(ram: RamMapping, runs: list[tuple[int, int]], dest: Path) -> int
     return _pack(f"/proc/{ram.pid}/mem", ram.start, runs, dest)
 
 
+def write_delta_data(runs: list[tuple[int, int]], data: bytes | bytearray, dest: Path) -> int:
+    """Write delta ``dest`` from pages already read (:func:`~forkd.snapshots.guestram.read_runs`,
+    the pages of ``runs`` in order); bytes."""
+    index = DeltaIndex(tuple(runs))
+    if len(data) != index.pages * PAGE:
+        raise VMError(f"{len(data)} bytes of pages for {index.pages} pages of runs")
+    header = _HEADER.pack(MAGIC, PAGE, len(runs)) + b"".join(_RUN.pack(f, n) for f, n in runs)
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        _write_all(fd, memoryview(header))
+        _write_all(fd, memoryview(data))
+    finally:
+        os.close(fd)
+    return index.data_offset + index.pages * PAGE
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def delta_from_file(memory: Path, runs: list[tuple[int, int]], dest: Path) -> int:
     """Pack the pages of ``runs`` of a full memory file into delta ``dest``; bytes."""
     return _pack(str(memory), 0, runs, dest)

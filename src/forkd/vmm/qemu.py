@@ -431,7 +431,14 @@ class QemuProcess:
         state as "running", so a child restored from the file starts as soon as it is loaded.
         Guest RAM is never in the file: it lives in the template's memory file.
         """
-        # Opened here (0600) and handed over as a descriptor: a jailed QEMU sees no host path.
+        async with self.device_state_target(dest) as target:
+            await self.save_device_state_to(target)
+
+    @contextlib.asynccontextmanager
+    async def device_state_target(self, dest: Path) -> AsyncIterator[str]:
+        """``dest`` opened here (0600) and handed to QEMU in an fdset, for
+        :meth:`save_device_state_to`: a jailed QEMU sees no host path. Prepared before a branch
+        stops its guest, so the pause holds one monitor command for the device state."""
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.fchmod(fd, 0o600)
@@ -442,12 +449,13 @@ class QemuProcess:
             os.close(fd)
         fdset = int(added["fdset-id"])
         try:
-            await self.execute(
-                "xen-save-devices-state", {"filename": f"/dev/fdset/{fdset}", "live": False}
-            )
+            yield f"/dev/fdset/{fdset}"
         finally:
             with contextlib.suppress(VMError):
                 await self.execute("remove-fd", {"fdset-id": fdset})
+
+    async def save_device_state_to(self, target: str) -> None:
+        await self.execute("xen-save-devices-state", {"filename": target, "live": False})
 
     async def file_uri(self, path: Path, *, write: bool) -> str:
         """A migration URI for ``path`` that needs no helper process: the file is opened here and
