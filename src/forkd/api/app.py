@@ -404,7 +404,7 @@ def create_app(
             t = s.timing
             timing = ForkTimingMs(
                 qemu_up_ms=round(t.qemu_up_ms, 1), restore_ms=round(t.restore_ms, 1),
-                agent_ms=round(t.agent_ms, 1), total_ms=round(t.total_ms, 1),
+                agent_ms=round(t.agent_ms, 1), total_ms=round(t.total_ms, 1), pooled=t.pooled,
             )  # fmt: skip
             warning = compat.join(s.warning, *notes)
             out.append(

@@ -24,6 +24,7 @@ class ForkTimingMs(BaseModel):
     restore_ms: float
     agent_ms: float
     total_ms: float
+    pooled: bool = False  # handed out by the hot pool (restored and greeted before the call)
 
 
 class SpawnedSandbox(wire.SandboxInfo):

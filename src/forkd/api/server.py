@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import stat
@@ -112,6 +113,16 @@ def _unix_socket(path: Path) -> socket.socket:
     return sock
 
 
+def raise_open_file_limit() -> int:
+    """Lift the soft open-file limit to the hard one: the daemon holds an agent socket per
+    sandbox, and the usual soft limit of 1,024 would refuse the 500th sandbox."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def serve(settings: Settings, options: DaemonOptions) -> None:
     """Run the daemon until SIGTERM/SIGINT. Raises :class:`ForkdError` on bad options."""
     from forkd.runtime.engine import Runtime
@@ -121,6 +132,7 @@ def serve(settings: Settings, options: DaemonOptions) -> None:
     check_bind(host, token)
     limits = settings.limits
     private_dir(settings.home, "forkd home")
+    raise_open_file_limit()
 
     sockets = [_tcp_socket(host, port)]
     if options.unix_socket is not None:
