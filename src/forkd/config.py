@@ -99,7 +99,7 @@ class Settings:
     ``huge_memory``: when ``shm_dir`` is not set and forkd runs as root, mount a tmpfs with
     transparent huge pages at the default memory dir (shorter live-BRANCH pauses).
     ``cgroups``: every QEMU gets a cgroup leaf before it runs (:mod:`forkd.runtime.cgroups`)
-    with a memory limit of guest RAM + ``cgroup_memory_overhead_mib`` (or the spawn's
+    with a memory limit of twice guest RAM + ``cgroup_memory_overhead_mib`` (or the spawn's
     ``memory_limit_mib``), ``cgroup_pids_max`` tasks and ``cgroup_cpus`` CPUs (``"auto"``: its
     vCPU count); pool members wait at CPU weight ``cgroup_pool_weight`` (100 is normal). None
     turns one limit off. ``False`` (``FORKD_CGROUPS=0``) behaves as a host without cgroups: a

@@ -148,7 +148,7 @@ def test_sweep_removes_only_old_empty_leaves(tmp_path: Path) -> None:
 
 def test_limits_for_a_vm_follow_the_settings() -> None:
     settings = Settings()
-    assert cgroups.for_vm(settings, mem_mib=512, cpus=2) == LeafLimits(768, 256, 2.0, None)
+    assert cgroups.for_vm(settings, mem_mib=512, cpus=2) == LeafLimits(1280, 256, 2.0, None)
     assert cgroups.for_vm(settings, mem_mib=512, cpus=1, memory_limit_mib=300, pooled=True) == (
         LeafLimits(300, 256, 1.0, 10)
     )

@@ -65,7 +65,8 @@ async def test_a_pool_member_is_in_its_leaf_before_it_is_taken(
     for controller in cgroups.CONTROLLERS:
         assert _leaf_of(pid, controller, found) == name
     held = found.limits(name)
-    assert held.memory_mib == manifest.mem_mib + runtime.settings.cgroup_memory_overhead_mib
+    overhead = runtime.settings.cgroup_memory_overhead_mib
+    assert overhead is not None and held.memory_mib == 2 * manifest.mem_mib + overhead
     assert held.pids == runtime.settings.cgroup_pids_max == 256
     assert held.cpus == float(manifest.cpus)
     assert held.weight == runtime.settings.cgroup_pool_weight  # waits at low priority

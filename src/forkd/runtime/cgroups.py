@@ -72,10 +72,15 @@ def for_vm(
     pooled: bool = False,
 ) -> LeafLimits:
     """The limits of a QEMU with ``mem_mib`` of guest RAM and ``cpus`` vCPUs: an explicit
-    ``memory_limit_mib`` wins over the default (guest RAM plus QEMU's allowance)."""
+    ``memory_limit_mib`` wins over the default, guest RAM twice plus QEMU's allowance.
+
+    Twice: a child is charged for its private copies of guest pages (up to guest RAM) and for
+    the template file's pages it is first to read in; a live branch reads every page (QEMU
+    populates all RAM before write-protecting it), so a source can be charged up to guest RAM
+    of template pages too (measured: +300 MiB on a 512 MiB template's first live branch)."""
     memory = memory_limit_mib
     if memory is None and settings.cgroup_memory_overhead_mib is not None:
-        memory = mem_mib + settings.cgroup_memory_overhead_mib
+        memory = 2 * mem_mib + settings.cgroup_memory_overhead_mib
     quota: float | None = None
     if settings.cgroup_cpus == "auto":
         quota = float(cpus)

@@ -259,7 +259,7 @@ class Runtime:
 
     def _sweep_cgroups(self) -> None:
         """Remove cgroup leaves that hold no QEMU (left by a process that died mid-work)."""
-        if (cgroups := self.cgroups) is not None:
+        if (cgroups := self._leaves) is not None:
             cgroups.sweep()
 
     async def settle(self) -> None:
@@ -1198,15 +1198,17 @@ class Runtime:
     def _death(self, sandbox_id: str, qemu: QemuProcess) -> str:
         """Why the sandbox's QEMU is gone (:mod:`forkd.runtime.deaths`), read before its leaf
         goes."""
-        return deaths.explain(qemu.pid, self.cgroups, sandbox_id, log_tail=qemu.log_tail(2))
+        return deaths.explain(qemu.pid, self._leaves, sandbox_id, log_tail=qemu.log_tail(2))
 
     # --- cgroup leaves ---------------------------------------------------------------------
 
     @property
     def cgroups(self) -> cgroup_limits.Cgroups | None:
         """This host's writable cgroup controllers (looked up once; None when off or none)."""
+        if not self.settings.cgroups:
+            return None
         if self._cgroups_found is None:
-            self._cgroups_found = (cgroup_limits.available(self.settings.cgroups),)
+            self._cgroups_found = (cgroup_limits.detect(),)
         return self._cgroups_found[0]
 
     def _placement(
@@ -1231,8 +1233,13 @@ class Runtime:
         name = f"materialize-{secrets.token_hex(6)}"
         return (lambda pid: place(name, pid)), place.undo
 
+    @property
+    def _leaves(self) -> cgroup_limits.Cgroups | None:
+        """Where leaves made so far are (also after the setting was turned off)."""
+        return self.cgroups if self._cgroups_found is None else self._cgroups_found[0]
+
     def _unplace(self, name: str, *, wait_s: float = 0.0) -> None:
-        if (cgroups := self.cgroups) is not None:
+        if (cgroups := self._leaves) is not None:
             cgroups.remove(name, wait_s=wait_s)
 
     def _unwatch(self, sandbox_id: str) -> None:
