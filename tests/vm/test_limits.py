@@ -139,6 +139,44 @@ async def test_a_limit_below_a_pool_members_use_is_refused(runtime: Runtime, tem
         await runtime.kill(first.sandbox.id)
 
 
+def _qemus_matching(text: str) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            qemu = entry.name.isdigit() and (entry / "comm").read_text().startswith("qemu-")
+            if qemu and text.encode() in (entry / "cmdline").read_bytes():
+                out.append(int(entry.name))
+    return out
+
+
+async def test_a_materializer_runs_in_a_leaf_of_its_own(runtime: Runtime, template: str) -> None:
+    found = _cgroups(runtime)
+    [src] = await runtime.spawn(template, 1)
+    tag = "limits-live"
+    try:
+        await runtime.branch(src.sandbox.id, tag=tag, mode="live", wait=False)
+        deadline = time.monotonic() + 120
+        leaf = None
+        while leaf is None and runtime.get_snapshot(tag).status == "writing":
+            for pid in _qemus_matching(f"materialize-{tag}"):
+                with contextlib.suppress(OSError, AssertionError):
+                    leaf = _leaf_of(pid, "pids", found)
+                    held = found.limits(leaf)
+            assert time.monotonic() < deadline, "the materializer never started"
+            await asyncio.sleep(0.01)
+        assert leaf is not None and leaf.startswith("materialize-"), leaf
+        assert held.pids == 256 and held.memory_mib is not None
+        while runtime.get_snapshot(tag).status == "writing":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        assert runtime.get_snapshot(tag).status == "ready"
+        assert not any(d.exists() for d in found.dirs(leaf))  # gone with the materializer
+    finally:
+        await runtime.kill(src.sandbox.id)
+        with contextlib.suppress(ForkdError):
+            await runtime.delete_snapshot(tag)
+
+
 # Eight readers at once, past the page cache: QEMU's block layer starts a worker thread for
 # each request no idle worker takes.
 DIRECT_READS = (
