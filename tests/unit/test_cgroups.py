@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from forkd.config import Settings
+from forkd.doctor import check_cgroups
 from forkd.errors import InvalidInput
 from forkd.runtime import cgroups, deaths
 from forkd.runtime.cgroups import LeafEvents, LeafLimits
@@ -207,3 +208,12 @@ def test_exit_status_of_a_started_process_explains_seccomp(argv: list[str], secc
     if not seccomp:
         assert reason == "QEMU exited with status 3"
     assert proc.pid not in qemu_mod._launchers
+
+
+def test_doctor_says_which_hierarchy_limits_what(tmp_path: Path) -> None:
+    hybrid = cgroups.detect(_v1(tmp_path / "a", ("memory", "pids")))
+    check = check_cgroups(Settings(), hybrid)
+    assert check.status == "WARN" and check.detail == "memory (v1), pids (v1); no cpu limit"
+    full = cgroups.detect(_v2(tmp_path / "b"))
+    assert check_cgroups(Settings(), full).detail.endswith("memory (v2), pids (v2), cpu (v2)")
+    assert check_cgroups(Settings(cgroups=False)).status == "WARN"
