@@ -71,12 +71,15 @@ def test_v2_events_usage_and_retarget(tmp_path: Path) -> None:
     assert found.memory_usage_mib("sb-1") == 301
     # A pool member already over the limit asked for: refused, its limit left as it was.
     with pytest.raises(InvalidInput, match=r"memory_limit_mib=256 .* \(301 MiB\)"):
-        found.retarget("sb-1", 256, what="a started child of 'py'")
+        found.retarget("sb-1", 1, 256, what="a started child of 'py'")
     assert (leaf / "memory.max").read_text() == str(768 * MiB)
-    found.retarget("sb-1", 400, what="a started child of 'py'")
+    found.retarget("sb-1", 1, 400, what="a started child of 'py'")
     assert (leaf / "memory.max").read_text() == str(400 * MiB)
     assert (leaf / "cpu.weight").read_text() == "100"  # handed out: normal weight
-    found.retarget("sb-1", None, what="x")
+    found.retarget("sb-1", 1, None, what="x")
+    found.retarget("sb-new", 77, 300, what="x")  # no leaf yet: made now
+    assert (tmp_path / "forkd" / "sb-new" / "cgroup.procs").read_text() == "77"
+    assert (tmp_path / "forkd" / "sb-new" / "memory.max").read_text() == str(300 * MiB)
     assert (leaf / "memory.max").read_text() == str(400 * MiB)
 
 
@@ -109,7 +112,7 @@ def test_v1_leaf_gets_every_limit(tmp_path: Path) -> None:
     (pids / "pids.events").write_text("max 1\n")
     assert found.events("sb-1") == LeafEvents(2, 1)
     (mem / "memory.usage_in_bytes").write_text(str(10 * MiB))
-    found.retarget("sb-1", 128, what="x")
+    found.retarget("sb-1", 99, 128, what="x")
     assert (mem / "memory.limit_in_bytes").read_text() == str(128 * MiB)
     assert (cpu / "cpu.shares").read_text() == "1024"
 

@@ -195,10 +195,14 @@ class Cgroups:
         used = _int_file(h.leaf(name) / file)
         return None if used is None else -(-used // MiB)
 
-    def retarget(self, name: str, memory_mib: int | None, *, what: str) -> None:
-        """A pool member handed out: normal CPU weight, and the memory limit its spawn asked
-        for (None: keep the default it has). A member already using more than that is refused
-        (:class:`InvalidInput`), never silently left over its limit or OOM-killed by the write."""
+    def retarget(self, name: str, pid: int, memory_mib: int | None, *, what: str) -> None:
+        """A pool member ``pid`` handed out: normal CPU weight, and the memory limit its spawn
+        asked for (None: keep the default it has). A member already using more than that is
+        refused (:class:`InvalidInput`), never silently left over its limit or OOM-killed by the
+        write. One without a leaf (pooled while cgroups were off) gets one now."""
+        if not all(d.is_dir() for d in self.dirs(name)):
+            self.place(name, pid, LeafLimits(memory_mib=memory_mib))
+            return
         if (c := self.hierarchies.get("cpu")) is not None:
             with contextlib.suppress(OSError):
                 self._write_weight(c, c.leaf(name), NORMAL_WEIGHT)

@@ -623,7 +623,7 @@ class Runtime:
                     created_at_unix=now_unix(), state="starting", memory_limit_mib=memory_limit_mib,
                 ))  # fmt: skip
                 if pooled and cgroups is not None:  # the limit asked for, normal CPU weight
-                    cgroups.retarget(sandbox_id, memory_limit_mib,
+                    cgroups.retarget(sandbox_id, qemu.pid, memory_limit_mib,
                                      what=f"a started child of {tag!r}")  # fmt: skip
                 # The guard is in place before the guest runs a single instruction.
                 await self.networks.prepare(sandbox_id, policy, manifest.network)
