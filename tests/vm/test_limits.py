@@ -12,8 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
+from forkd.api.app import create_app
 from forkd.errors import ForkdError, InvalidInput, SandboxDead, Unavailable
 from forkd.runtime import cgroups
 from forkd.runtime.engine import Runtime
@@ -49,6 +51,16 @@ async def _wait_dead(runtime: Runtime, sandbox_id: str) -> str:
         await asyncio.sleep(0.1)
     assert info.dead_reason is not None
     return info.dead_reason
+
+
+async def _api_says(runtime: Runtime, sandbox_id: str, reason: str, audit: Path) -> None:
+    """GET shows the dead sandbox with ``reason``; a later request answers 410 with it."""
+    app = create_app(runtime, token=None, audit_log=audit)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        info = (await c.get(f"/v1/sandboxes/{sandbox_id}")).json()
+        assert info["state"] == "dead" and reason in info["dead_reason"], info
+        r = await c.post(f"/v1/sandboxes/{sandbox_id}/eval", json={"code": "1+1"})
+        assert r.status_code == 410 and reason in r.json()["error"], r.text
 
 
 async def test_a_pool_member_is_in_its_leaf_before_it_is_taken(
@@ -101,7 +113,9 @@ async def test_an_on_demand_child_has_the_default_limits(runtime: Runtime, templ
         await cold.close()
 
 
-async def test_memory_limit_kills_and_says_so(runtime: Runtime, template: str) -> None:
+async def test_memory_limit_kills_and_says_so(
+    runtime: Runtime, template: str, tmp_path: Path
+) -> None:
     found = _cgroups(runtime)
     sb = (await runtime.spawn(template, 1, memory_limit_mib=300))[0].sandbox
     assert sb.memory_limit_mib == 300
@@ -114,6 +128,7 @@ async def test_memory_limit_kills_and_says_so(runtime: Runtime, template: str) -
     assert reason.startswith("memory limit of 300 MiB exceeded"), reason
     with pytest.raises(SandboxDead, match="memory limit of 300 MiB exceeded"):
         await runtime.eval(sb.id, "1+1")
+    await _api_says(runtime, sb.id, "memory limit of 300 MiB exceeded", tmp_path / "audit.log")
     assert not any(d.exists() for d in found.dirs(sb.id))  # gone with its QEMU
     await runtime.kill(sb.id)
 
@@ -187,7 +202,9 @@ DIRECT_READS = (
 )
 
 
-async def test_pids_limit_kills_and_says_so(runtime: Runtime, template: str) -> None:
+async def test_pids_limit_kills_and_says_so(
+    runtime: Runtime, template: str, tmp_path: Path
+) -> None:
     found = _cgroups(runtime)
     sb = (await runtime.spawn(template, 1))[0].sandbox
     leaf = found.leaf("pids", sb.id)
@@ -201,11 +218,14 @@ async def test_pids_limit_kills_and_says_so(runtime: Runtime, template: str) -> 
     assert reason.startswith(f"pids limit of {current} tasks reached"), reason
     with pytest.raises(SandboxDead, match="pids limit"):
         await runtime.eval(sb.id, "1+1")
+    await _api_says(runtime, sb.id, f"pids limit of {current} tasks", tmp_path / "audit.log")
     await runtime.kill(sb.id)
     assert not any(d.exists() for d in found.dirs(sb.id))
 
 
-async def test_a_later_seccomp_kill_is_explained(runtime: Runtime, template: str) -> None:
+async def test_a_later_seccomp_kill_is_explained(
+    runtime: Runtime, template: str, tmp_path: Path
+) -> None:
     sb = (await runtime.spawn(template, 1))[0].sandbox
     assert (await runtime.eval(sb.id, "1+1")).result == "2"
     # A forbidden call made by the running QEMU itself, as a QEMU taken over by its guest
@@ -219,6 +239,7 @@ async def test_a_later_seccomp_kill_is_explained(runtime: Runtime, template: str
     assert "seccomp filter" in reason and "SIGSYS" in reason, reason
     with pytest.raises(SandboxDead, match="seccomp filter"):
         await runtime.eval(sb.id, "1+1")
+    await _api_says(runtime, sb.id, "killed by its seccomp filter", tmp_path / "audit.log")
     await runtime.kill(sb.id)
 
 
