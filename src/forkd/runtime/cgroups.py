@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -315,6 +317,58 @@ class Placement:
 
 
 REMOVE_WAIT_S = 1.0
+
+
+class Leaves:
+    """One runtime's leaves: the host's controllers (looked up once), the settings' defaults
+    (read at each use: ``settings()`` gives the current ones)."""
+
+    def __init__(self, settings: Callable[[], Settings]) -> None:
+        self._settings = settings
+        self._found: tuple[Cgroups | None] | None = None
+
+    @property
+    def host(self) -> Cgroups | None:
+        """This host's writable controllers; None when there are none or the setting is off."""
+        if not self._settings().cgroups:
+            return None
+        if self._found is None:
+            self._found = (detect(),)
+        return self._found[0]
+
+    @property
+    def made(self) -> Cgroups | None:
+        """Where leaves made so far are (also after the setting was turned off)."""
+        return self.host if self._found is None else self._found[0]
+
+    def placement(
+        self, mem_mib: int, cpus: int, memory_limit_mib: int | None = None, *,
+        pooled: bool = False,
+    ) -> Placement | None:  # fmt: skip
+        """The ``before_exec`` hook of a QEMU of this size: its leaf, with the default limits."""
+        host = self.host
+        if host is None:
+            return None
+        return host.placement(for_vm(self._settings(), mem_mib=mem_mib, cpus=cpus,
+                                     memory_limit_mib=memory_limit_mib, pooled=pooled))  # fmt: skip
+
+    def of_materializer(
+        self, mem_mib: int, cpus: int
+    ) -> tuple[Callable[[int], None], Callable[[], None]] | None:
+        """A live branch's materializer's leaf: its ``before_exec``, and its removal."""
+        place = self.placement(mem_mib, cpus)
+        if place is None:
+            return None
+        name = f"materialize-{secrets.token_hex(6)}"
+        return (lambda pid: place(name, pid)), place.undo
+
+    def remove(self, name: str, *, wait_s: float = 0.0) -> None:
+        if (made := self.made) is not None:
+            made.remove(name, wait_s=wait_s)
+
+    def sweep(self) -> None:
+        if (made := self.made) is not None:
+            made.sweep()
 
 
 def stale_leaves(parent: Path, stale_before: float) -> list[Path]:

@@ -128,12 +128,12 @@ class Runtime:
         # disk copies being written, by tag (awaited before a delete and at close)
         self._persisting: dict[str, asyncio.Future[None]] = {}
         self._restore_locks: dict[str, asyncio.Lock] = {}
-        self._cgroups_found: tuple[cgroup_limits.Cgroups | None] | None = None
+        self.leaves = cgroup_limits.Leaves(lambda: self.settings)
         self._pool = WarmPool(
             settings.run_dir, settings.warm_pool_size, self._launch_gate,
             make_hot=self._make_hot if watch else None, jail=self.jail,
-            place=lambda m: self._placement(m.mem_mib, m.cpus, pooled=True),
-            unplace=self._unplace,
+            place=lambda m: self.leaves.placement(m.mem_mib, m.cpus, pooled=True),
+            unplace=self.leaves.remove,
         )  # fmt: skip
         self._branching: set[str] = set()
         self._source_locks: dict[str, asyncio.Lock] = {}
@@ -172,7 +172,7 @@ class Runtime:
             self._persist_backlog()
         alive = [sb for sb in self.registry.list_sandboxes() if sb.state != "dead"]
         await asyncio.gather(*(self._adopt(sb) for sb in alive))
-        self._sweep_cgroups()  # after adopting: a leaf left by a death told its reason first
+        self.leaves.sweep()  # after adopting: a leaf left by a death told its reason first
         running = {sb.id for sb in self.registry.list_sandboxes() if sb.state != "dead"}
         await self.networks.sweep(running)
         if self._watch:
@@ -257,11 +257,6 @@ class Runtime:
         for entry in leftovers.orphan_run_dirs(self.settings.run_dir, known):
             leftovers.remove_run_dir(entry)
 
-    def _sweep_cgroups(self) -> None:
-        """Remove cgroup leaves that hold no QEMU (left by a process that died mid-work)."""
-        if (cgroups := self._leaves) is not None:
-            cgroups.sweep()
-
     async def settle(self) -> None:
         """Wait for background work that starts processes (warm-pool refills) to finish."""
         await self._pool.settle()
@@ -272,7 +267,7 @@ class Runtime:
     async def close(self, *, kill_sandboxes: bool = False) -> None:
         await self._pool.drain()
         self._sweep_orphan_run_dirs()
-        self._sweep_cgroups()
+        self.leaves.sweep()  # leaves no QEMU holds (left by a process that died mid-work)
         # A disk copy cut off here would leave its snapshot tmpfs-only: finish it (seconds).
         await self.wait_persisted()
         for task in list(self._background):
@@ -358,7 +353,7 @@ class Runtime:
             )
         key = template_key()
         # the parent's cgroup leaf has the guard's name: on cgroup v2 they are one dir
-        place = self._placement(mem_mib, cpus)
+        place = self.leaves.placement(mem_mib, cpus)
         try:
             req = dataclasses.replace(
                 self._template_request(tag, image, built, mem_mib, warmup, machine_nic, policy,
@@ -604,7 +599,7 @@ class Runtime:
             pooled = child is not None
             if child is None:
                 # In its cgroup before it runs: QEMU's own start-up is charged there too.
-                hook = self._placement(manifest.mem_mib, manifest.cpus, memory_limit_mib)
+                hook = self.leaves.placement(manifest.mem_mib, manifest.cpus, memory_limit_mib)
                 try:
                     child = await launch_incoming(
                         self.settings.run_dir, manifest, restrict_network=policy.restricted,
@@ -661,7 +656,7 @@ class Runtime:
                 if agent is not None:
                     await agent.close()
                 await child.discard()
-                self._unplace(sandbox_id, wait_s=cgroup_limits.REMOVE_WAIT_S)
+                self.leaves.remove(sandbox_id, wait_s=cgroup_limits.REMOVE_WAIT_S)
                 await self.networks.release(sandbox_id)
                 self.registry.delete_sandbox(sandbox_id)
                 if not isinstance(exc, Exception):
@@ -774,7 +769,7 @@ class Runtime:
         if pid_runs_in(row.pid, paths):
             await QemuProcess(row.pid, paths).terminate()
         shutil.rmtree(paths.dir, ignore_errors=True)
-        self._unplace(sandbox_id, wait_s=cgroup_limits.REMOVE_WAIT_S)
+        self.leaves.remove(sandbox_id, wait_s=cgroup_limits.REMOVE_WAIT_S)
         await self.networks.release(sandbox_id)
         self.registry.delete_sandbox(sandbox_id)
 
@@ -847,7 +842,7 @@ class Runtime:
                 live = await start_live(
                     qemu, base, staging, self.settings.run_dir,
                     armed=sandbox_id in self._live_armed, jail=self.jail,
-                    leaf=self._materializer_leaf(base),
+                    leaf=self.leaves.of_materializer(base.mem_mib, base.cpus),
                 )  # fmt: skip
                 self._live_armed.add(sandbox_id)
                 if not wait:
@@ -1165,7 +1160,7 @@ class Runtime:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         self._unwatch(sandbox_id)
-        self._unplace(sandbox_id)  # its leaf, once its counters gave the reason
+        self.leaves.remove(sandbox_id)  # its leaf, once its counters gave the reason
         # Its QEMU is gone: the guard, proxy and forwards go too (the record stays, dead).
         with contextlib.suppress(RuntimeError):  # no loop: start-up's sweep releases it
             release = asyncio.get_running_loop().create_task(self.networks.release(sandbox_id))
@@ -1198,49 +1193,12 @@ class Runtime:
     def _death(self, sandbox_id: str, qemu: QemuProcess) -> str:
         """Why the sandbox's QEMU is gone (:mod:`forkd.runtime.deaths`), read before its leaf
         goes."""
-        return deaths.explain(qemu.pid, self._leaves, sandbox_id, log_tail=qemu.log_tail(2))
-
-    # --- cgroup leaves ---------------------------------------------------------------------
+        return deaths.explain(qemu.pid, self.leaves.made, sandbox_id, log_tail=qemu.log_tail(2))
 
     @property
     def cgroups(self) -> cgroup_limits.Cgroups | None:
-        """This host's writable cgroup controllers (looked up once; None when off or none)."""
-        if not self.settings.cgroups:
-            return None
-        if self._cgroups_found is None:
-            self._cgroups_found = (cgroup_limits.detect(),)
-        return self._cgroups_found[0]
-
-    def _placement(
-        self, mem_mib: int, cpus: int, memory_limit_mib: int | None = None, *,
-        pooled: bool = False,
-    ) -> cgroup_limits.Placement | None:  # fmt: skip
-        """The ``before_exec`` hook of a QEMU of this size: its leaf, with the default limits."""
-        cgroups = self.cgroups
-        if cgroups is None:
-            return None
-        limits = cgroup_limits.for_vm(self.settings, mem_mib=mem_mib, cpus=cpus,
-                                      memory_limit_mib=memory_limit_mib, pooled=pooled)  # fmt: skip
-        return cgroups.placement(limits)
-
-    def _materializer_leaf(
-        self, base: SnapshotManifest
-    ) -> tuple[Callable[[int], None], Callable[[], None]] | None:
-        """A live branch's materializer's cgroup leaf: placement, and removal once it is gone."""
-        place = self._placement(base.mem_mib, base.cpus)
-        if place is None:
-            return None
-        name = f"materialize-{secrets.token_hex(6)}"
-        return (lambda pid: place(name, pid)), place.undo
-
-    @property
-    def _leaves(self) -> cgroup_limits.Cgroups | None:
-        """Where leaves made so far are (also after the setting was turned off)."""
-        return self.cgroups if self._cgroups_found is None else self._cgroups_found[0]
-
-    def _unplace(self, name: str, *, wait_s: float = 0.0) -> None:
-        if (cgroups := self._leaves) is not None:
-            cgroups.remove(name, wait_s=wait_s)
+        """This host's writable cgroup controllers (None when off or none)."""
+        return self.leaves.host
 
     def _unwatch(self, sandbox_id: str) -> None:
         fd = self._pidfds.pop(sandbox_id, None)
