@@ -19,6 +19,7 @@ from forkd.api.app import create_app
 from forkd.errors import ForkdError, InvalidInput, SandboxDead, Unavailable
 from forkd.runtime import cgroups
 from forkd.runtime.engine import Runtime
+from forkd.runtime.network import TEMPLATE_KEY_PREFIX
 
 pytestmark = pytest.mark.vm
 
@@ -188,6 +189,31 @@ async def test_a_materializer_runs_in_a_leaf_of_its_own(runtime: Runtime, templa
         assert not any(d.exists() for d in found.dirs(leaf))  # gone with the materializer
     finally:
         await runtime.kill(src.sandbox.id)
+        with contextlib.suppress(ForkdError):
+            await runtime.delete_snapshot(tag)
+
+
+async def test_a_template_parent_runs_in_a_leaf_of_its_own(runtime: Runtime) -> None:
+    found = _cgroups(runtime)
+    tag = "limits-parent"
+    making = asyncio.ensure_future(runtime.create_snapshot(tag, mem_mib=256))
+    try:
+        leaf = None
+        deadline = time.monotonic() + 300
+        while leaf is None and not making.done():
+            for pid in _qemus_matching(f"parent-{tag}"):
+                with contextlib.suppress(OSError, AssertionError):
+                    leaf = _leaf_of(pid, "memory", found)
+                    held = found.limits(leaf)
+            assert time.monotonic() < deadline, "the parent never started"
+            await asyncio.sleep(0.01)
+        await making
+        assert leaf is not None and leaf.startswith(TEMPLATE_KEY_PREFIX), leaf
+        assert held.memory_mib == 2 * 256 + 256 and held.pids == 256
+        assert not any(d.exists() for d in found.dirs(leaf))  # gone with the parent
+    finally:
+        with contextlib.suppress(BaseException):
+            await making
         with contextlib.suppress(ForkdError):
             await runtime.delete_snapshot(tag)
 
