@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from forkd.runtime.cgroups import Placement
 from forkd.snapshots.manifest import SnapshotManifest
 from forkd.vmm.agent_client import AgentClient, AgentSocket
 from forkd.vmm.jail import Jail
@@ -149,7 +150,7 @@ class WarmPool:
         *,
         make_hot: Callable[[Prelaunched, SnapshotManifest], Awaitable[AgentClient]] | None = None,
         jail: Jail | None = None,
-        place: Callable[[SnapshotManifest], Callable[[str, int], None] | None] | None = None,
+        place: Callable[[SnapshotManifest], Placement | None] | None = None,
         unplace: Callable[[str], None] | None = None,
     ) -> None:
         """``place(manifest)``: the ``before_exec`` of a member (its cgroup leaf, at low CPU
@@ -196,9 +197,14 @@ class WarmPool:
                     return
                 async with self._gate:
                     hook = None if self._place is None else self._place(manifest)
-                    entry = await launch_incoming(
-                        self.run_root, manifest, pooled=True, jail=self.jail, before_exec=hook
-                    )
+                    try:
+                        entry = await launch_incoming(
+                            self.run_root, manifest, pooled=True, jail=self.jail, before_exec=hook
+                        )
+                    except BaseException:
+                        if hook is not None:
+                            hook.undo()
+                        raise
                 entry.on_discard = self._unplace
                 set_priority(entry.qemu.pid, POOL_NICE)  # refills yield to user work
                 if self._make_hot is not None:
