@@ -15,7 +15,7 @@ import pytest
 from forkd.config import Settings
 from forkd.doctor import check_cgroups
 from forkd.errors import InvalidInput
-from forkd.runtime import cgroups, deaths
+from forkd.runtime import cgroups, deaths, leftovers
 from forkd.runtime.cgroups import LeafEvents, LeafLimits
 from forkd.vmm import qemu as qemu_mod
 
@@ -220,3 +220,19 @@ def test_doctor_says_which_hierarchy_limits_what(tmp_path: Path) -> None:
     full = cgroups.detect(_v2(tmp_path / "b"))
     assert check_cgroups(Settings(), full).detail.endswith("memory (v2), pids (v2), cpu (v2)")
     assert check_cgroups(Settings(cgroups=False)).status == "WARN"
+
+
+def test_cleanup_lists_and_removes_stale_leaves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    found = cgroups.detect(_v2(tmp_path / "cg"))
+    stale = tmp_path / "cg" / "forkd" / "sb-old"
+    stale.mkdir()
+    long_ago = time.time() - 3600
+    os.utime(stale, (long_ago, long_ago))
+    monkeypatch.setattr(leftovers.cgroup_limits, "available", lambda enabled=True: found)
+    settings = Settings(home=tmp_path / "h", shm_dir=tmp_path / "shm")
+    items = [item for item in leftovers.find(settings) if item.kind == "cgroup"]
+    assert [item.path for item in items] == [stale] and items[0].size_bytes == 0
+    leftovers.remove(settings, items[0])
+    assert not stale.exists()
