@@ -114,6 +114,37 @@ async def test_an_on_demand_child_has_the_default_limits(runtime: Runtime, templ
         await cold.close()
 
 
+def _throttled(found: cgroups.Cgroups, name: str) -> int:
+    """How often the kernel held the leaf's tasks back for its CPU quota."""
+    h = found.hierarchies["cpu"]
+    key = "nr_throttled"
+    for line in (h.leaf(name) / "cpu.stat").read_text().splitlines():
+        k, _, value = line.partition(" ")
+        if k == key:
+            return int(value)
+    raise AssertionError("no nr_throttled in cpu.stat")
+
+
+async def test_the_cpu_quota_holds_a_spinning_guest(runtime: Runtime, template: str) -> None:
+    found = _cgroups(runtime)
+    sb = (await runtime.spawn(template, 1))[0].sandbox
+    try:
+        assert found.limits(sb.id).cpus == float(runtime.snapshots.load(template).cpus)
+        # a fifth of a CPU: below what one spinning vCPU takes even on this shared host
+        h = found.hierarchies["cpu"]
+        if h.version == "v2":
+            (h.leaf(sb.id) / "cpu.max").write_text("20000 100000")
+        else:
+            (h.leaf(sb.id) / "cpu.cfs_quota_us").write_text("20000")
+        assert found.limits(sb.id).cpus == 0.2
+        before = _throttled(found, sb.id)
+        spin = "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 2: pass"
+        await runtime.eval(sb.id, spin)
+        assert _throttled(found, sb.id) > before  # QEMU's threads are held to the quota
+    finally:
+        await runtime.kill(sb.id)
+
+
 async def test_memory_limit_kills_and_says_so(
     runtime: Runtime, template: str, tmp_path: Path
 ) -> None:
