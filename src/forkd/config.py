@@ -6,7 +6,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from forkd.errors import InvalidInput
 
@@ -28,6 +28,20 @@ def _flag(name: str, raw: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise InvalidInput(f"{name} must be 1 or 0, got {raw!r}")
+
+
+def _cgroup_limit(name: str, raw: str, *, floats: bool = False) -> float | str | None:
+    """A limit setting: ``off`` (no limit), ``auto`` (CPUs only), or a number."""
+    value = raw.strip().lower()
+    if value in ("off", "none", "max"):
+        return None
+    if floats and value == "auto":
+        return "auto"
+    try:
+        return float(value) if floats else int(value)
+    except ValueError:
+        choices = "auto, off or a number" if floats else "off or an integer"
+        raise InvalidInput(f"{name} must be {choices}, got {raw!r}") from None
 
 
 def _default_home() -> Path:
@@ -84,9 +98,12 @@ class Settings:
     guest memory files, which must live on shmem for copy-on-write forks and live BRANCH.
     ``huge_memory``: when ``shm_dir`` is not set and forkd runs as root, mount a tmpfs with
     transparent huge pages at the default memory dir (shorter live-BRANCH pauses).
-    ``cgroups``: put sandboxes with a ``memory_limit_mib`` into a memory cgroup when the host
-    offers a writable one; ``False`` (``FORKD_CGROUPS=0``) behaves as a host without one: the
-    limit is accepted but not enforced, and the spawn answer's ``warning`` says so.
+    ``cgroups``: every QEMU gets a cgroup leaf before it runs (:mod:`forkd.runtime.cgroups`)
+    with a memory limit of twice guest RAM + ``cgroup_memory_overhead_mib`` (or the spawn's
+    ``memory_limit_mib``), ``cgroup_pids_max`` tasks and ``cgroup_cpus`` CPUs (``"auto"``: its
+    vCPU count); pool members wait at CPU weight ``cgroup_pool_weight`` (100 is normal). None
+    turns one limit off. ``False`` (``FORKD_CGROUPS=0``) behaves as a host without cgroups: a
+    ``memory_limit_mib`` is accepted but not enforced, and the spawn answer's ``warning`` says so.
     """
 
     home: Path = field(default_factory=_default_home)
@@ -106,6 +123,10 @@ class Settings:
     # egress of a sandbox (and template warm-up) whose request names none: "none" or "internet"
     default_egress: str = "none"
     cgroups: bool = True
+    cgroup_memory_overhead_mib: int | None = 256
+    cgroup_pids_max: int | None = 256
+    cgroup_cpus: float | Literal["auto"] | None = "auto"
+    cgroup_pool_weight: int | None = 10
     # "auto": every QEMU jailed where the host can (forkd.vmm.jail); "required": refuse to run
     # QEMU unjailed; "off": QEMU runs as forkd's user with its seccomp filter only
     jail: str = "auto"
@@ -126,6 +147,10 @@ class Settings:
             values["huge_memory"] = _flag("FORKD_HUGE_MEMORY", huge)
         if cgroups := os.environ.get("FORKD_CGROUPS"):
             values["cgroups"] = _flag("FORKD_CGROUPS", cgroups)
+        for name in ("memory_overhead_mib", "pids_max", "cpus", "pool_weight"):
+            var = f"FORKD_CGROUP_{name.upper()}"
+            if (raw := os.environ.get(var)) is not None:
+                values[f"cgroup_{name}"] = _cgroup_limit(var, raw, floats=name == "cpus")
         if jail := os.environ.get("FORKD_JAIL"):
             values["jail"] = jail.strip().lower()
         if id_base := os.environ.get("FORKD_JAIL_ID_BASE"):
@@ -171,6 +196,23 @@ class Settings:
             raise InvalidInput(
                 f"FORKD_JAIL_ID_BASE must leave 2^24 ids below 2^31, got {self.jail_id_base}"
             )
+        for name, low, high in (
+            ("cgroup_memory_overhead_mib", 0, 1 << 20),
+            ("cgroup_pids_max", 16, 1 << 22),
+            ("cgroup_pool_weight", 1, 10000),
+        ):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and low <= value <= high):
+                raise InvalidInput(
+                    f"FORKD_{name.upper()} must be {low}..{high} or off, got {value!r}"
+                )
+        cpus = self.cgroup_cpus
+        if (
+            cpus is not None
+            and cpus != "auto"
+            and not (isinstance(cpus, (int, float)) and 0.01 <= cpus <= 4096)
+        ):
+            raise InvalidInput(f"FORKD_CGROUP_CPUS must be auto, off or 0.01..4096, got {cpus!r}")
         if self.default_egress not in ("none", "internet"):
             raise InvalidInput(
                 f"default egress must be 'none' or 'internet' (an allow-list is per sandbox), "

@@ -14,6 +14,7 @@ from typing import Literal
 from forkd.config import DEFAULT_IMAGE, Settings
 from forkd.errors import HostSetupError
 from forkd.private import check_owned
+from forkd.runtime import cgroups
 from forkd.snapshots.memfs import AccessSampler, access_samplers, free_page_reporting, mount_of
 from forkd.vmm import jail as jails
 from forkd.vmm.accel import detect_accel
@@ -325,6 +326,23 @@ def check_jail(settings: Settings) -> Check:
                  "pid/mount/ipc/uts namespaces (net without a NIC), seccomp")  # fmt: skip
 
 
+def check_cgroups(settings: Settings, found: cgroups.Cgroups | None = None) -> Check:
+    """Which cgroup controllers limit each QEMU, and from which hierarchy (v2 or v1)."""
+    if not settings.cgroups:
+        return Check("cgroups", "WARN", "off (FORKD_CGROUPS=0): no memory, pids or CPU limit on "
+                     "any QEMU", "unset FORKD_CGROUPS")  # fmt: skip
+    detected = found if found is not None else cgroups.detect()
+    have = {} if detected is None else detected.hierarchies
+    text = ", ".join(f"{c} ({have[c].version})" for c in cgroups.CONTROLLERS if c in have)
+    missing = [c for c in cgroups.CONTROLLERS if c not in have]
+    if not missing:
+        return Check("cgroups", "PASS", f"a leaf per QEMU before it runs: {text}")
+    hint = ("forkd needs root and a writable cgroup hierarchy with the memory, pids and cpu "
+            "controllers (v2, or v1)")  # fmt: skip
+    lacking = f"no {', '.join(missing)} limit"
+    return Check("cgroups", "WARN", f"{text}; {lacking}" if text else lacking, hint)
+
+
 def check_kvm_device() -> Check:
     dev = Path("/dev/kvm")
     if not dev.exists():
@@ -344,6 +362,7 @@ def run_checks(settings: Settings) -> list[Check]:
         check_accel(settings),
         check_uffd(),
         check_jail(settings),
+        check_cgroups(settings),
         check_tmpfs(settings),
         check_home_disk(settings),
         check_private_state(settings),

@@ -1,7 +1,7 @@
 """A bounded chaos run through the real API (in-process app, real runtime and VMs): concurrent
 spawn, eval, exec, branch and kill while QEMUs are killed with SIGKILL at random. Every answer
 is a success or a clean 4xx/503 with a reason, never a 500; afterwards every snapshot is ready
-or failed, and no QEMU or run dir of the run is left."""
+or failed, and no QEMU, run dir or cgroup leaf of the run is left."""
 
 from __future__ import annotations
 
@@ -101,3 +101,6 @@ async def test_chaos_never_answers_500(runtime: Runtime, template: str, tmp_path
     expected |= {p.paths.dir for entries in runtime._pool._ready.values() for p in entries}
     stray = set(runtime.settings.run_dir.iterdir()) - expected
     assert not stray, f"run dirs nobody owns: {sorted(stray)}"
+    if (found := runtime.cgroups) is not None:  # nor cgroup leaves, killed or deleted
+        leaves = [d for sid in pids for d in found.dirs(sid) if d.exists()]
+        assert not leaves, f"cgroup leaves outlived their sandboxes: {leaves}"

@@ -36,7 +36,7 @@ from forkd.images.store import Image, ImageStore
 from forkd.net.policy import EgressPolicy
 from forkd.private import private_dir
 from forkd.runtime import cgroups as cgroup_limits
-from forkd.runtime import leftovers
+from forkd.runtime import deaths, leftovers
 from forkd.runtime.network import SandboxNetworks, template_key
 from forkd.runtime.pool import (
     AGENT_CONNECT_TIMEOUT_S,
@@ -74,7 +74,7 @@ from forkd.vmm.machine import (
     require_supported,
 )
 from forkd.vmm.netdev import GuestNetwork
-from forkd.vmm.qemu import QemuProcess, death_reason, pid_alive, pid_runs_in, qemu_binary
+from forkd.vmm.qemu import QemuProcess, pid_alive, pid_runs_in, qemu_binary
 from forkd.vmm.spec import RunPaths
 
 ADOPT_QMP_TIMEOUT_S = 5.0
@@ -128,9 +128,12 @@ class Runtime:
         # disk copies being written, by tag (awaited before a delete and at close)
         self._persisting: dict[str, asyncio.Future[None]] = {}
         self._restore_locks: dict[str, asyncio.Lock] = {}
+        self.leaves = cgroup_limits.Leaves(lambda: self.settings)
         self._pool = WarmPool(
             settings.run_dir, settings.warm_pool_size, self._launch_gate,
             make_hot=self._make_hot if watch else None, jail=self.jail,
+            place=lambda m: self.leaves.placement(m.mem_mib, m.cpus, pooled=True),
+            unplace=self.leaves.remove,
         )  # fmt: skip
         self._branching: set[str] = set()
         self._source_locks: dict[str, asyncio.Lock] = {}
@@ -169,6 +172,7 @@ class Runtime:
             self._persist_backlog()
         alive = [sb for sb in self.registry.list_sandboxes() if sb.state != "dead"]
         await asyncio.gather(*(self._adopt(sb) for sb in alive))
+        self.leaves.sweep()  # after adopting: a leaf left by a death told its reason first
         running = {sb.id for sb in self.registry.list_sandboxes() if sb.state != "dead"}
         await self.networks.sweep(running)
         if self._watch:
@@ -226,7 +230,9 @@ class Runtime:
         run dir on its command line and (in the daemon) answers QMP."""
         paths = RunPaths(Path(sb.run_dir))
         if not pid_runs_in(sb.pid, paths):
-            self._mark_dead(sb.id, "QEMU process is gone (found at start-up)")
+            why = self._death(sb.id, QemuProcess(sb.pid, paths))
+            self._mark_dead(sb.id, "QEMU process is gone (found at start-up)"
+                            if why == deaths.GENERIC else f"{why} (found at start-up)")  # fmt: skip
             return
         if not self._watch:
             # A one-shot CLI process must not probe QMP: QEMU serves one monitor client at a
@@ -261,6 +267,7 @@ class Runtime:
     async def close(self, *, kill_sandboxes: bool = False) -> None:
         await self._pool.drain()
         self._sweep_orphan_run_dirs()
+        self.leaves.sweep()  # leaves no QEMU holds (left by a process that died mid-work)
         # A disk copy cut off here would leave its snapshot tmpfs-only: finish it (seconds).
         await self.wait_persisted()
         for task in list(self._background):
@@ -345,11 +352,14 @@ class Runtime:
                 f"snapshot {tag!r} already exists: delete it first or choose another tag"
             )
         key = template_key()
+        # the parent's cgroup leaf has the guard's name: on cgroup v2 they are one dir
+        place = self.leaves.placement(mem_mib, cpus)
         try:
             req = dataclasses.replace(
                 self._template_request(tag, image, built, mem_mib, warmup, machine_nic, policy,
                                        key),
                 cpus=cpus, machine_type=self.qemu.resolve(MACHINE_FAMILY), jail=self.jail,
+                before_exec=None if place is None else (lambda pid: place(key, pid)),
             )  # fmt: skip
             await self.networks.prepare(key, policy, machine_nic)
             manifest = await make_template(self.snapshots, self.settings.run_dir, req, progress)
@@ -357,6 +367,8 @@ class Runtime:
             self.registry.delete_snapshot(tag)
             raise
         finally:
+            if place is not None:
+                place.undo()
             await self.networks.release(key)
         ready = _row_from_manifest(manifest)
         self.registry.put_snapshot(ready)
@@ -531,12 +543,11 @@ class Runtime:
         manifest = self._ready_manifest(tag)
         policy = self.networks.policy_for(manifest, network, allow_internet_access)
         await self._memory_ready(manifest)
-        cgroups, warning = None, None
-        if memory_limit_mib is not None:
-            cgroups = cgroup_limits.available(self.settings.cgroups)
-            if cgroups is None:  # accepted, not enforced (forkd v0.5 did the same)
-                warning = cgroup_limits.not_enforced(memory_limit_mib, self.settings.cgroups)
-                memory_limit_mib = None
+        cgroups, warning = self.cgroups, None
+        if memory_limit_mib is not None and (cgroups is None or not cgroups.has("memory")):
+            # accepted, not enforced (forkd v0.5 did the same)
+            warning = cgroup_limits.not_enforced(memory_limit_mib, self.settings.cgroups)
+            memory_limit_mib = None
         running = sum(1 for r in self.registry.list_sandboxes() if r.state != "dead")
         if running + n > self.settings.max_sandboxes:
             raise Unavailable(
@@ -561,7 +572,7 @@ class Runtime:
         tag: str,
         manifest: SnapshotManifest,
         memory_limit_mib: int | None,
-        cgroups: cgroup_limits.MemoryCgroups | None,
+        cgroups: cgroup_limits.Cgroups | None,
         policy: EgressPolicy,
     ) -> Spawned:
         try:
@@ -576,7 +587,7 @@ class Runtime:
         tag: str,
         manifest: SnapshotManifest,
         memory_limit_mib: int | None,
-        cgroups: cgroup_limits.MemoryCgroups | None,
+        cgroups: cgroup_limits.Cgroups | None,
         policy: EgressPolicy,
         use_pool: bool,
     ) -> Spawned:
@@ -587,21 +598,18 @@ class Runtime:
             child = self._pool.take(manifest) if use_pool and policy.restricted else None
             pooled = child is not None
             if child is None:
-                limit = memory_limit_mib
-                hook = None
-                if cgroups is not None and limit is not None:
-                    # In its cgroup before it runs: QEMU's own start-up is charged there too.
-                    def hook(sid: str, pid: int) -> None:
-                        cgroups.limit(sid, pid, limit)
-
+                # In its cgroup before it runs: QEMU's own start-up is charged there too.
+                hook = self.leaves.placement(manifest.mem_mib, manifest.cpus, memory_limit_mib)
                 try:
                     child = await launch_incoming(
                         self.settings.run_dir, manifest, restrict_network=policy.restricted,
                         jail=self.jail, before_exec=hook,
                     )  # fmt: skip
-                except ForkdError:
-                    raise
-                except Exception as exc:
+                except BaseException as exc:
+                    if hook is not None:
+                        hook.undo()
+                    if isinstance(exc, ForkdError) or not isinstance(exc, Exception):
+                        raise
                     raise VMError(f"fork from {tag!r} failed to start QEMU: {exc}") from exc
             sandbox_id, qemu = child.sandbox_id, child.qemu
             try:
@@ -609,8 +617,9 @@ class Runtime:
                     id=sandbox_id, snapshot_tag=tag, pid=qemu.pid, run_dir=str(child.paths.dir),
                     created_at_unix=now_unix(), state="starting", memory_limit_mib=memory_limit_mib,
                 ))  # fmt: skip
-                if pooled and cgroups is not None and memory_limit_mib is not None:
-                    cgroups.limit(sandbox_id, qemu.pid, memory_limit_mib)
+                if pooled and cgroups is not None:  # the limit asked for, normal CPU weight
+                    cgroups.retarget(sandbox_id, qemu.pid, memory_limit_mib,
+                                     what=f"a started child of {tag!r}")  # fmt: skip
                 # The guard is in place before the guest runs a single instruction.
                 await self.networks.prepare(sandbox_id, policy, manifest.network)
                 self.networks.enter(sandbox_id, policy, qemu.pid)
@@ -647,8 +656,7 @@ class Runtime:
                 if agent is not None:
                     await agent.close()
                 await child.discard()
-                if cgroups is not None:
-                    cgroups.remove(sandbox_id)
+                self.leaves.remove(sandbox_id, wait_s=cgroup_limits.REMOVE_WAIT_S)
                 await self.networks.release(sandbox_id)
                 self.registry.delete_sandbox(sandbox_id)
                 if not isinstance(exc, Exception):
@@ -740,8 +748,9 @@ class Runtime:
         """A QMP failure because the VM just died is a 410, not a host fault."""
         if qemu.alive():
             return exc
-        self._mark_dead(sandbox_id, "QEMU process exited (killed or crashed)")
-        return SandboxDead(f"sandbox {sandbox_id} is dead: QEMU process exited")
+        reason = self._death(sandbox_id, qemu)
+        self._mark_dead(sandbox_id, reason)
+        return SandboxDead(f"sandbox {sandbox_id} is dead: {reason}")
 
     def _running_row(self, sandbox_id: str) -> SandboxRow:
         row = self._refresh(self._sandbox_row(sandbox_id))
@@ -760,8 +769,7 @@ class Runtime:
         if pid_runs_in(row.pid, paths):
             await QemuProcess(row.pid, paths).terminate()
         shutil.rmtree(paths.dir, ignore_errors=True)
-        if row.memory_limit_mib is not None and (cgroups := cgroup_limits.detect()) is not None:
-            cgroups.remove(sandbox_id)
+        self.leaves.remove(sandbox_id, wait_s=cgroup_limits.REMOVE_WAIT_S)
         await self.networks.release(sandbox_id)
         self.registry.delete_sandbox(sandbox_id)
 
@@ -835,6 +843,7 @@ class Runtime:
                     qemu, base, staging, self.settings.run_dir,
                     armed=sandbox_id in self._live_armed, jail=self.jail,
                     inline_max_bytes=self.settings.live_inline_mib << 20,
+                    leaf=self.leaves.of_materializer(base.mem_mib, base.cpus),
                 )  # fmt: skip
                 if live.armed:
                     self._live_armed.add(sandbox_id)
@@ -865,9 +874,10 @@ class Runtime:
             await qemu.close_qmp()
             lock.release()
             if isinstance(exc, Exception) and not qemu.alive():
-                self._mark_dead(sandbox_id, "QEMU process exited (killed or crashed)")
+                died = self._death(sandbox_id, qemu)
+                self._mark_dead(sandbox_id, died)
                 raise SandboxDead(
-                    f"sandbox {sandbox_id} died during the branch (QEMU exited): {reason}"
+                    f"sandbox {sandbox_id} died during the branch ({died}): {reason}"
                 ) from exc
             if isinstance(exc, ForkdError) or not isinstance(exc, Exception):
                 raise
@@ -1138,8 +1148,9 @@ class Runtime:
     def _refresh(self, row: SandboxRow) -> SandboxRow:
         """Notice a QEMU that died behind our back (cheap: one /proc read)."""
         if row.state != "dead" and not pid_runs_in(row.pid, RunPaths(Path(row.run_dir))):
-            self._mark_dead(row.id, "QEMU process exited (killed or crashed)")
-            row.state, row.dead_reason = "dead", "QEMU process exited (killed or crashed)"
+            reason = self._death(row.id, QemuProcess(row.pid, RunPaths(Path(row.run_dir))))
+            self._mark_dead(row.id, reason)
+            row.state, row.dead_reason = "dead", reason
         return row
 
     def _mark_dead(self, sandbox_id: str, reason: str) -> None:
@@ -1151,6 +1162,7 @@ class Runtime:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         self._unwatch(sandbox_id)
+        self.leaves.remove(sandbox_id)  # its leaf, once its counters gave the reason
         # Its QEMU is gone: the guard, proxy and forwards go too (the record stays, dead).
         with contextlib.suppress(RuntimeError):  # no loop: start-up's sweep releases it
             release = asyncio.get_running_loop().create_task(self.networks.release(sandbox_id))
@@ -1163,25 +1175,32 @@ class Runtime:
         try:
             fd = os.pidfd_open(pid)
         except ProcessLookupError:
-            self._mark_dead(sandbox_id, "QEMU process exited (killed or crashed)")
+            row = self.registry.get_sandbox(sandbox_id)
+            run_dir = Path(row.run_dir) if row is not None else self.settings.run_dir / sandbox_id
+            self._mark_dead(
+                sandbox_id, self._death(sandbox_id, QemuProcess(pid, RunPaths(run_dir)))
+            )
             return
         self._pidfds[sandbox_id] = fd
         asyncio.get_running_loop().add_reader(fd, self._qemu_exited, sandbox_id)
 
     def _qemu_exited(self, sandbox_id: str) -> None:
         """A watched QEMU is gone: dead, with the most telling reason known."""
-        reason = "QEMU process exited (killed or crashed)"
         row = self.registry.get_sandbox(sandbox_id)
-        if row is not None and row.memory_limit_mib is not None:
-            cgroups = cgroup_limits.detect()
-            if cgroups is not None and cgroups.oom_killed(sandbox_id):
-                reason = (
-                    f"memory limit of {row.memory_limit_mib} MiB exceeded: the kernel's OOM "
-                    "killer ended QEMU in the sandbox's cgroup"
-                )
-        if row is not None and (why := death_reason(row.pid)) is not None:
-            reason = why
+        reason = deaths.GENERIC
+        if row is not None:
+            reason = self._death(sandbox_id, QemuProcess(row.pid, RunPaths(Path(row.run_dir))))
         self._mark_dead(sandbox_id, reason)
+
+    def _death(self, sandbox_id: str, qemu: QemuProcess) -> str:
+        """Why the sandbox's QEMU is gone (:mod:`forkd.runtime.deaths`), read before its leaf
+        goes."""
+        return deaths.explain(qemu.pid, self.leaves.made, sandbox_id, log_tail=qemu.log_tail(2))
+
+    @property
+    def cgroups(self) -> cgroup_limits.Cgroups | None:
+        """This host's writable cgroup controllers (None when off or none)."""
+        return self.leaves.host
 
     def _unwatch(self, sandbox_id: str) -> None:
         fd = self._pidfds.pop(sandbox_id, None)

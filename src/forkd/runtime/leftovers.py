@@ -4,10 +4,12 @@
   and forks interrupted before they were recorded (old enough that no fork can still be running);
 - snapshot staging entries (on disk and on tmpfs) whose writing process is gone
   (:meth:`~forkd.snapshots.store.SnapshotStore.stale_staging`);
-- records of dead sandboxes (their QEMU exited), kept with a reason for ``forkd ls --all``.
+- records of dead sandboxes (their QEMU exited), kept with a reason for ``forkd ls --all``;
+- cgroup leaves that hold no QEMU and are older than a couple of minutes (any home's: a leaf
+  holds its QEMU from before exec until its end, so an old empty one is nobody's).
 
-The runtime sweeps the first two at start and close; ``forkd cleanup`` lists all three (a dry run)
-and removes them with ``-y``. Nothing that a live process owns is ever listed.
+The runtime sweeps all but the records at start and close; ``forkd cleanup`` lists them all (a
+dry run) and removes them with ``-y``. Nothing that a live process owns is ever listed.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from forkd.vmm.spec import RunPaths
 UNRECORDED_GRACE_S = 120.0
 """A run dir named like a sandbox but unknown to the registry is only an orphan once this old."""
 
-LeftoverKind = Literal["run dir", "staging", "dead sandbox"]
+LeftoverKind = Literal["run dir", "staging", "dead sandbox", "cgroup"]
 
 
 @dataclass(frozen=True)
@@ -40,11 +42,10 @@ class Leftover:
     path: Path
     why: str
     sandbox_id: str | None = None  # for "dead sandbox": the registry record to drop
-    limited: bool = False  # for "dead sandbox": it had a memory cgroup leaf
 
     @property
     def size_bytes(self) -> int:
-        return tree_size(self.path)
+        return 0 if self.kind == "cgroup" else tree_size(self.path)
 
 
 def orphan_run_dirs(run_dir: Path, known: set[str], *, now: float | None = None) -> list[Path]:
@@ -90,8 +91,7 @@ def find(settings: Settings) -> list[Leftover]:
         for r in rows:
             if r.state == "dead":
                 why = f"dead sandbox: {r.dead_reason or 'QEMU exited'}"
-                limited = r.memory_limit_mib is not None
-                out.append(Leftover("dead sandbox", Path(r.run_dir), why, r.id, limited))
+                out.append(Leftover("dead sandbox", Path(r.run_dir), why, r.id))
     for entry in orphan_run_dirs(settings.run_dir, known):
         owner = pool_dir_owner(entry.name)
         why = (
@@ -102,11 +102,18 @@ def find(settings: Settings) -> list[Leftover]:
         out.append(Leftover("run dir", entry, why))
     for entry in SnapshotStore(settings).stale_staging():
         out.append(Leftover("staging", entry, "half-written snapshot whose writer is gone"))
+    if (cgroups := cgroup_limits.available(settings.cgroups)) is not None:
+        for leaf in cgroups.stale():
+            out.append(Leftover("cgroup", leaf, "cgroup leaf that holds no QEMU"))
     return out
 
 
 def remove(settings: Settings, leftover: Leftover) -> None:
     """Delete one leftover found by :func:`find`."""
+    if leftover.kind == "cgroup":
+        with contextlib.suppress(OSError):
+            leftover.path.rmdir()
+        return
     if leftover.kind == "staging":
         if leftover.path.is_dir():
             shutil.rmtree(leftover.path, ignore_errors=True)
@@ -115,7 +122,7 @@ def remove(settings: Settings, leftover: Leftover) -> None:
         return
     remove_run_dir(leftover.path)
     if leftover.sandbox_id is not None:
-        if leftover.limited and (cgroups := cgroup_limits.available(settings.cgroups)):
+        if (cgroups := cgroup_limits.available(settings.cgroups)) is not None:
             cgroups.remove(leftover.sandbox_id)
         registry = Registry(settings.db_path)
         try:

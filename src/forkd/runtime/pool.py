@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from forkd.runtime.cgroups import Placement
 from forkd.snapshots.manifest import SnapshotManifest
 from forkd.vmm.agent_client import AgentClient, AgentSocket
 from forkd.vmm.jail import Jail
@@ -72,6 +73,7 @@ class Prelaunched:
     sock: AgentSocket
     key: tuple[str, str, int]
     agent: AgentClient | None = None  # set once hot: restored, greeted, running
+    on_discard: Callable[[str], None] | None = None  # removes its cgroup leaf
 
     async def discard(self) -> None:
         if self.agent is not None:
@@ -79,6 +81,8 @@ class Prelaunched:
         await self.sock.close()
         await self.qemu.terminate()
         shutil.rmtree(self.paths.dir, ignore_errors=True)
+        if self.on_discard is not None:
+            self.on_discard(self.sandbox_id)
 
 
 POOL_PREFIX = "pool-"
@@ -146,8 +150,14 @@ class WarmPool:
         *,
         make_hot: Callable[[Prelaunched, SnapshotManifest], Awaitable[AgentClient]] | None = None,
         jail: Jail | None = None,
+        place: Callable[[SnapshotManifest], Placement | None] | None = None,
+        unplace: Callable[[str], None] | None = None,
     ) -> None:
+        """``place(manifest)``: the ``before_exec`` of a member (its cgroup leaf, at low CPU
+        weight); ``unplace(sandbox_id)`` removes that leaf when a member is discarded."""
         self.jail = jail
+        self._place = place
+        self._unplace = unplace
         self.run_root = run_root
         self.size = size
         self._gate = gate
@@ -186,9 +196,16 @@ class WarmPool:
                 if mem_available_bytes() < POOL_MIN_AVAILABLE_BYTES + manifest.mem_mib * MiB:
                     return
                 async with self._gate:
-                    entry = await launch_incoming(
-                        self.run_root, manifest, pooled=True, jail=self.jail
-                    )
+                    hook = None if self._place is None else self._place(manifest)
+                    try:
+                        entry = await launch_incoming(
+                            self.run_root, manifest, pooled=True, jail=self.jail, before_exec=hook
+                        )
+                    except BaseException:
+                        if hook is not None:
+                            hook.undo()
+                        raise
+                entry.on_discard = self._unplace
                 set_priority(entry.qemu.pid, POOL_NICE)  # refills yield to user work
                 if self._make_hot is not None:
                     try:

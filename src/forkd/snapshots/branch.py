@@ -200,6 +200,7 @@ async def start_live(
     inline_max_bytes: int = LIVE_INLINE_MAX_BYTES,
     on_materializer: Callable[[int], None] = lambda _pid: None,
     jail: Jail | None = None,
+    leaf: tuple[Callable[[int], None], Callable[[], None]] | None = None,
 ) -> LiveBranch:
     """Start a background snapshot; return as soon as the source is stopped at the snapshot
     instant (it resumes milliseconds later, on its own). ``armed``: the caller knows this QEMU
@@ -272,7 +273,7 @@ async def start_live(
         full = staging.memory.with_name(staging.memory.name + ".full")
         try:
             await materialize(stream, base, staging, run_root, memory=full,
-                              on_materializer=on_materializer, jail=jail)  # fmt: skip
+                              on_materializer=on_materializer, jail=jail, leaf=leaf)  # fmt: skip
             stream.unlink(missing_ok=True)
             stats.bytes_written += full.stat().st_size
             await _keep_only_the_delta(qemu, base, full, staging.memory, stats)
@@ -315,16 +316,24 @@ async def materialize(
     memory: Path,
     on_materializer: Callable[[int], None] = lambda _pid: None,
     jail: Jail | None = None,
+    leaf: tuple[Callable[[int], None], Callable[[], None]] | None = None,
 ) -> None:
     """Load a full migration stream into a fresh shared memory file ``memory``, then save
-    device state only (``staging.devstate``)."""
+    device state only (``staging.devstate``). ``leaf``: the materializer's cgroup placement
+    (``before_exec(pid)``) and its removal once it is gone."""
     paths = RunPaths(run_dir_for(run_root, f"materialize-{staging.tag}"))
     argv = instance_args(
         base.machine_args, mem_mib=base.mem_mib, memory_path=memory, share=True,
         paths=paths, incoming=True,
     )  # fmt: skip
     # No network: its guest never runs (a NIC's user-mode stack needs no host network).
-    qemu = await QemuProcess.launch(argv, paths, jail=jail, new_netns=True)
+    try:
+        qemu = await QemuProcess.launch(argv, paths, jail=jail, new_netns=True,
+                                        before_exec=None if leaf is None else leaf[0])  # fmt: skip
+    except BaseException:
+        if leaf is not None:
+            leaf[1]()
+        raise
     on_materializer(qemu.pid)
     try:
         await qemu.migrate_incoming(stream, timeout=MATERIALIZE_TIMEOUT_S)
@@ -333,5 +342,7 @@ async def materialize(
         raise VMError(f"materializing the live snapshot failed: {exc}") from exc
     finally:
         await qemu.terminate()
+        if leaf is not None:
+            leaf[1]()
         reclaim(memory)
         shutil.rmtree(paths.dir, ignore_errors=True)

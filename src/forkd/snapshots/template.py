@@ -46,6 +46,7 @@ class TemplateRequest:
     on_agent: Callable[[AgentClient], Awaitable[None]] | None = None
     after_warmup: Callable[[AgentClient], Awaitable[None]] | None = None
     jail: Jail | None = None
+    before_exec: Callable[[int], None] | None = None  # the parent's cgroup leaf
 
 
 async def qemu_version(qemu: QemuProcess) -> str:
@@ -86,7 +87,8 @@ async def make_template(
             incoming=False, restrict_network=not req.warmup_unrestricted,
         )  # fmt: skip
         # A parent with a NIC keeps the host's network namespace: its warm-up may have egress.
-        qemu = await QemuProcess.launch(argv, paths, jail=req.jail, new_netns=req.network is None)
+        qemu = await QemuProcess.launch(argv, paths, jail=req.jail, new_netns=req.network is None,
+                                        before_exec=req.before_exec)  # fmt: skip
         if req.on_launch is not None:
             await req.on_launch(qemu.pid)
         agent = await AgentClient.connect(paths.agent, timeout=BOOT_TIMEOUT_S)

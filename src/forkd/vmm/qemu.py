@@ -43,6 +43,8 @@ SOCKET_BACKLOG = 16
 
 # pid of a QEMU this process started -> the wait status of it (or of its jail launcher)
 _exits: dict[int, int] = {}
+# pid of a QEMU this process started -> that process (QEMU or its jail launcher), until reaped
+_launchers: dict[int, subprocess.Popen[bytes]] = {}
 
 
 def cap_file_size(pid: int, cap: int | None) -> None:
@@ -90,17 +92,47 @@ def pid_runs_in(pid: int, paths: RunPaths) -> bool:
     return pid_alive(pid) and any(arg == name or qmp in arg for arg in cmdline)
 
 
-def death_reason(pid: int) -> str | None:
-    """Why a QEMU this process started died, when its exit status says more than "exited"."""
-    status = _exits.get(pid)
+def _collect(qemu_pid: int) -> bool:
+    """Reap the process behind ``qemu_pid`` if it has ended; True once its status is known."""
+    proc = _launchers.get(qemu_pid)
+    if proc is None:
+        return qemu_pid in _exits
+    try:
+        pid, status = os.waitpid(proc.pid, os.WNOHANG)
+    except ChildProcessError:  # reaped elsewhere (Popen.wait): its status is lost
+        _launchers.pop(qemu_pid, None)
+        return qemu_pid in _exits
+    if pid == 0:
+        return False
+    _exits[qemu_pid] = status
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    _launchers.pop(qemu_pid, None)
+    return True
+
+
+def exit_status(pid: int, *, wait_s: float = 0.0) -> int | None:
+    """The wait status of a QEMU this process started, once it ended (bwrap reports its child's
+    end a moment after QEMU's own: up to ``wait_s`` is waited for that)."""
+    deadline = time.monotonic() + wait_s
+    while not _collect(pid) and pid in _launchers and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return _exits.get(pid)
+
+
+def exit_signal(status: int | None) -> int | None:
+    """The signal that ended QEMU, from its (or its jail launcher's) wait status."""
     if status is None:
         return None
-    sig = None
     if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-    elif os.WIFEXITED(status) and os.WEXITSTATUS(status) > 128:
-        sig = os.WEXITSTATUS(status) - 128  # bwrap exits 128 + N when its child died of N
-    if sig == signal.SIGSYS:
+        return os.WTERMSIG(status)
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) > 128:
+        return os.WEXITSTATUS(status) - 128  # bwrap exits 128 + N when its child died of N
+    return None
+
+
+def death_reason(pid: int, *, wait_s: float = 0.0) -> str | None:
+    """Why a QEMU this process started died, when its exit status says more than "exited"."""
+    if exit_signal(exit_status(pid, wait_s=wait_s)) == signal.SIGSYS:
         return "QEMU was killed by its seccomp filter (SIGSYS: a forbidden system call)"
     return None
 
@@ -136,16 +168,11 @@ def _reap(proc: subprocess.Popen[bytes], qemu_pid: int) -> None:
     except ProcessLookupError:
         return
     loop = asyncio.get_running_loop()
+    _launchers[qemu_pid] = proc
 
     def done() -> None:
-        try:
-            pid, status = os.waitpid(proc.pid, os.WNOHANG)
-        except ChildProcessError:
-            pid, status = proc.pid, 0
-        if pid == 0:
+        if not _collect(qemu_pid) and qemu_pid in _launchers:
             return
-        _exits[qemu_pid] = status
-        proc.returncode = os.waitstatus_to_exitcode(status)
         loop.remove_reader(fd)
         os.close(fd)
 
