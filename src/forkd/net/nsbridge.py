@@ -124,19 +124,30 @@ class Forward:
         self.target_port = target_port
         self.port = 0
         self._max = max_connections
+        self._sock: socket.socket | None = None
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, listen_port: int = 0) -> int:
-        """Listen (port 0: any free one); the port actually bound."""
-        sock = listener_in(self.listen_ns, listen_port)
-        try:
-            self._server = await asyncio.start_server(self._serve, sock=sock, limit=CHUNK)
-        except BaseException:
-            sock.close()
-            raise
-        self.port = sock.getsockname()[1]
+        """Listen (port 0: any free one) and serve; the port actually bound."""
+        port = self.bind(listen_port)
+        await self.serve()
+        return port
+
+    def bind(self, listen_port: int = 0) -> int:
+        """Listen without serving yet: connections wait in the kernel's backlog until
+        :meth:`serve` (for callers that must hold the port before they may await)."""
+        self._sock = listener_in(self.listen_ns, listen_port)
+        self.port = self._sock.getsockname()[1]
         return self.port
+
+    async def serve(self) -> None:
+        assert self._sock is not None, "bind() first"
+        try:
+            self._server = await asyncio.start_server(self._serve, sock=self._sock, limit=CHUNK)
+        except BaseException:
+            self._sock.close()
+            raise
 
     @property
     def connections(self) -> int:
@@ -145,6 +156,8 @@ class Forward:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        elif self._sock is not None:
+            self._sock.close()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
