@@ -22,7 +22,8 @@ from pip._internal.models.index import PyPI
 
 from forkd import wire
 from forkd.errors import Conflict, InvalidInput
-from forkd.net.guard import probe
+from forkd.net import pasta
+from forkd.net.guard import cgroup2_root, probe
 from forkd.runtime.engine import Runtime
 
 pytestmark = [
@@ -379,8 +380,19 @@ async def test_allowlisted_host_port_is_bridged_into_the_netns(
     internet = await _spawn(runtime, template, egress="internet")
     try:
         assert _netns(runtime.get_sandbox(allowed).pid) != _netns("self")
-        # open routes still need the host's namespace (docs/security.md)
-        assert _netns(runtime.get_sandbox(internet).pid) == _netns("self")
+        # open routes: its own namespace too, with a pasta (else the host's; docs/security.md)
+        shared = _netns(runtime.get_sandbox(internet).pid) == _netns("self")
+        assert shared == (pasta.probe() is not None)
+        if not shared:  # pasta's sockets are the guard's: it runs in the sandbox's cgroup
+            root = cgroup2_root()
+            assert root is not None
+            procs = (root / "forkd" / internet / "cgroup.procs").read_text().split()
+            names = {Path(f"/proc/{p}/comm").read_text().strip() for p in procs}
+            assert any(n.startswith(("pasta", "passt")) for n in names), names
+            t0 = time.monotonic()
+            got = await _fetch(runtime, internet, "http://169.254.169.254/latest/meta-data/")
+            assert got.startswith("ERROR") and "refused" in got.lower(), got
+            assert time.monotonic() - t0 < 15
         url = f"http://10.0.2.2:{host_server.port}/allowed"
         assert await _fetch(runtime, allowed, url) == "host answer for /allowed"
         got = await _fetch(runtime, allowed, f"http://10.0.2.2:{other.port}/no")

@@ -173,6 +173,20 @@ class Guard:
         )  # fmt: skip
         await asyncio.to_thread(self._nft, ["-f", "-"], script)
 
+    def install_inside(
+        self, ns_fd: int, sandbox_id: str, policy: EgressPolicy, *, proxy_port: int | None
+    ) -> None:
+        """The same table inside the sandbox's own network namespace (QEMU is in the same
+        cgroup there). Behind pasta, what the host's table refuses would only time out (pasta
+        does not pass a reset on); refused inside, the guest's connection fails at once. QEMU
+        has no capability to change it, and it goes with the namespace."""
+        script = ruleset(
+            table_name(self.scope, sandbox_id), str(self.leaf(sandbox_id).relative_to(
+                NFT_CGROUP_BASE)), 2, policy,
+            proxy_port=proxy_port, nameservers=host_nameservers(), host_addrs=host_addresses(),
+        )  # fmt: skip
+        self._nft(["-f", "-"], script, netns_fd=ns_fd)
+
     def enter(self, sandbox_id: str, pid: int) -> None:
         """Move QEMU into the guarded cgroup (before the guest runs any code)."""
         (self.leaf(sandbox_id) / "cgroup.procs").write_text(str(pid))
@@ -198,13 +212,18 @@ class Guard:
         with contextlib.suppress(Unavailable):
             self._nft(["delete", "table", "inet", table])
 
-    def _nft(self, args: list[str], stdin: str | None = None) -> str:
+    def _nft(self, args: list[str], stdin: str | None = None, netns_fd: int | None = None) -> str:
         nft = nft_binary()
         if nft is None:
             raise Unavailable("nft not found: install the nftables package")
+        cmd = [nft, *args]
+        if netns_fd is not None:  # in that namespace (nsenter opens its own inherited copy)
+            nsenter = shutil.which("nsenter") or "nsenter"
+            cmd = [nsenter, f"--net=/proc/self/fd/{netns_fd}", "--", *cmd]
         try:
-            proc = subprocess.run([nft, *args], input=stdin, capture_output=True, text=True,
-                                  timeout=NFT_TIMEOUT_S, check=False)  # fmt: skip
+            proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True,
+                                  timeout=NFT_TIMEOUT_S, check=False,
+                                  pass_fds=() if netns_fd is None else (netns_fd,))  # fmt: skip
         except (OSError, subprocess.SubprocessError) as exc:
             raise Unavailable(f"nft {' '.join(args)}: {exc}") from exc
         if proc.returncode != 0:

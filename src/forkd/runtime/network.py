@@ -14,12 +14,13 @@ import contextlib
 import os
 import secrets
 import ssl
+import subprocess
 from pathlib import Path
 
 from forkd import wire
 from forkd.errors import Conflict, InvalidInput, NotFound, QemuGone, Unavailable
 from forkd.net import guard as guard_mod
-from forkd.net import nsbridge
+from forkd.net import nsbridge, pasta
 from forkd.net import ports as port_mod
 from forkd.net.guard import Guard
 from forkd.net.nsbridge import Forward
@@ -60,6 +61,11 @@ def template_key_owner(key: str) -> int | None:
         return None
 
 
+def _needs_routes(policy: EgressPolicy) -> bool:
+    """Open routes out (not only loopback ports): ``internet``, CIDR entries."""
+    return policy.egress == "internet" or bool(policy.cidrs)
+
+
 def host_ca_bundle() -> Path | None:
     """The host's CA bundle file (the one its own TLS clients trust)."""
     paths = ssl.get_default_verify_paths()
@@ -89,6 +95,7 @@ class SandboxNetworks:
         self._ingress: dict[str, dict[int, Forward]] = {}
         self._egress: dict[str, list[Forward]] = {}
         self._serving: set[asyncio.Future[None]] = set()
+        self._pasta: dict[str, subprocess.Popen[bytes]] = {}  # its routes out (open egress)
 
     # --- policy ----------------------------------------------------------------------------
 
@@ -140,13 +147,14 @@ class SandboxNetworks:
     def host_netns(self, policy: EgressPolicy) -> bool:
         """Whether a machine with a NIC and this policy must share the host's network namespace.
 
-        Every other one gets its own (when jailed), with only what the daemon bridges into it:
-        its port forwards and its policy's loopback ports (``host:PORT``, the proxy). Open
-        routes (``internet``, CIDRs) need the host's; so do loopback ports in a one-shot
-        process, which would take their bridges with it when it exits.
+        Every other one gets its own (when jailed), with only what is bridged into it: its port
+        forwards and its policy's loopback ports (``host:PORT``, the proxy), and for open routes
+        (``internet``, CIDRs) a guarded pasta. Without pasta open routes need the host's
+        namespace; so do loopback ports in a one-shot process, which would take their bridges
+        with it when it exits.
         """
-        if policy.egress == "internet" or policy.cidrs:
-            return True
+        if _needs_routes(policy):
+            return pasta.probe() is not None
         return bool(policy.host_ports) and not self._long_lived
 
     def require_guard(self) -> Guard:
@@ -187,11 +195,22 @@ class SandboxNetworks:
         ports inside: bound here, before its guest runs, served as soon as the loop runs."""
         if policy.restricted:
             return
-        self.require_guard().enter(sandbox_id, pid)
+        guard = self.require_guard()
+        guard.enter(sandbox_id, pid)
         ports = self._loopback_ports(sandbox_id, policy)
-        ns = self._netns_of(sandbox_id, pid) if ports else None
-        if ns is not None:
-            self._open_loopback(sandbox_id, ports, ns)
+        routes = _needs_routes(policy)
+        ns = self._netns_of(sandbox_id, pid) if ports or routes else None
+        if ns is None:
+            return
+        self._open_loopback(sandbox_id, ports, ns)
+        if routes and sandbox_id not in self._pasta:
+            try:
+                self._pasta[sandbox_id] = pasta.start(ns, pid, guard.leaf(sandbox_id))
+            except OSError as exc:
+                raise Unavailable(f"egress {policy.egress!r}: {exc}") from exc
+            row = self.registry.get_network(sandbox_id)
+            proxy_port = row.proxy_port if row is not None else None
+            guard.install_inside(ns, sandbox_id, policy, proxy_port=proxy_port)
 
     def _open_loopback(self, sandbox_id: str, ports: list[int], ns: int) -> None:
         forwards = self._egress.setdefault(sandbox_id, [])
@@ -276,11 +295,16 @@ class SandboxNetworks:
         if proxy is not None:
             await proxy.close()
         await self._close_bridges(sandbox_id)
+        helper = self._pasta.pop(sandbox_id, None)
+        if helper is not None:
+            await asyncio.to_thread(pasta.stop, helper)
         row = self.registry.get_network(sandbox_id)
         if row is not None and row.policy.get("egress") != "none":
             if not self._guard_probed:
                 self._guard, self._guard_probed = Guard.available(self.scope), True
             if self._guard is not None:
+                # one another process started (a one-shot CLI's sandbox, a daemon restart)
+                await asyncio.to_thread(pasta.kill_leftovers, self._guard.leaf(sandbox_id))
                 await self._guard.remove(sandbox_id)
         self.registry.delete_network(sandbox_id)
 
