@@ -25,7 +25,6 @@ LOOPBACK = "127.0.0.1"
 CHUNK = 64 * 1024
 MAX_CONNECTIONS = 128  # per forward
 CONNECT_TIMEOUT_S = 10.0
-IDLE_TIMEOUT_S = 3600.0
 CLONE_NEWNET = 0x40000000
 
 
@@ -189,10 +188,12 @@ async def splice(
     b_reader: asyncio.StreamReader,
     b_writer: asyncio.StreamWriter,
     *,
-    idle_timeout: float = IDLE_TIMEOUT_S,
+    idle_timeout: float | None = None,
 ) -> None:
     """Pump both ways until both sides ended; a write waits for its peer to drain (at most one
-    chunk in flight per direction), an EOF is passed on as a half-close, an error ends both."""
+    chunk in flight per direction), an EOF is passed on as a half-close, an error ends both.
+    No idle limit by default (as QEMU's own forwards): a forward's connections are bounded in
+    number instead."""
 
     async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         while data := await asyncio.wait_for(src.read(CHUNK), idle_timeout):
