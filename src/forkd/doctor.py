@@ -337,6 +337,14 @@ def check_open_egress_netns(settings: Settings) -> Check:
         return Check("open egress netns", "WARN", "sandboxes with egress internet or a CIDR "
                      f"allow-list keep their QEMU in the host's network namespace: {why}",
                      "as root: apt-get install passt (docs/security.md)")  # fmt: skip
+    from forkd.net.guard import host_nameservers
+
+    resolvers = host_nameservers()
+    if resolvers and all(r.startswith("127.") for r in resolvers):
+        return Check("open egress netns", "WARN", "internet sandboxes leave their namespace "
+                     f"through pasta, but this host's resolvers ({', '.join(resolvers)}) are on "
+                     "its loopback, which their DNS cannot reach", "name a resolver by its "
+                     "address in /etc/resolv.conf (docs/security.md)")  # fmt: skip
     return Check("open egress netns", "PASS", "every jailed QEMU has its own network "
                  "namespace; internet and CIDR egress leave it through a pasta in the "
                  "sandbox's guard cgroup")  # fmt: skip

@@ -122,3 +122,21 @@ def test_leftover_pastas_of_a_leaf_are_killed_and_nothing_else(tmp_path: Path) -
         for p in (pastaish, other):
             p.kill()
             p.wait()
+
+
+def test_doctor_says_where_open_egress_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from forkd import doctor
+    from forkd.config import Settings
+    from forkd.net import guard
+
+    settings = Settings()
+    monkeypatch.setattr(doctor.jails, "probe", lambda: None)
+    monkeypatch.setattr(pasta, "probe", lambda: "pasta not found: install the passt package")
+    check = doctor.check_open_egress_netns(settings)
+    assert check.status == "WARN" and "host's network namespace" in check.detail
+    monkeypatch.setattr(pasta, "probe", lambda: None)
+    monkeypatch.setattr(guard, "host_nameservers", lambda: ["127.0.0.53"])
+    check = doctor.check_open_egress_netns(settings)
+    assert check.status == "WARN" and "127.0.0.53" in check.detail
+    monkeypatch.setattr(guard, "host_nameservers", lambda: ["10.9.9.9"])
+    assert doctor.check_open_egress_netns(settings).status == "PASS"
