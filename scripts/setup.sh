@@ -15,7 +15,8 @@ log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 # zstd, skopeo: the hub (forkd pack/push/pull); docker-registry: the hub tests' local registry
 # umoci (and skopeo): OCI/Docker images and their layers (forkd image import)
 # bubblewrap: the jail of every QEMU process (docs/security.md)
-packages=(debootstrap e2fsprogs busybox-static ca-certificates nftables zstd skopeo umoci bubblewrap)
+# passt (pasta): the route out of a jailed sandbox's network namespace for egress internet/CIDRs
+packages=(debootstrap e2fsprogs busybox-static ca-certificates nftables zstd skopeo umoci bubblewrap passt)
 command -v python3 >/dev/null || packages+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
 if [ "$action" = test ] && ! command -v npm >/dev/null; then packages+=(nodejs npm); fi

@@ -27,7 +27,8 @@ def spawn_notes(req: wire.SpawnRequest, *, memory_dir: Path) -> list[str]:
     if req.per_child_netns:
         notes.append(
             "per_child_netns changes nothing: a sandbox here never shares a network stack with "
-            "its siblings, so there is no netns to create and 'netns' stays null"
+            "its siblings (and a jailed one has a network namespace of its own already), so "
+            "'netns' stays null"
         )
     if req.prewarm:
         notes.append(

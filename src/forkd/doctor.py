@@ -323,7 +323,32 @@ def check_jail(settings: Settings) -> Check:
                      f"(is {settings.home} on a nodev filesystem?)",
                      "live BRANCH fails inside the jail; full and diff work")  # fmt: skip
     return Check("jail", "PASS", "every QEMU jailed: own uid, no capabilities, no_new_privs, "
-                 "pid/mount/ipc/uts namespaces (net without a NIC), seccomp")  # fmt: skip
+                 "pid/mount/ipc/uts/net namespaces, seccomp")  # fmt: skip
+
+
+def check_open_egress_netns(settings: Settings) -> Check:
+    """Whether open egress (internet, CIDRs) of a jailed sandbox leaves the host's namespace."""
+    from forkd.net import pasta
+
+    why = pasta.probe()
+    if settings.jail == "off" or jails.probe() is not None:
+        return Check("open egress netns", "WARN", "QEMU is not jailed: every QEMU shares the "
+                     "host's network namespace", "see 'jail'")  # fmt: skip
+    if why is not None:
+        return Check("open egress netns", "WARN", "sandboxes with egress internet or a CIDR "
+                     f"allow-list keep their QEMU in the host's network namespace: {why}",
+                     "as root: apt-get install passt (docs/security.md)")  # fmt: skip
+    from forkd.net.guard import host_nameservers
+
+    resolvers = host_nameservers()
+    if resolvers and all(r.startswith("127.") for r in resolvers):
+        return Check("open egress netns", "WARN", "internet sandboxes leave their namespace "
+                     f"through pasta, but this host's resolvers ({', '.join(resolvers)}) are on "
+                     "its loopback, which their DNS cannot reach", "name a resolver by its "
+                     "address in /etc/resolv.conf (docs/security.md)")  # fmt: skip
+    return Check("open egress netns", "PASS", "every jailed QEMU has its own network "
+                 "namespace; internet and CIDR egress leave it through a pasta in the "
+                 "sandbox's guard cgroup")  # fmt: skip
 
 
 def check_cgroups(settings: Settings, found: cgroups.Cgroups | None = None) -> Check:
@@ -376,5 +401,6 @@ def run_checks(settings: Settings) -> list[Check]:
         check_program("umoci", "umoci", "needed to import OCI/Docker images", optional=True),
         check_network_backend(),
         check_egress_guard(),
+        check_open_egress_netns(settings),
         *check_images(settings),
     ]

@@ -72,11 +72,14 @@ def _serve_in_guest(api: httpx.Client, sid: str, port: int) -> None:
            200)  # fmt: skip
 
 
-def test_ports_over_http(api: httpx.Client, sandboxes: list[str]) -> None:
+def test_ports_over_http(daemon: DaemonProcess, api: httpx.Client, sandboxes: list[str]) -> None:
     sid = _spawn(api, sandboxes)["id"]
     _serve_in_guest(api, sid, 8000)
     fwd = expect(api.post(f"/v1/sandboxes/{sid}/ports", json={"port": 8000}), 201)
     assert set(fwd) == {"port", "host", "host_port", "url"} and fwd["host"] == "127.0.0.1"
+    assert httpx.get(fwd["url"] + "/index.txt", timeout=30).text == "served\n"
+    # the daemon bridges a jailed sandbox's forward: a restarted one serves it again
+    daemon.restart()
     assert httpx.get(fwd["url"] + "/index.txt", timeout=30).text == "served\n"
     assert expect(api.get(f"/v1/sandboxes/{sid}/ports"), 200) == [fwd]
     expect(api.post(f"/v1/sandboxes/{sid}/ports", json={"port": 0}), 400)

@@ -78,6 +78,14 @@ def test_guard_rules_allow_only_the_policy() -> None:
     assert internet.index("th dport 53 accept") < blocked < internet.index("nfproto ipv4 accept")
     assert "169.254.0.0/16" in internet and "192.0.2.2" in internet and "127.0.0.0/8" in internet
     assert guard.table_name("h1", "sb-ab.c") == "forkd_h1_sb_ab_c"
+    # inside a sandbox's own namespace: every socket's output, loopback (the bridges) aside
+    inner = guard.ruleset("t", "", 0, parse_policy("internet", None), proxy_port=None,
+                          nameservers=["10.9.9.9"], host_addrs=[], inside=True)  # fmt: skip
+    assert "cgroupv2" not in inner
+    assert inner.index('oif "lo" accept') < inner.index("jump egress")
+    assert inner.split("chain egress")[1] == internet.split("chain egress")[1].replace(
+        ", 192.0.2.2", ""
+    )
 
 
 def test_cgroup2_root_from_mountinfo(tmp_path: Any) -> None:

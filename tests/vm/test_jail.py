@@ -16,7 +16,7 @@ from forkd.errors import ForkdError
 from forkd.runtime.engine import Runtime
 from forkd.vmm import jail as jails
 from forkd.vmm.qemu import QemuProcess, pid_runs_in
-from forkd.vmm.spec import RunPaths, has_nic
+from forkd.vmm.spec import RunPaths
 
 pytestmark = pytest.mark.vm
 
@@ -91,9 +91,8 @@ async def test_a_child_runs_jailed(runtime: Runtime, template: str) -> None:
             assert st["NSpid"].split()[-1] == "1"  # pid 1 of its own pid namespace
             for ns in NAMESPACES:
                 assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}")
-            same_net = os.readlink(f"/proc/{pid}/ns/net") == os.readlink("/proc/self/ns/net")
-            # a NIC's user-mode stack lives in the host's network namespace (docs/security.md)
-            assert same_net == has_nic(manifest.machine_args)
+            # its own network namespace, NIC or not (docs/security.md)
+            assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
             assert Path(f"/proc/{pid}/environ").read_bytes() == b"PATH=/usr/bin:/bin\0"
             root = Path(f"/proc/{pid}/root")
             assert {"usr", "dev"} <= set(os.listdir(root))
@@ -103,10 +102,7 @@ async def test_a_child_runs_jailed(runtime: Runtime, template: str) -> None:
             assert (root / "dev/userfaultfd").exists()
             # of the host's files only QEMU's own and this guest's are there
             allowed = {manifest.rootfs, memory}
-            if not same_net:
-                assert not (root / "etc").exists()
-            else:  # the user-mode stack's DNS forwarder reads the host's resolvers
-                allowed.add("/etc/resolv.conf")
+            assert not (root / "etc").exists()
             for top, dirs, files in os.walk(root):
                 rel = "/" + os.path.relpath(top, root).lstrip(".")
                 if rel.startswith("/dev"):

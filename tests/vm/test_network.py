@@ -22,7 +22,8 @@ from pip._internal.models.index import PyPI
 
 from forkd import wire
 from forkd.errors import Conflict, InvalidInput
-from forkd.net.guard import probe
+from forkd.net import pasta
+from forkd.net.guard import cgroup2_root, probe
 from forkd.runtime.engine import Runtime
 
 pytestmark = [
@@ -337,3 +338,67 @@ async def test_another_homes_start_leaves_this_homes_guard(
         assert got.startswith("ERROR") and host_server.requests == []
     finally:
         await runtime.kill(sandbox_id)
+
+
+# --- jailed NIC children: network namespaces of their own (docs/security.md) ---------------
+
+
+def _netns(pid: int | str) -> str:
+    return os.readlink(f"/proc/{pid}/ns/net")
+
+
+async def test_egress_none_child_has_its_own_netns_and_a_working_forward(
+    runtime: Runtime, template: str, host_server: HostServer
+) -> None:
+    if runtime.jail is None:
+        pytest.skip("QEMU is not jailed here")
+    sandbox_id = await _spawn(runtime, template)
+    try:
+        assert _netns(runtime.get_sandbox(sandbox_id).pid) != _netns("self")
+        serve = "cd /etc && nohup python3 -m http.server 8000 --bind 0.0.0.0 >/tmp/h.log 2>&1 &"
+        await runtime.exec(sandbox_id, ["sh", "-c", serve])
+        await _wait_listening(runtime, sandbox_id, 8000)
+        info = await runtime.expose_port(sandbox_id, 8000)
+        assert "hostname" in await asyncio.to_thread(_get, info.url + "/")
+        # and the guest reaches nothing of the host
+        got = await _fetch(runtime, sandbox_id, f"http://10.0.2.2:{host_server.port}/x")
+        assert got.startswith("ERROR"), got
+        assert host_server.requests == []
+    finally:
+        await runtime.kill(sandbox_id)
+
+
+async def test_allowlisted_host_port_is_bridged_into_the_netns(
+    runtime: Runtime, template: str, host_server: HostServer
+) -> None:
+    if runtime.jail is None:
+        pytest.skip("QEMU is not jailed here")
+    other = HostServer()
+    allowed = await _spawn(
+        runtime, template, egress="allowlist", allow=[f"host:{host_server.port}"]
+    )
+    internet = await _spawn(runtime, template, egress="internet")
+    try:
+        assert _netns(runtime.get_sandbox(allowed).pid) != _netns("self")
+        # open routes: its own namespace too, with a pasta (else the host's; docs/security.md)
+        shared = _netns(runtime.get_sandbox(internet).pid) == _netns("self")
+        assert shared == (pasta.probe() is not None)
+        if not shared:  # pasta's sockets are the guard's: it runs in the sandbox's cgroup
+            root = cgroup2_root()
+            assert root is not None
+            procs = (root / "forkd" / internet / "cgroup.procs").read_text().split()
+            names = {Path(f"/proc/{p}/comm").read_text().strip() for p in procs}
+            assert any(n.startswith(("pasta", "passt")) for n in names), names
+            t0 = time.monotonic()
+            got = await _fetch(runtime, internet, "http://169.254.169.254/latest/meta-data/")
+            assert got.startswith("ERROR") and "refused" in got.lower(), got
+            assert time.monotonic() - t0 < 15
+        url = f"http://10.0.2.2:{host_server.port}/allowed"
+        assert await _fetch(runtime, allowed, url) == "host answer for /allowed"
+        got = await _fetch(runtime, allowed, f"http://10.0.2.2:{other.port}/no")
+        assert got.startswith("ERROR") and other.requests == [], got
+        assert host_server.requests == ["/allowed"]
+    finally:
+        other.close()
+        await runtime.kill(allowed)
+        await runtime.kill(internet)

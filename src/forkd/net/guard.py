@@ -108,8 +108,13 @@ def ruleset(
     proxy_port: int | None,
     nameservers: list[str],
     host_addrs: list[str],
+    inside: bool = False,
 ) -> str:
-    """The nftables script of one sandbox's table (pure: unit-tested)."""
+    """The nftables script of one sandbox's table (pure: unit-tested).
+
+    ``inside``: for the sandbox's own network namespace, where every socket but the daemon's
+    bridges is its QEMU's: all output is checked whatever its cgroup, except on ``lo``, where
+    only those bridges and QEMU's own forwards listen."""
     allow: list[str] = ["ct state established,related accept"]
     loopback_ports = sorted({*policy.host_ports, *([proxy_port] if proxy_port else [])})
     if loopback_ports:
@@ -126,10 +131,15 @@ def ruleset(
         allow.append(f"ip daddr {{ {blocked} }} goto refuse")
         allow.append("meta nfproto ipv4 accept")
     rules = "\n".join(f"    {r}" for r in allow)
+    match = (
+        'oif "lo" accept\n    jump egress'
+        if inside
+        else f'socket cgroupv2 level {level} "{cgroup}" jump egress'
+    )
     return f"""table inet {table} {{
   chain output {{
     type filter hook output priority filter; policy accept;
-    socket cgroupv2 level {level} "{cgroup}" jump egress
+    {match}
   }}
   chain egress {{
 {rules}
@@ -173,6 +183,19 @@ class Guard:
         )  # fmt: skip
         await asyncio.to_thread(self._nft, ["-f", "-"], script)
 
+    def install_inside(
+        self, ns_fd: int, sandbox_id: str, policy: EgressPolicy, *, proxy_port: int | None
+    ) -> None:
+        """The same rules inside the sandbox's own network namespace, for every socket there
+        (whatever cgroup QEMU is in). Behind pasta, what the host's table refuses would only
+        time out (pasta does not pass a reset on); refused inside, the guest's connection fails
+        at once. QEMU has no capability to change it, and it goes with the namespace."""
+        script = ruleset(
+            table_name(self.scope, sandbox_id), "", 0, policy, proxy_port=proxy_port,
+            nameservers=host_nameservers(), host_addrs=host_addresses(), inside=True,
+        )  # fmt: skip
+        self._nft(["-f", "-"], script, netns_fd=ns_fd)
+
     def enter(self, sandbox_id: str, pid: int) -> None:
         """Move QEMU into the guarded cgroup (before the guest runs any code)."""
         (self.leaf(sandbox_id) / "cgroup.procs").write_text(str(pid))
@@ -198,13 +221,18 @@ class Guard:
         with contextlib.suppress(Unavailable):
             self._nft(["delete", "table", "inet", table])
 
-    def _nft(self, args: list[str], stdin: str | None = None) -> str:
+    def _nft(self, args: list[str], stdin: str | None = None, netns_fd: int | None = None) -> str:
         nft = nft_binary()
         if nft is None:
             raise Unavailable("nft not found: install the nftables package")
+        cmd = [nft, *args]
+        if netns_fd is not None:  # in that namespace (nsenter opens its own inherited copy)
+            nsenter = shutil.which("nsenter") or "nsenter"
+            cmd = [nsenter, f"--net=/proc/self/fd/{netns_fd}", "--", *cmd]
         try:
-            proc = subprocess.run([nft, *args], input=stdin, capture_output=True, text=True,
-                                  timeout=NFT_TIMEOUT_S, check=False)  # fmt: skip
+            proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True,
+                                  timeout=NFT_TIMEOUT_S, check=False,
+                                  pass_fds=() if netns_fd is None else (netns_fd,))  # fmt: skip
         except (OSError, subprocess.SubprocessError) as exc:
             raise Unavailable(f"nft {' '.join(args)}: {exc}") from exc
         if proc.returncode != 0:

@@ -399,7 +399,8 @@ class Runtime:
 
         return TemplateRequest(
             tag, image, built, mem_mib, warmup, self.accel, network=nic,
-            warmup_unrestricted=not policy.restricted, on_launch=on_launch, on_agent=on_agent,
+            warmup_unrestricted=not policy.restricted,
+            warmup_host_netns=networks.host_netns(policy), on_launch=on_launch, on_agent=on_agent,
             after_warmup=networks.neutralize_guest,
         )  # fmt: skip
 
@@ -603,7 +604,8 @@ class Runtime:
                 try:
                     child = await launch_incoming(
                         self.settings.run_dir, manifest, restrict_network=policy.restricted,
-                        jail=self.jail, before_exec=hook,
+                        host_netns=self.networks.host_netns(policy), jail=self.jail,
+                        before_exec=hook,
                     )  # fmt: skip
                 except BaseException as exc:
                     if hook is not None:

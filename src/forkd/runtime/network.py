@@ -9,17 +9,21 @@ proxy variables, optionally the host's CA bundle) before any user code.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
 import ssl
+import subprocess
 from pathlib import Path
 
 from forkd import wire
-from forkd.errors import Conflict, InvalidInput, NotFound, Unavailable
+from forkd.errors import Conflict, InvalidInput, NotFound, QemuGone, Unavailable
 from forkd.net import guard as guard_mod
+from forkd.net import nsbridge, pasta
 from forkd.net import ports as port_mod
 from forkd.net.guard import Guard
+from forkd.net.nsbridge import Forward
 from forkd.net.policy import Egress, EgressPolicy, policy_from_wire, resolve_policy
 from forkd.net.proxy import AllowListProxy
 from forkd.runtime.registry import NetworkRow, Registry
@@ -57,6 +61,11 @@ def template_key_owner(key: str) -> int | None:
         return None
 
 
+def _needs_routes(policy: EgressPolicy) -> bool:
+    """Open routes out (not only loopback ports): ``internet``, CIDR entries."""
+    return policy.egress == "internet" or bool(policy.cidrs)
+
+
 def host_ca_bundle() -> Path | None:
     """The host's CA bundle file (the one its own TLS clients trust)."""
     paths = ssl.get_default_verify_paths()
@@ -80,6 +89,13 @@ class SandboxNetworks:
         self._guard: Guard | None = None
         self._guard_probed = False
         self._proxies: dict[str, AllowListProxy] = {}
+        # sandboxes whose QEMU has a network namespace of its own (jailed): its descriptor,
+        # the forwards into it (ingress, by guest port) and out of it (its loopback ports)
+        self._netns: dict[str, int] = {}
+        self._ingress: dict[str, dict[int, Forward]] = {}
+        self._egress: dict[str, list[Forward]] = {}
+        self._serving: set[asyncio.Future[None]] = set()
+        self._pasta: dict[str, subprocess.Popen[bytes]] = {}  # its routes out (open egress)
 
     # --- policy ----------------------------------------------------------------------------
 
@@ -128,6 +144,19 @@ class SandboxNetworks:
             )
         return policy
 
+    def host_netns(self, policy: EgressPolicy) -> bool:
+        """Whether a machine with a NIC and this policy must share the host's network namespace.
+
+        Every other one gets its own (when jailed), with only what is bridged into it: its port
+        forwards and its policy's loopback ports (``host:PORT``, the proxy), and for open routes
+        (``internet``, CIDRs) a guarded pasta. Without pasta open routes need the host's
+        namespace; so do loopback ports in a one-shot process, which would take their bridges
+        with it when it exits.
+        """
+        if _needs_routes(policy):
+            return pasta.probe() is not None
+        return bool(policy.host_ports) and not self._long_lived
+
     def require_guard(self) -> Guard:
         if not self._guard_probed:
             self._guard, self._guard_probed = Guard.available(self.scope), True
@@ -162,8 +191,58 @@ class SandboxNetworks:
             raise
 
     def enter(self, sandbox_id: str, policy: EgressPolicy, pid: int) -> None:
-        if not policy.restricted:
-            self.require_guard().enter(sandbox_id, pid)
+        """Put QEMU ``pid`` under its guard, and (in a namespace of its own) open its loopback
+        ports inside: bound here, before its guest runs, served as soon as the loop runs."""
+        if policy.restricted:
+            return
+        guard = self.require_guard()
+        guard.enter(sandbox_id, pid)
+        ports = self._loopback_ports(sandbox_id, policy)
+        routes = _needs_routes(policy)
+        ns = self._netns_of(sandbox_id, pid) if ports or routes else None
+        if ns is None:
+            return
+        self._open_loopback(sandbox_id, ports, ns)
+        if routes and sandbox_id not in self._pasta:
+            try:
+                self._pasta[sandbox_id] = pasta.start(ns, pid, guard.leaf(sandbox_id))
+            except OSError as exc:
+                raise Unavailable(f"egress {policy.egress!r}: {exc}") from exc
+            row = self.registry.get_network(sandbox_id)
+            proxy_port = row.proxy_port if row is not None else None
+            guard.install_inside(ns, sandbox_id, policy, proxy_port=proxy_port)
+
+    def _open_loopback(self, sandbox_id: str, ports: list[int], ns: int) -> None:
+        forwards = self._egress.setdefault(sandbox_id, [])
+        for port in ports:
+            fwd = Forward(listen_ns=ns, target_ns=None, target_port=port)
+            fwd.bind(port)  # the number the guest dials on the host alias
+            forwards.append(fwd)
+            self._serve_soon(fwd)
+
+    def _loopback_ports(self, sandbox_id: str, policy: EgressPolicy) -> list[int]:
+        row = self.registry.get_network(sandbox_id)
+        proxy = [row.proxy_port] if row is not None and row.proxy_port else []
+        return sorted({*policy.host_ports, *proxy})
+
+    def _netns_of(self, sandbox_id: str, pid: int) -> int | None:
+        """The descriptor of the sandbox's own network namespace; None when QEMU shares this
+        process's (unjailed, or a policy that needs the host's)."""
+        ns = self._netns.get(sandbox_id)
+        if ns is None:
+            try:
+                if not nsbridge.own_netns(pid):
+                    return None
+                ns = nsbridge.open_netns(pid)
+            except OSError as exc:  # gone (the caller answers 410 for that)
+                raise QemuGone(f"cannot open the network namespace of QEMU {pid}: {exc}") from exc
+            self._netns[sandbox_id] = ns
+        return ns
+
+    def _serve_soon(self, fwd: Forward) -> None:
+        task = asyncio.ensure_future(fwd.serve())
+        self._serving.add(task)
+        task.add_done_callback(self._serving.discard)
 
     def guest_config(
         self,
@@ -215,26 +294,54 @@ class SandboxNetworks:
         proxy = self._proxies.pop(sandbox_id, None)
         if proxy is not None:
             await proxy.close()
+        await self._close_bridges(sandbox_id)
+        helper = self._pasta.pop(sandbox_id, None)
+        if helper is not None:
+            await asyncio.to_thread(pasta.stop, helper)
         row = self.registry.get_network(sandbox_id)
         if row is not None and row.policy.get("egress") != "none":
             if not self._guard_probed:
                 self._guard, self._guard_probed = Guard.available(self.scope), True
             if self._guard is not None:
+                # one another process started (a one-shot CLI's sandbox, a daemon restart)
+                await asyncio.to_thread(pasta.kill_leftovers, self._guard.leaf(sandbox_id))
                 await self._guard.remove(sandbox_id)
         self.registry.delete_network(sandbox_id)
 
+    async def _close_bridges(self, sandbox_id: str) -> None:
+        forwards = [*self._egress.pop(sandbox_id, []),
+                    *self._ingress.pop(sandbox_id, {}).values()]  # fmt: skip
+        for fwd in forwards:
+            await fwd.close()
+        ns = self._netns.pop(sandbox_id, None)
+        if ns is not None:
+            os.close(ns)
+
     async def readopt(self, sandbox_id: str) -> None:
         """A restarted daemon serves a running sandbox's allow-list proxy again, on the port its
-        guard and guest already point at."""
+        guard and guest already point at, and its bridges (port forwards, loopback ports) on the
+        ports they had."""
         row = self.registry.get_network(sandbox_id)
-        if row is None or not row.proxy_port or sandbox_id in self._proxies:
+        if row is None:
             return
-        proxy = AllowListProxy(policy_from_wire(row.policy))
-        try:
-            await proxy.start(row.proxy_port)
-        except OSError:
-            return  # the port was taken meanwhile: its names stay unreachable, nothing opens
-        self._proxies[sandbox_id] = proxy
+        policy = policy_from_wire(row.policy)
+        if row.proxy_port and sandbox_id not in self._proxies:
+            proxy = AllowListProxy(policy)
+            try:
+                await proxy.start(row.proxy_port)
+                self._proxies[sandbox_id] = proxy
+            except OSError:
+                pass  # the port was taken meanwhile: its names stay unreachable, nothing opens
+        sandbox = self.registry.get_sandbox(sandbox_id)
+        if sandbox is None or sandbox_id in self._netns:
+            return
+        with contextlib.suppress(QemuGone, OSError):
+            ns = self._netns_of(sandbox_id, sandbox.pid)
+            if ns is None:
+                return
+            self._open_loopback(sandbox_id, self._loopback_ports(sandbox_id, policy), ns)
+            for p in row.ports:
+                await self._bridge_in(sandbox_id, ns, int(p["port"]), int(p["host_port"]))
 
     async def sweep(self, alive: set[str]) -> None:
         """Drop records, tables and cgroups of sandboxes that no longer run (and of template
@@ -303,15 +410,34 @@ class SandboxNetworks:
                 f"forwards cannot reach: bind it to 0.0.0.0 (or {nic.guest_ip}), e.g. "
                 f"'python3 -m http.server {port} --bind 0.0.0.0'"
             )
+        # A jailed QEMU's forward listens on its own namespace's loopback, at the same number
+        # as the daemon's bridge to it on the host's.
+        ns = self._netns_of(sandbox_id, qemu.pid)
+        if ns is not None and not self._long_lived:
+            raise Unavailable(
+                "a port forward of a sandbox in its own network namespace is bridged by the "
+                "daemon: start 'forkd daemon' to forward ports"
+            )
         last = ""
         for _ in range(3):
             host_port = port_mod.free_loopback_port()
             said = await qemu.execute(
                 "human-monitor-command", {"command-line": port_mod.hostfwd_add(host_port, port)}
             )
-            if not str(said).strip():
+            if str(said).strip():
+                last = str(said).strip()
+                continue
+            if ns is None:
                 break
-            last = str(said).strip()
+            try:
+                await self._bridge_in(sandbox_id, ns, port, host_port)
+                break
+            except OSError as exc:  # taken on the host meanwhile: another number
+                last = f"127.0.0.1:{host_port}: {exc}"
+                await qemu.execute(
+                    "human-monitor-command",
+                    {"command-line": port_mod.hostfwd_remove(host_port)},
+                )
         else:
             raise Unavailable(f"cannot forward guest port {port}: {last}")
         info = wire.PortInfo(port=port, host="127.0.0.1", host_port=host_port,
@@ -325,9 +451,19 @@ class SandboxNetworks:
         match = [p for p in (row.ports if row else []) if p["port"] == port]
         if row is None or not match:
             raise NotFound(f"sandbox {sandbox_id} does not forward guest port {port}")
+        fwd = self._ingress.get(sandbox_id, {}).pop(port, None)
+        if fwd is not None:
+            await fwd.close()
         await qemu.execute(
             "human-monitor-command",
             {"command-line": port_mod.hostfwd_remove(int(match[0]["host_port"]))},
         )
         row.ports = [p for p in row.ports if p["port"] != port]
         self.registry.put_network(row)
+
+    async def _bridge_in(self, sandbox_id: str, ns: int, port: int, host_port: int) -> None:
+        """Host 127.0.0.1:``host_port`` -> the same port on the sandbox's own loopback, where
+        its QEMU's forward to guest ``port`` listens."""
+        fwd = Forward(listen_ns=None, target_ns=ns, target_port=host_port)
+        await fwd.start(host_port)
+        self._ingress.setdefault(sandbox_id, {})[port] = fwd

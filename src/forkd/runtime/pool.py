@@ -104,6 +104,7 @@ async def launch_incoming(
     *,
     pooled: bool = False,
     restrict_network: bool = True,
+    host_netns: bool = False,
     jail: Jail | None = None,
     before_exec: Callable[[str, int], None] | None = None,
 ) -> Prelaunched:
@@ -111,8 +112,8 @@ async def launch_incoming(
 
     A pooled child's run dir names its owner (``pool-<pid>-...``) so that only a dead owner's
     leftovers are ever swept by another process. ``before_exec(sandbox_id, pid)`` runs before
-    QEMU runs (cgroup placement). A machine without a NIC gets a network namespace of its own;
-    one with a NIC stays in the host's (its user-mode stack's port forwards listen there).
+    QEMU runs (cgroup placement). Every jailed QEMU gets a network namespace of its own, unless
+    ``host_netns`` (a NIC whose egress needs the host's routes; see ``SandboxNetworks``).
     """
     sandbox_id = "sb-" + secrets.token_hex(6)
     name = f"{POOL_PREFIX}{os.getpid()}-{secrets.token_hex(4)}" if pooled else sandbox_id
@@ -123,9 +124,8 @@ async def launch_incoming(
         restrict_network=restrict_network,
     )  # fmt: skip
     hook = None if before_exec is None else (lambda pid: before_exec(sandbox_id, pid))
-    qemu = await QemuProcess.launch(
-        argv, paths, jail=jail, new_netns=not has_nic(manifest.machine_args), before_exec=hook
-    )
+    new_netns = not (host_netns and has_nic(manifest.machine_args))
+    qemu = await QemuProcess.launch(argv, paths, jail=jail, new_netns=new_netns, before_exec=hook)
     try:
         (paths.dir / BASE_MANIFEST).write_text(manifest.model_dump_json())
         # Connected before the guest runs: the restored agent is blocked in read() and answers as

@@ -42,6 +42,7 @@ class TemplateRequest:
     # warm-up egress: an unrestricted backend, guarded by the hooks (QEMU's pid before the guest
     # runs any user code; the agent before the warm-up, and again after it, to reset the guest)
     warmup_unrestricted: bool = False
+    warmup_host_netns: bool = False  # its egress needs the host's routes (else its own netns)
     on_launch: Callable[[int], Awaitable[None]] | None = None
     on_agent: Callable[[AgentClient], Awaitable[None]] | None = None
     after_warmup: Callable[[AgentClient], Awaitable[None]] | None = None
@@ -86,8 +87,8 @@ async def make_template(
             machine, mem_mib=req.mem_mib, memory_path=staging.memory, share=True, paths=paths,
             incoming=False, restrict_network=not req.warmup_unrestricted,
         )  # fmt: skip
-        # A parent with a NIC keeps the host's network namespace: its warm-up may have egress.
-        qemu = await QemuProcess.launch(argv, paths, jail=req.jail, new_netns=req.network is None,
+        new_netns = req.network is None or not req.warmup_host_netns
+        qemu = await QemuProcess.launch(argv, paths, jail=req.jail, new_netns=new_netns,
                                         before_exec=req.before_exec)  # fmt: skip
         if req.on_launch is not None:
             await req.on_launch(qemu.pid)

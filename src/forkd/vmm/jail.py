@@ -298,6 +298,10 @@ def _parents(paths: Iterable[str]) -> list[str]:
     return sorted(dirs, key=lambda d: (d.count("/"), d))
 
 
+def _unrestricted_nic(qemu_argv: list[str]) -> bool:
+    return any(a.startswith("user,") and "restrict=off" in a.split(",") for a in qemu_argv)
+
+
 @dataclass(frozen=True)
 class JailedLaunch:
     """One QEMU's jail: its ids, and the bwrap command line around QEMU's argv."""
@@ -336,8 +340,8 @@ def build(
         else:
             groups.append(template_gid(jail, memory.path))
             binds.append(("--ro-bind", str(memory.path), str(memory.path)))
-    if not new_netns and os.path.exists(RESOLV_CONF):
-        # a NIC's user-mode stack forwards the guest's DNS to the host's resolvers, read here
+    if _unrestricted_nic(qemu_argv) and os.path.exists(RESOLV_CONF):
+        # an open user-mode stack forwards the guest's DNS to the host's resolvers, read here
         binds.append(("--ro-bind", os.path.realpath(RESOLV_CONF), RESOLV_CONF))
     if jail.devices:
         groups.append(jail.device_gid)
