@@ -100,7 +100,7 @@ def test_pasta_configures_a_namespace_from_inside_its_cgroup() -> None:
     finally:
         holder.kill()
         holder.wait()
-        leaf.rmdir()
+        _remove_leaf(leaf)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="kills by pid")
@@ -140,3 +140,16 @@ def test_doctor_says_where_open_egress_runs(monkeypatch: pytest.MonkeyPatch) -> 
     assert check.status == "WARN" and "127.0.0.53" in check.detail
     monkeypatch.setattr(guard, "host_nameservers", lambda: ["10.9.9.9"])
     assert doctor.check_open_egress_netns(settings).status == "PASS"
+
+
+def _remove_leaf(leaf: Path) -> None:
+    """rmdir a cgroup leaf whose last task just exited (the kernel may hold it a moment)."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            leaf.rmdir()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
