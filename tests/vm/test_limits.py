@@ -201,7 +201,12 @@ async def test_a_materializer_runs_in_a_leaf_of_its_own(runtime: Runtime, templa
     [src] = await runtime.spawn(template, 1)
     tag = "limits-live"
     try:
-        await runtime.branch(src.sandbox.id, tag=tag, mode="live", wait=False)
+        saved = runtime.settings  # a just-forked source is otherwise branched in its pause
+        runtime.settings = dataclasses.replace(saved, live_inline_mib=0)
+        try:
+            await runtime.branch(src.sandbox.id, tag=tag, mode="live", wait=False)
+        finally:
+            runtime.settings = saved
         deadline = time.monotonic() + 120
         leaf = None
         while leaf is None and runtime.get_snapshot(tag).status == "writing":
