@@ -69,18 +69,27 @@ def memory_dir_mib(memory_dir: Path) -> float:
     return sum(p.stat().st_blocks * 512 for p in memory_dir.iterdir() if p.is_file()) / MiB
 
 
-def many_branches(api: httpx.Client, memory_dir: Path, count: int) -> dict[str, float]:
+def delta_files_mib(snapshots_dir: Path) -> float:
+    """Delta branches keep their pages on disk, in their snapshot dirs."""
+    return sum(p.stat().st_blocks * 512 for p in snapshots_dir.glob("*/delta")) / MiB
+
+
+def many_branches(
+    api: httpx.Client, memory_dir: Path, snapshots_dir: Path, count: int
+) -> dict[str, float]:
     before = memory_dir_mib(memory_dir)
+    deltas_before = delta_files_mib(snapshots_dir)
     [sid] = spawn(api, TEMPLATE)
     tags = []
     for i in range(count):
         ok(api.post(f"/v1/sandboxes/{sid}/eval", json={"code": f"STEP = {i}"}))
         tags.append(ok(api.post(f"/v1/sandboxes/{sid}/branch", json={"mode": "diff"}))["tag"])
     used = memory_dir_mib(memory_dir) - before
+    deltas = delta_files_mib(snapshots_dir) - deltas_before
     ok(api.delete(f"/v1/sandboxes/{sid}"))
     for t in tags:
         ok(api.delete(f"/v1/snapshots/{t}"))
-    return {"branches": count, "memory_files_mib": used}
+    return {"branches": count, "memory_files_mib": used, "delta_files_mib": deltas}
 
 
 def pss_children(api: httpx.Client) -> dict[str, float]:
@@ -121,7 +130,7 @@ def main(args: argparse.Namespace) -> None:
                 for mode in ("diff", "live"):
                     rows[mode].append(fresh_branch(api, mode))
                 spec.append(speculative(api))
-            storage = many_branches(api, settings.memory_dir, args.many)
+            storage = many_branches(api, settings.memory_dir, settings.snapshots_dir, args.many)
             pss = pss_children(api)
     lines = [
         f"{args.iterations} interleaved iterations; default 512 MiB numpy template; REST API",
@@ -144,7 +153,8 @@ def main(args: argparse.Namespace) -> None:
         f"p90 {percentile(spec, 90):.0f} ms",
         "",
         f"{storage['branches']:.0f} diff branches of one sandbox (a small change before each): "
-        f"{storage['memory_files_mib']:.0f} MiB of memory files in all",
+        f"{storage['memory_files_mib']:.0f} MiB of memory files on tmpfs and "
+        f"{storage['delta_files_mib']:.1f} MiB of delta files on disk in all",
         "",
         f"PSS per idle child: of the template {pss['template_children_pss_mib']:.1f} MiB, of two "
         f"different branches {pss['branch_children_pss_mib']:.1f} MiB",
