@@ -3,6 +3,7 @@ can no longer do (docs/security.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import stat
@@ -214,3 +215,27 @@ async def test_seccomp_kills_a_forbidden_call_and_refuses_spawning(
         assert (await qemu.execute("query-status"))["status"] == "prelaunch"
     finally:
         await qemu.terminate()
+
+
+async def test_a_start_that_fails_before_exec_leaves_no_qemu(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """The jailed child waits on its block fd; a failed placement (or a cancelled start) must
+    end it, not let it go on to run QEMU orphaned once the fd closes."""
+    jail = _jail(runtime)
+    seen: list[int] = []
+
+    def refuse(pid: int) -> None:
+        seen.append(pid)
+        raise RuntimeError("placement refused")
+
+    with pytest.raises(RuntimeError, match="placement refused"):
+        await QemuProcess.launch(BARE, RunPaths(tmp_path / "refused"), jail=jail,
+                                 new_netns=True, before_exec=refuse)  # fmt: skip
+    await asyncio.sleep(1.0)  # an orphan would have exec'd QEMU by now
+    [pid] = seen
+    try:
+        state = _status(pid).get("State", "")
+    except OSError:
+        state = "gone"
+    assert state == "gone" or state.startswith("Z"), f"the child lives on: {state}"

@@ -301,14 +301,25 @@ class QemuProcess:
             finally:
                 os.close(info_w)
                 os.close(block_r)
+            reading = asyncio.ensure_future(asyncio.to_thread(_read_info, info_r, INFO_TIMEOUT_S))
+            pid: int | None = None
             try:
-                info = await asyncio.to_thread(_read_info, info_r, INFO_TIMEOUT_S)
-                pid = int(info["child-pid"])
+                pid = int((await asyncio.shield(reading))["child-pid"])
                 cap_file_size(pid, QEMU_FILE_CAP_BYTES)
                 if before_exec is not None:
                     before_exec(pid)
             except BaseException:
+                # The blocked child goes on to exec QEMU once its block fd reaches EOF, and
+                # killing bwrap does not end it (it is pid 1 of its own namespace): it must be
+                # killed itself, even when this start was cancelled mid-way (a pool drain).
                 proc.kill()
+                if pid is None:
+                    with contextlib.suppress(Exception):
+                        got = await asyncio.wait_for(asyncio.shield(reading), INFO_TIMEOUT_S)
+                        pid = int(got["child-pid"])
+                if pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
                 await asyncio.to_thread(proc.wait)
                 jails.release_uid(launch.uid)
                 raise
