@@ -54,7 +54,8 @@ bookworm_mirror() {
         }
         if (hit && uri != "") { print uri; exit } }' "$f"
   done
-  cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | awk '
+  # either file may be absent (deb822-only hosts): a failed cat must not fail the whole script
+  { cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null || true; } | awk '
     $1 == "deb" { i = 2; if ($i ~ /^\[/) { while ($i !~ /\]$/) i++; i++ }
                   if ($(i + 1) == "bookworm") { print $i; exit } }'
 }
@@ -62,7 +63,7 @@ if ! qemu_ok; then
   qemu_target=()
   if grep -qs '^VERSION_CODENAME=bookworm' /etc/os-release; then
     if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-      mirror="$(bookworm_mirror | head -n1)"
+      mirror="$(bookworm_mirror | head -n1)" || true  # head closing the pipe early is fine
       [ -n "$mirror" ] || { echo "no bookworm archive in the apt sources: add bookworm-backports by hand" >&2; exit 1; }
       log "apt source: bookworm-backports from $mirror (QEMU >= 8.2)"
       keyring=/usr/share/keyrings/debian-archive-keyring.gpg

@@ -1,12 +1,10 @@
 """Starting and stopping the real daemon process (empty data dir, no VMs): refusals with one clear
-line and a non-zero exit, the unix socket, a clean SIGTERM, and the added latency per request."""
+line and a non-zero exit, the unix socket, a clean SIGTERM, and many requests on one connection."""
 
 from __future__ import annotations
 
 import socket
-import statistics
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -96,11 +94,16 @@ def test_unix_socket_auth_and_clean_sigterm(tmp_path: Path) -> None:
     assert "listening on http://127.0.0.1" in d.log_text()
 
 
-def test_added_latency_per_request(tmp_path: Path) -> None:
-    """An authenticated, audited request through uvicorn costs well under 2 ms on loopback."""
+def test_many_requests_on_one_keep_alive_connection_are_each_answered_and_audited(
+    tmp_path: Path,
+) -> None:
+    """Hundreds of requests on one connection each get their own clean 404 and audit line.
+
+    The latency they add is a benchmark (`bench/agent_rtt.py`), not a timed test."""
+    home = tmp_path / "home"
     token = write_token(tmp_path / "token")
     d = DaemonProcess(
-        home=tmp_path / "home",
+        home=home,
         port=free_port(),
         token=token,
         token_file=tmp_path / "token",
@@ -109,16 +112,11 @@ def test_added_latency_per_request(tmp_path: Path) -> None:
     d.start()
     try:
         with d.client() as c:
-            for _ in range(30):
-                c.get("/v1/sandboxes/sb-nope")
-            samples = []
-            for _ in range(200):
-                t0 = time.perf_counter()
-                r = c.get("/v1/sandboxes/sb-nope")
-                samples.append((time.perf_counter() - t0) * 1000)
+            for i in range(200):
+                r = c.get(f"/v1/sandboxes/sb-nope{i}")
                 assert r.status_code == 404
+                assert f"sb-nope{i}" in r.json()["error"]
     finally:
         assert d.stop() == 0
-    median = statistics.median(samples)
-    print(f"daemon round trip (404 lookup, client included): median {median:.2f} ms")
-    assert median < 2.0, median
+    audit = Settings(home=home).audit_log_path.read_text()
+    assert all(f"sb-nope{i}" in audit for i in range(200))
