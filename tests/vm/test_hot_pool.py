@@ -4,12 +4,14 @@ indistinguishable from a fresh fork."""
 from __future__ import annotations
 
 import ast
+import asyncio
 import dataclasses
 import time
 
 import pytest
 
 from forkd.runtime.engine import Runtime
+from forkd.runtime.pool import POOL_PREFIX
 
 pytestmark = pytest.mark.vm
 
@@ -70,4 +72,27 @@ async def test_a_dead_pool_member_is_replaced(runtime: Runtime, template: str) -
         assert (await runtime.eval(child.sandbox.id, "1+1")).result == "2"
     finally:
         await runtime.kill(child.sandbox.id)
+        await runtime.kill(first.sandbox.id)
+
+
+async def test_a_refill_waits_until_takes_pause(runtime: Runtime, template: str) -> None:
+    """The child just handed out has the machine: no QEMU starts behind it right away."""
+    [first] = await runtime.spawn(template, 1)
+    await runtime.settle()
+    members = set(runtime.pooled_sandbox_ids())
+    assert members
+    run_dirs = {p.name for p in runtime.settings.run_dir.glob(f"{POOL_PREFIX}*")}
+    [hot] = await runtime.spawn(template, 1)
+    try:
+        assert hot.timing.pooled and hot.sandbox.id in members
+        refill = runtime._pool._refills[template]
+        assert not refill.done()  # a refill is due ...
+        await asyncio.sleep(0.1)  # time enough to begin a QEMU start
+        # ... but has launched nothing yet: no new member, no new pool run dir
+        assert runtime.pooled_sandbox_ids() == members - {hot.sandbox.id}
+        assert {p.name for p in runtime.settings.run_dir.glob(f"{POOL_PREFIX}*")} == run_dirs
+        await runtime.settle()
+        assert len(runtime.pooled_sandbox_ids()) == len(members)  # then it tops the pool up
+    finally:
+        await runtime.kill(hot.sandbox.id)
         await runtime.kill(first.sandbox.id)

@@ -636,11 +636,11 @@ class Runtime:
                     # Hot: already restored and running; what its hello gave, given afresh.
                     agent = child.agent
                     t2 = time.monotonic()
+                    set_priority(qemu.pid, 0)  # before its first round trip, not after
                     try:
                         renewed = await agent.renew(os.urandom(64), net=net)
                     except ForkdError as exc:  # died in the pool: a fresh QEMU takes its place
                         raise QemuGone(f"a pooled child of {tag!r} was unusable: {exc}") from exc
-                    set_priority(qemu.pid, 0)
                     _check_hello(renewed, net)
                 else:
                     await self._restore(child, manifest)

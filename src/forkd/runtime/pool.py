@@ -4,8 +4,9 @@ Pre-launched: QEMU started with ``-incoming defer``, QMP and agent socket open, 
 start-up (~40-60 ms) is off the fork's path. Hot (the daemon's, ``make_hot``): also restored,
 greeted and warmed (eval's guest code run once in a throw-away namespace, so it is translated
 already), then left idle at low CPU priority; taking one costs one agent round trip that gives
-it fresh entropy, clock and network. Refills stop while the host is short of memory. A one-shot
-CLI process keeps no pool.
+it fresh entropy, clock and network. Refills wait until takes pause (so the child just handed
+out has the machine) and stop while the host is short of memory. A one-shot CLI process keeps
+no pool.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,9 @@ POOL_NICE = 10
 MiB = 1024 * 1024
 # refills stop below this much available host memory (plus the template's own size)
 POOL_MIN_AVAILABLE_BYTES = 1 << 30
+# A refill launches only this long after the last take: a QEMU start-up (and the daemon's own
+# work for it) competing with the child just handed out doubled that child's first round trip.
+REFILL_QUIET_S = 0.4
 
 
 def set_priority(pid: int, nice: int) -> None:
@@ -165,9 +170,11 @@ class WarmPool:
         self._ready: dict[str, list[Prelaunched]] = {}
         self._refills: dict[str, asyncio.Task[None]] = {}
         self._discarding: set[asyncio.Future[None]] = set()
+        self._last_take = 0.0  # time.monotonic() of the last take, hit or miss
         self.on_error: Callable[[str, BaseException], None] = lambda _tag, _exc: None
 
     def take(self, manifest: SnapshotManifest) -> Prelaunched | None:
+        self._last_take = time.monotonic()
         key = template_key(manifest)
         entries = self._ready.get(manifest.tag, [])
         while entries:
@@ -193,6 +200,8 @@ class WarmPool:
         entries = self._ready.setdefault(manifest.tag, [])
         try:
             while len(entries) < self.size:
+                while (quiet := time.monotonic() - self._last_take) < REFILL_QUIET_S:
+                    await asyncio.sleep(REFILL_QUIET_S - quiet)
                 if mem_available_bytes() < POOL_MIN_AVAILABLE_BYTES + manifest.mem_mib * MiB:
                     return
                 async with self._gate:

@@ -352,6 +352,12 @@ class QemuProcess:
         exited = asyncio.ensure_future(self.wait_exit(timeout))
         try:
             await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            # cancelled (a pool drain): the QMP attempt ends with the QEMU killed under it, and
+            # its error is this start's, already being handled, not an unretrieved one
+            ready.cancel()
+            ready.add_done_callback(lambda t: t.cancelled() or t.exception())
+            raise
         finally:
             exited.cancel()
         if ready.done() and not ready.cancelled() and ready.exception() is None:
