@@ -78,3 +78,18 @@ async def test_idle_child_has_no_periodic_hpet(runtime: Runtime, template: str) 
         assert "hpet=off" in _qemu_cmdline(child.pid)
     finally:
         await runtime.kill(child.id)
+
+
+async def test_an_idle_guest_has_no_needless_timers(runtime: Runtime, template: str) -> None:
+    """Under TCG every guest wake-up is emulated: the kernel a template boots has no proactive
+    compaction, folds vmstat every 10 s and runs no lockup watchdog (children inherit it)."""
+    child = (await runtime.spawn(template, 1))[0].sandbox
+    try:
+        names = ("vm/compaction_proactiveness", "vm/stat_interval", "kernel/watchdog")
+        seen = await runtime.eval(
+            child.id, f"tuple(open('/proc/sys/' + n).read().strip() for n in {names!r})"
+        )
+        assert seen.error is None, seen
+        assert ast.literal_eval(seen.result) == ("0", "10", "0")
+    finally:
+        await runtime.kill(child.id)
