@@ -57,7 +57,11 @@ async def main(args: argparse.Namespace) -> None:
                     if time.monotonic() > deadline:
                         reason = f"time bound of {args.minutes} min"
                         break
-                    if mem_available_bytes() < (args.reserve_mib + 2 * args.batch * 64) * MiB:
+                    # room for two more batches at the rate measured so far (64 MiB a child
+                    # before the first measurement), so a batch never eats into the reserve
+                    per_child = batches[-1]["drop_per_child_mib"] if batches else 64.0
+                    room = (args.reserve_mib + 2 * args.batch * per_child) * MiB
+                    if mem_available_bytes() < room:
                         reason = f"MemAvailable near the {args.reserve_mib} MiB reserve"
                         break
                     n = min(args.batch, args.max - len(ids))
