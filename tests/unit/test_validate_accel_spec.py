@@ -107,3 +107,12 @@ def test_memory_dir_is_on_shm_and_unique_per_home(tmp_path: Path) -> None:
     b = Settings(home=tmp_path / "b")
     assert a.memory_dir.parent == Path("/dev/shm")
     assert a.memory_dir != b.memory_dir
+
+
+def test_launch_parallelism_follows_the_host_cpus() -> None:
+    from forkd.runtime.engine import MAX_PARALLEL_LAUNCHES, launch_parallelism
+
+    assert launch_parallelism(1) == 2
+    assert launch_parallelism(2) == 3  # this box: a QEMU start-up per core and one waiting
+    assert launch_parallelism(8) == 9
+    assert launch_parallelism(64) == MAX_PARALLEL_LAUNCHES

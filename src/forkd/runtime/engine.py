@@ -81,6 +81,15 @@ ADOPT_QMP_TIMEOUT_S = 5.0
 CHILD_HANDSHAKE_TIMEOUT_S = 60.0
 MAX_PARALLEL_LAUNCHES = 16
 
+
+def launch_parallelism(cpus: int | None = None) -> int:
+    """Forks that start, restore and greet at once: one more than the host's CPUs, at most
+    ``MAX_PARALLEL_LAUNCHES``. More only interleaves QEMU start-ups and first guest code on the
+    same cores (on 2 cores, N = 100 took 8-10% longer with 16 in flight than with 3)."""
+    n = cpus if cpus is not None else os.cpu_count() or 1
+    return max(2, min(MAX_PARALLEL_LAUNCHES, n + 1))
+
+
 Progress = Callable[[str], None]
 
 
@@ -123,7 +132,7 @@ class Runtime:
         self._agents: dict[str, AgentClient] = {}
         self._agent_locks: dict[str, asyncio.Lock] = {}
         self._pidfds: dict[str, int] = {}
-        self._launch_gate = asyncio.Semaphore(MAX_PARALLEL_LAUNCHES)
+        self._launch_gate = asyncio.Semaphore(launch_parallelism())
         self._background: set[asyncio.Future[None]] = set()
         # disk copies being written, by tag (awaited before a delete and at close)
         self._persisting: dict[str, asyncio.Future[None]] = {}
