@@ -363,3 +363,21 @@ def test_forkd_mcp_command_serves_stdio(tmp_path: Path) -> None:
     )  # fmt: skip
     answer = json.loads(proc.stdout.splitlines()[0])
     assert answer["id"] == 1 and answer["result"]["serverInfo"]["name"] == "forkd"
+
+
+def test_a_sweep_takes_only_its_own_pools_dirs_of_this_process(tmp_path: Path) -> None:
+    """Two runtimes in one process share a home: one's sweep (at its start or close) must not
+    remove the run dirs of the other's live pool, only its own pool's and dead owners'."""
+    from forkd.runtime.leftovers import orphan_run_dirs
+    from forkd.runtime.pool import pool_dir_token
+
+    me = os.getpid()
+    mine = tmp_path / f"{POOL_PREFIX}{me}-aaaaaa-1"
+    other = tmp_path / f"{POOL_PREFIX}{me}-bbbbbb-2"  # another live runtime of this process
+    dead = tmp_path / f"{POOL_PREFIX}{GONE_PID}-cccccc-3"
+    old_dead = tmp_path / f"{POOL_PREFIX}{GONE_PID}-4"  # a name from before pool tokens
+    for d in (mine, other, dead, old_dead):
+        d.mkdir()
+    assert pool_dir_token(mine.name) == "aaaaaa" and pool_dir_token(old_dead.name) is None
+    assert orphan_run_dirs(tmp_path, set(), own_pool="aaaaaa") == sorted([mine, dead, old_dead])
+    assert orphan_run_dirs(tmp_path, set()) == sorted([dead, old_dead])

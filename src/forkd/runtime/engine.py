@@ -263,7 +263,8 @@ class Runtime:
         is gone, and forks interrupted before they were recorded (old enough that no fork can
         still be in progress). Other live processes' pools are left alone."""
         known = {Path(r.run_dir).name for r in self.registry.list_sandboxes()}
-        for entry in leftovers.orphan_run_dirs(self.settings.run_dir, known):
+        own = self._pool.token
+        for entry in leftovers.orphan_run_dirs(self.settings.run_dir, known, own_pool=own):
             leftovers.remove_run_dir(entry)
 
     async def settle(self) -> None:

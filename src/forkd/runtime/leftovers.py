@@ -24,7 +24,7 @@ from typing import Literal
 
 from forkd.config import Settings
 from forkd.runtime import cgroups as cgroup_limits
-from forkd.runtime.pool import pool_dir_owner
+from forkd.runtime.pool import pool_dir_owner, pool_dir_token
 from forkd.runtime.registry import Registry
 from forkd.snapshots.store import SnapshotStore
 from forkd.vmm.qemu import pid_alive, pid_runs_in
@@ -48,8 +48,11 @@ class Leftover:
         return 0 if self.kind == "cgroup" else tree_size(self.path)
 
 
-def orphan_run_dirs(run_dir: Path, known: set[str], *, now: float | None = None) -> list[Path]:
-    """Child run dirs under ``run_dir`` that no sandbox record and no live process owns."""
+def orphan_run_dirs(
+    run_dir: Path, known: set[str], *, own_pool: str | None = None, now: float | None = None
+) -> list[Path]:
+    """Child run dirs under ``run_dir`` that no sandbox record and no live process owns; of
+    this process's own pools, only those of pool ``own_pool`` (its caller's, after a drain)."""
     stale_before = (time.time() if now is None else now) - UNRECORDED_GRACE_S
     found: list[Path] = []
     for entry in sorted(run_dir.iterdir()) if run_dir.is_dir() else []:
@@ -58,7 +61,10 @@ def orphan_run_dirs(run_dir: Path, known: set[str], *, now: float | None = None)
         owner = pool_dir_owner(entry.name)
         orphan = False
         if owner is not None:
-            orphan = owner == os.getpid() or not pid_alive(owner)
+            if owner == os.getpid():
+                orphan = own_pool is not None and pool_dir_token(entry.name) == own_pool
+            else:
+                orphan = not pid_alive(owner)
         elif entry.name.startswith("sb-"):
             with contextlib.suppress(OSError):
                 orphan = entry.stat().st_mtime < stale_before

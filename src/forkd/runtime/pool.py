@@ -103,11 +103,18 @@ def pool_dir_owner(name: str) -> int | None:
         return None
 
 
+def pool_dir_token(name: str) -> str | None:
+    """The token of the pool (within its owner process) whose child is in run dir ``name``:
+    ``pool-<pid>-<token>-<random>``; older names have none."""
+    parts = name[len(POOL_PREFIX) :].split("-") if name.startswith(POOL_PREFIX) else []
+    return parts[1] if len(parts) == 3 else None
+
+
 async def launch_incoming(
     run_root: Path,
     manifest: SnapshotManifest,
     *,
-    pooled: bool = False,
+    pool_token: str | None = None,
     restrict_network: bool = True,
     host_netns: bool = False,
     jail: Jail | None = None,
@@ -115,13 +122,19 @@ async def launch_incoming(
 ) -> Prelaunched:
     """Start a child QEMU for ``manifest`` up to the point where only the restore is left.
 
-    A pooled child's run dir names its owner (``pool-<pid>-...``) so that only a dead owner's
-    leftovers are ever swept by another process. ``before_exec(sandbox_id, pid)`` runs before
-    QEMU runs (cgroup placement). Every jailed QEMU gets a network namespace of its own, unless
-    ``host_netns`` (a NIC whose egress needs the host's routes; see ``SandboxNetworks``).
+    A pooled child (``pool_token`` given) has a run dir naming its owner process and pool
+    (``pool-<pid>-<token>-...``): only a dead owner's leftovers, or the pool's own, are ever
+    swept, never those of another live pool (another runtime in the same process included).
+    ``before_exec(sandbox_id, pid)`` runs before QEMU runs (cgroup placement). Every jailed QEMU
+    gets a network namespace of its own, unless ``host_netns`` (a NIC whose egress needs the
+    host's routes; see ``SandboxNetworks``).
     """
     sandbox_id = "sb-" + secrets.token_hex(6)
-    name = f"{POOL_PREFIX}{os.getpid()}-{secrets.token_hex(4)}" if pooled else sandbox_id
+    name = (
+        sandbox_id
+        if pool_token is None
+        else f"{POOL_PREFIX}{os.getpid()}-{pool_token}-{secrets.token_hex(4)}"
+    )
     paths = RunPaths(run_root / name)
     argv = instance_args(
         without_boot_files(manifest.machine_args), mem_mib=manifest.mem_mib,
@@ -171,6 +184,7 @@ class WarmPool:
         self._refills: dict[str, asyncio.Task[None]] = {}
         self._discarding: set[asyncio.Future[None]] = set()
         self._last_take = 0.0  # time.monotonic() of the last take, hit or miss
+        self.token = secrets.token_hex(3)  # names this pool's run dirs (see launch_incoming)
         self.on_error: Callable[[str, BaseException], None] = lambda _tag, _exc: None
 
     def take(self, manifest: SnapshotManifest) -> Prelaunched | None:
@@ -208,7 +222,11 @@ class WarmPool:
                     hook = None if self._place is None else self._place(manifest)
                     try:
                         entry = await launch_incoming(
-                            self.run_root, manifest, pooled=True, jail=self.jail, before_exec=hook
+                            self.run_root,
+                            manifest,
+                            pool_token=self.token,
+                            jail=self.jail,
+                            before_exec=hook,
                         )
                     except BaseException:
                         if hook is not None:

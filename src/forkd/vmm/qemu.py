@@ -265,9 +265,11 @@ class QemuProcess:
             qmp.close()
             os.close(log)
         _reap(proc, pid)
-        paths.pidfile.write_text(f"{pid}\n")
         qemu = cls(pid, paths)
         try:
+            # inside the try: QEMU runs already, and a run dir removed under it (a sweep) must
+            # not leave it running with nobody to kill it
+            paths.pidfile.write_text(f"{pid}\n")
             await qemu._wait_ready(proc, timeout)
         except BaseException:
             qemu.kill()
