@@ -261,10 +261,11 @@ class Runtime:
     def _sweep_orphan_run_dirs(self) -> None:
         """Kill and remove child run dirs nobody owns: pre-launched children whose owning process
         is gone, and forks interrupted before they were recorded (old enough that no fork can
-        still be in progress). Other live processes' pools are left alone."""
+        still be in progress). Other live pools (of other processes, or of another runtime in
+        this one) are left alone."""
         known = {Path(r.run_dir).name for r in self.registry.list_sandboxes()}
-        own = self._pool.token
-        for entry in leftovers.orphan_run_dirs(self.settings.run_dir, known, own_pool=own):
+        swept = leftovers.orphan_run_dirs(self.settings.run_dir, known, own_pool=self._pool.token)
+        for entry in swept:
             leftovers.remove_run_dir(entry)
 
     async def settle(self) -> None:

@@ -93,21 +93,22 @@ class Prelaunched:
 POOL_PREFIX = "pool-"
 
 
+def _pool_dir_fields(name: str) -> list[str]:
+    """``pool-<pid>-<token>-<random>`` (older names: ``pool-<pid>-<random>``) split up."""
+    return name[len(POOL_PREFIX) :].split("-") if name.startswith(POOL_PREFIX) else []
+
+
 def pool_dir_owner(name: str) -> int | None:
     """The pid of the process that pre-launched the child in run dir ``name``."""
-    if not name.startswith(POOL_PREFIX):
-        return None
-    try:
-        return int(name[len(POOL_PREFIX) :].split("-", 1)[0])
-    except ValueError:
-        return None
+    fields = _pool_dir_fields(name)
+    return int(fields[0]) if fields and fields[0].isdigit() else None
 
 
 def pool_dir_token(name: str) -> str | None:
-    """The token of the pool (within its owner process) whose child is in run dir ``name``:
-    ``pool-<pid>-<token>-<random>``; older names have none."""
-    parts = name[len(POOL_PREFIX) :].split("-") if name.startswith(POOL_PREFIX) else []
-    return parts[1] if len(parts) == 3 else None
+    """The token of the pool (within its owner process) whose child is in run dir ``name``;
+    older names have none."""
+    fields = _pool_dir_fields(name)
+    return fields[1] if len(fields) == 3 else None
 
 
 async def launch_incoming(
